@@ -1,0 +1,230 @@
+//! `hybrid bench ...`: speed and size of the encrypted computations, with a plain baseline
+//! timed in the same run so that results compare across machines as ratios.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use fhe_linear::noise::budget;
+use fhe_linear::*;
+use rayon::prelude::*;
+use serde_json::json;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// One encrypted linear layer: client encryption, server product, client decryption.
+    Fhe(FheArgs),
+}
+
+#[derive(Args)]
+pub struct FheArgs {
+    /// Layer shape as D_INxD_OUT (phi-1.5: 2048x6144 QKV, 2048x2048 dense, 2048x8192 fc1, 8192x2048 fc2).
+    #[arg(long, default_value = "2048x6144")]
+    shape: String,
+    /// Tokens (activation rows) per request.
+    #[arg(long, default_value_t = 1)]
+    tokens: usize,
+    /// Tokens sharing one polynomial (a power of two; default: 1 for one token, else up to 8).
+    #[arg(long)]
+    tokens_per_poly: Option<usize>,
+    /// Timed runs after one warm-up; medians are reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Worker threads for the server, the client and the plain baseline (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Fhe(args) => fhe(args),
+    }
+}
+
+fn parse_shape(s: &str) -> Result<LayerShape> {
+    let (a, b) = s
+        .split_once('x')
+        .context("shape must look like 2048x6144")?;
+    Ok(LayerShape::new(a.trim().parse()?, b.trim().parse()?))
+}
+
+/// Median wall time in milliseconds of `runs` calls after one warm-up; returns the last output.
+fn time_median<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+    let mut out = f();
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        out = f();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    (times[times.len() / 2], out)
+}
+
+/// Deterministic pseudo-random bytes for weights and activations (SplitMix64).
+fn pseudo_random_i8(len: usize, mut state: u64) -> Vec<i8> {
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (z ^ (z >> 31)) as u8 as i8
+        })
+        .collect()
+}
+
+fn plain_f32_ms(shape: LayerShape, tokens: usize, x: &[i8], w: &[i8], runs: usize) -> Result<f64> {
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let xf: Vec<f32> = x.iter().map(|v| *v as f32).collect();
+    // W^T, d_in x d_out, so that the product is a plain (tokens x d_in) * (d_in x d_out).
+    let mut wt = vec![0f32; shape.d_in * shape.d_out];
+    for (r, row) in w.chunks_exact(shape.d_in).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            wt[j * shape.d_out + r] = *v as f32;
+        }
+    }
+    let xt = Tensor::from_vec(xf, (tokens, shape.d_in), &dev)?;
+    let wt = Tensor::from_vec(wt, (shape.d_in, shape.d_out), &dev)?;
+    let (ms, y) = time_median(runs, || xt.matmul(&wt));
+    y?;
+    Ok(ms)
+}
+
+fn plain_int8_ms(shape: LayerShape, x: &[i8], w: &[i8], runs: usize) -> f64 {
+    let d_in = shape.d_in;
+    time_median(runs, || {
+        w.par_chunks(d_in * 64)
+            .map(|rows| {
+                let mut acc = 0i64;
+                for row in rows.chunks_exact(d_in) {
+                    for xr in x.chunks_exact(d_in) {
+                        acc += row
+                            .iter()
+                            .zip(xr)
+                            .map(|(a, b)| *a as i32 * *b as i32)
+                            .sum::<i32>() as i64;
+                    }
+                }
+                acc
+            })
+            .sum::<i64>()
+    })
+    .0
+}
+
+fn fhe(args: FheArgs) -> Result<()> {
+    if let Some(t) = args.threads {
+        // Read by rayon's global pool and by candle's CPU kernels alike.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let threads = rayon::current_num_threads();
+    let shape = parse_shape(&args.shape)?;
+    let tokens = args.tokens;
+    if tokens == 0 {
+        bail!("--tokens must be at least 1");
+    }
+    let t_b = args.tokens_per_poly.unwrap_or(if tokens == 1 {
+        1
+    } else {
+        tokens.next_power_of_two().min(8)
+    });
+    let params = &HFHE_GLWE_2048_V1;
+    let spec = LayerSpec::choose(params, shape, t_b)?;
+    let runs = args.runs;
+
+    let w = pseudo_random_i8(shape.d_in * shape.d_out, 1);
+    let x = pseudo_random_i8(tokens * shape.d_in, 2);
+    let bias: Vec<i64> = pseudo_random_i8(shape.d_out, 3)
+        .iter()
+        .map(|v| *v as i64 * 100)
+        .collect();
+    let expected = simulate(shape, &x, tokens, &w, &bias);
+
+    let t = Instant::now();
+    let key = ClientKey::generate(params);
+    let keygen_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let layer = CompiledLayer::compile(spec, &w, &bias)?;
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    let limits = Limits::default();
+    let (encrypt_ms, upload) = time_median(runs, || {
+        key.encrypt(&spec, &x, tokens).map(|b| b.to_bytes())
+    });
+    let upload = upload?;
+    let (server_ms, download) = time_median(runs, || -> Result<Vec<u8>> {
+        let batch = EncryptedBatch::from_bytes(&upload, &limits)?;
+        Ok(layer.apply(&batch)?.to_bytes())
+    });
+    let download = download?;
+    let (decrypt_ms, decrypted) = time_median(runs, || -> Result<(Vec<i64>, Vec<i64>)> {
+        let result = EncryptedResult::from_bytes(&download, &limits)?;
+        Ok(key.decrypt_with_noise(&spec, &result)?)
+    });
+    let (values, noise) = decrypted?;
+    let exact = values == expected;
+    let max_noise = noise.iter().map(|e| e.unsigned_abs()).max().unwrap_or(0) as f64;
+    let model = budget(
+        params,
+        spec.shape,
+        spec.layout,
+        spec.input_bits,
+        spec.output_bits,
+    );
+
+    let plain_f32 = plain_f32_ms(shape, tokens, &x, &w, runs.max(5))?;
+    let plain_int8 = plain_int8_ms(shape, &x, &w, runs.max(5));
+
+    let report = json!({
+        "bench": "fhe",
+        "shape": format!("{}x{}", shape.d_in, shape.d_out),
+        "d_in": shape.d_in,
+        "d_out": shape.d_out,
+        "tokens": tokens,
+        "parameter_set": params.name,
+        "layout": { "n_i": spec.layout.n_i, "n_o": spec.layout.n_o, "t_b": spec.layout.t_b },
+        "input_bits": spec.input_bits,
+        "output_bits": spec.output_bits,
+        "results": "keyless",
+        "server_ms": server_ms,
+        "server_ms_per_token": server_ms / tokens as f64,
+        "encrypt_ms": encrypt_ms,
+        "decrypt_ms": decrypt_ms,
+        "upload_bytes": upload.len(),
+        "download_bytes": download.len(),
+        "bytes_per_token": (upload.len() + download.len()) as f64 / tokens as f64,
+        "key_upload_bytes": 0,
+        "keygen_ms": keygen_ms,
+        "compile_ms": compile_ms,
+        "weight_memory_bytes": layer.weight_memory_bytes(),
+        "exact": exact,
+        "max_noise_log2": max_noise.max(1.0).log2(),
+        "decode_threshold_log2": model.half_delta.log2(),
+        "model_noise_std_log2": model.worst_case_std.log2(),
+        "threads": threads,
+        "plain_f32_ms": plain_f32,
+        "plain_int8_ms": plain_int8,
+        "server_over_f32": server_ms / plain_f32,
+        "runs": runs,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "encrypted linear layer {} x {} tokens ({threads} threads)",
+            args.shape, tokens
+        );
+        for (k, v) in report.as_object().expect("object") {
+            println!("  {k:<24} {v}");
+        }
+    }
+    if !exact {
+        bail!("decrypted results differ from the integer reference");
+    }
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! The client side: the secret key, encryption of activation batches, decryption of results.
+
+use rayon::prelude::*;
+use tfhe::core_crypto::commons::math::random::{RandomGenerator, Seed};
+use tfhe::core_crypto::prelude::*;
+
+use crate::ciphertext::{check_header, EncryptedBatch, EncryptedResult};
+use crate::fourier::Fourier;
+use crate::layout::LayerSpec;
+use crate::params::{ParamSetId, ParameterSet};
+use crate::wire::{Header, WireError};
+use crate::FheError;
+
+const SECRET_MAGIC: [u8; 4] = *b"HFSK";
+const SECRET_VERSION: u16 = 1;
+
+/// A client's binary GLWE secret key. It never leaves the client unless exported explicitly
+/// with [`ClientKey::export_secret`]; `Debug` does not print it.
+pub struct ClientKey {
+    params: &'static ParameterSet,
+    /// Key coefficients, each 0 or 1 (k = 1: one polynomial).
+    key: Vec<u64>,
+    /// The key in the Fourier domain (planar), for exact products mask * key.
+    key_fourier: Vec<f64>,
+}
+
+impl std::fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientKey")
+            .field("params", &self.params.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rounds a 64-bit torus value to its top `64 - shift` bits.
+#[inline(always)]
+pub(crate) fn round_to_bits(v: u64, bits: u32) -> u64 {
+    if bits == 64 {
+        return v;
+    }
+    let shift = 64 - bits;
+    ((v >> shift).wrapping_add((v >> (shift - 1)) & 1)) & ((1u64 << bits) - 1)
+}
+
+/// Regenerates the uniform masks of `count` seeded ciphertexts of size `n` from one seed, with
+/// tfhe's CSPRNG (AES-CTR), one disjoint stream per ciphertext. Client and server both call this.
+pub(crate) fn expand_masks(seed: u128, count: usize, n: usize) -> Vec<u64> {
+    let mut master = RandomGenerator::<DefaultRandomGenerator>::new(Seed(seed));
+    let children: Vec<_> = master
+        .try_fork(count, n * std::mem::size_of::<u64>())
+        .expect("the mask generator can always fork")
+        .collect();
+    let mut masks = vec![0u64; count * n];
+    masks
+        .par_chunks_mut(n)
+        .zip(children.into_par_iter())
+        .for_each(|(mask, mut gen)| gen.fill_slice_with_random_uniform(mask));
+    masks
+}
+
+impl ClientKey {
+    /// Generates a fresh binary secret key from the operating system's entropy.
+    pub fn generate(params: &'static ParameterSet) -> Self {
+        let mut seeder = new_seeder();
+        let mut gen = SecretRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
+        let key: GlweSecretKeyOwned<u64> = allocate_and_generate_new_binary_glwe_secret_key(
+            GlweDimension(params.glwe_dimension),
+            PolynomialSize(params.polynomial_size),
+            &mut gen,
+        );
+        Self::from_coefficients(params, key.into_container())
+    }
+
+    fn from_coefficients(params: &'static ParameterSet, key: Vec<u64>) -> Self {
+        let fourier = Fourier::get(params.polynomial_size);
+        let mut key_fourier = vec![0.0; fourier.planar_len()];
+        fourier.forward(|j| key[j] as f64, &mut key_fourier, &mut fourier.scratch());
+        ClientKey {
+            params,
+            key,
+            key_fourier,
+        }
+    }
+
+    pub fn params(&self) -> &'static ParameterSet {
+        self.params
+    }
+
+    /// Exports the secret key for persistence on the client. Whoever holds these bytes can decrypt
+    /// everything this key encrypted: store them like a password.
+    pub fn export_secret(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.key.len() / 8);
+        out.extend_from_slice(&SECRET_MAGIC);
+        out.extend_from_slice(&SECRET_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.params.id.0.to_le_bytes());
+        crate::wire::pack_bits(&self.key, 1, &mut out);
+        out
+    }
+
+    /// Reads a key written by [`ClientKey::export_secret`].
+    pub fn import_secret(bytes: &[u8]) -> Result<Self, WireError> {
+        if bytes.len() < 8 {
+            return Err(WireError::Truncated(bytes.len()));
+        }
+        if bytes[0..4] != SECRET_MAGIC {
+            return Err(WireError::BadMagic);
+        }
+        let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+        if version != SECRET_VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let id = u16::from_le_bytes([bytes[6], bytes[7]]);
+        let params =
+            ParameterSet::by_id(ParamSetId(id)).ok_or(WireError::UnknownParameterSet(id))?;
+        let len = params.glwe_dimension * params.polynomial_size;
+        let expected = 8 + len.div_ceil(8);
+        match bytes.len().cmp(&expected) {
+            std::cmp::Ordering::Less => return Err(WireError::Truncated(bytes.len())),
+            std::cmp::Ordering::Greater => {
+                return Err(WireError::TrailingBytes(bytes.len() - expected))
+            }
+            std::cmp::Ordering::Equal => {}
+        }
+        let key = crate::wire::unpack_bits(&bytes[8..], 1, len);
+        Ok(Self::from_coefficients(params, key))
+    }
+
+    /// Encrypts `tokens` rows of `spec.shape.d_in` activations (row-major) for the layer `spec`.
+    ///
+    /// Every input polynomial becomes one GLWE ciphertext `(a, b = a*s + e + Delta*m)`: `a` comes
+    /// from a public seed (only the seed travels), `e` is Gaussian noise of the parameter set's
+    /// standard deviation drawn from a private CSPRNG, and `b` is rounded to `spec.input_bits`.
+    pub fn encrypt(
+        &self,
+        spec: &LayerSpec,
+        x: &[i8],
+        tokens: usize,
+    ) -> Result<EncryptedBatch, FheError> {
+        self.check_params(spec)?;
+        let (d_in, n) = (spec.shape.d_in, spec.polynomial_size());
+        if tokens == 0 || x.len() != tokens * d_in {
+            return Err(FheError::DataShape(format!(
+                "{} activations for {tokens} tokens of width {d_in}",
+                x.len()
+            )));
+        }
+        let (n_i, t_b, stride) = (spec.layout.n_i, spec.layout.t_b, spec.layout.token_stride());
+        let blocks = spec.input_blocks();
+        let count = spec.token_groups(tokens) * blocks;
+
+        let mut seeder = new_seeder();
+        let seed = seeder.seed().0;
+        let masks = expand_masks(seed, count, n);
+        let mut noise_master = RandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
+        let noise_seeds: Vec<u128> = (0..count)
+            .map(|_| noise_master.random_uniform::<u128>())
+            .collect();
+        let noise =
+            Gaussian::from_dispersion_parameter(StandardDev(self.params.noise_std_relative), 0.0);
+        let delta_log2 = spec.delta_log2();
+        let fourier = Fourier::get(n);
+
+        let mut bodies = vec![0u64; count * n];
+        bodies.par_chunks_mut(n).enumerate().for_each_init(
+            || fourier.scratch(),
+            |scratch, (c, body)| {
+                let (g, b) = (c / blocks, c % blocks);
+                fourier.mul_u64_by_small(
+                    &masks[c * n..(c + 1) * n],
+                    &self.key_fourier,
+                    body,
+                    scratch,
+                );
+                let mut gen = RandomGenerator::<DefaultRandomGenerator>::new(Seed(noise_seeds[c]));
+                gen.unsigned_integer_slice_wrapping_add_random_from_distribution_assign(
+                    body, noise,
+                );
+                let width = n_i.min(d_in - b * n_i);
+                for t in 0..spec.tokens_in_group(tokens, g) {
+                    let row = &x[(g * t_b + t) * d_in + b * n_i..][..width];
+                    for (j, &v) in row.iter().enumerate() {
+                        let m = (v as i64 as u64) << delta_log2;
+                        body[t * stride + j] = body[t * stride + j].wrapping_add(m);
+                    }
+                }
+                for v in body.iter_mut() {
+                    *v = round_to_bits(*v, spec.input_bits);
+                }
+            },
+        );
+        let mut header = Header::for_spec(spec, tokens, spec.input_bits);
+        header.seed = seed;
+        Ok(EncryptedBatch { header, bodies })
+    }
+
+    /// Decrypts and decodes a result: `tokens x d_out` values, row-major.
+    pub fn decrypt(
+        &self,
+        spec: &LayerSpec,
+        result: &EncryptedResult,
+    ) -> Result<Vec<i64>, FheError> {
+        Ok(self.decrypt_with_noise(spec, result)?.0)
+    }
+
+    /// Like [`ClientKey::decrypt`], also returning each output's decrypted noise (the distance, in
+    /// units of the 64-bit torus, between the phase and the nearest multiple of Delta).
+    pub fn decrypt_with_noise(
+        &self,
+        spec: &LayerSpec,
+        result: &EncryptedResult,
+    ) -> Result<(Vec<i64>, Vec<i64>), FheError> {
+        self.check_params(spec)?;
+        check_header(spec, &result.header, spec.output_bits)?;
+        let tokens = result.tokens();
+        let (n, d_out) = (spec.polynomial_size(), spec.shape.d_out);
+        let (n_i, n_o, t_b, stride) = (
+            spec.layout.n_i,
+            spec.layout.n_o,
+            spec.layout.t_b,
+            spec.layout.token_stride(),
+        );
+        let shift = 64 - spec.output_bits;
+        let delta_log2 = spec.delta_log2();
+        let half_delta = 1u64 << (delta_log2 - 1);
+        let blocks = spec.output_blocks();
+        // Offsets of each ciphertext (g, o) in the coefficient stream.
+        let mut offsets = Vec::with_capacity(spec.token_groups(tokens) * blocks);
+        let mut at = 0;
+        for g in 0..spec.token_groups(tokens) {
+            for o in 0..blocks {
+                offsets.push((g, o, at));
+                at += n + spec.result_bodies(tokens, g, o);
+            }
+        }
+        let fourier = Fourier::get(n);
+        let decoded: Vec<Vec<(usize, i64, i64)>> = offsets
+            .par_iter()
+            .map_init(
+                || fourier.scratch(),
+                |scratch, &(g, o, at)| {
+                    let mask: Vec<u64> = result.coefficients[at..at + n]
+                        .iter()
+                        .map(|v| v << shift)
+                        .collect();
+                    let mut mask_key = vec![0u64; n];
+                    fourier.mul_u64_by_small(&mask, &self.key_fourier, &mut mask_key, scratch);
+                    let bodies = &result.coefficients[at + n..];
+                    let rows = spec.rows_in_block(o);
+                    let mut out = Vec::with_capacity(rows * spec.tokens_in_group(tokens, g));
+                    for t in 0..spec.tokens_in_group(tokens, g) {
+                        for r in 0..rows {
+                            let body = bodies[t * rows + r] << shift;
+                            let phase = body.wrapping_sub(mask_key[t * stride + r * n_i]);
+                            let y = (phase.wrapping_add(half_delta) as i64) >> delta_log2;
+                            let noise = phase.wrapping_sub((y as u64) << delta_log2) as i64;
+                            out.push(((g * t_b + t) * d_out + o * n_o + r, y, noise));
+                        }
+                    }
+                    out
+                },
+            )
+            .collect();
+        let mut values = vec![0i64; tokens * d_out];
+        let mut noise = vec![0i64; tokens * d_out];
+        for (i, y, e) in decoded.into_iter().flatten() {
+            values[i] = y;
+            noise[i] = e;
+        }
+        Ok((values, noise))
+    }
+
+    /// Diagnostic: the noise of every coefficient of one of this key's encrypted batches
+    /// (phase minus encoded activations, in units of the 64-bit torus, rounding included).
+    pub fn input_noise(
+        &self,
+        spec: &LayerSpec,
+        batch: &EncryptedBatch,
+        x: &[i8],
+    ) -> Result<Vec<i64>, FheError> {
+        self.check_params(spec)?;
+        check_header(spec, &batch.header, spec.input_bits)?;
+        let tokens = batch.tokens();
+        let (n, d_in) = (spec.polynomial_size(), spec.shape.d_in);
+        if x.len() != tokens * d_in {
+            return Err(FheError::DataShape(format!(
+                "{} activations for {tokens} tokens",
+                x.len()
+            )));
+        }
+        let (n_i, t_b, stride) = (spec.layout.n_i, spec.layout.t_b, spec.layout.token_stride());
+        let blocks = spec.input_blocks();
+        let count = spec.token_groups(tokens) * blocks;
+        let masks = expand_masks(batch.header.seed, count, n);
+        let fourier = Fourier::get(n);
+        let mut scratch = fourier.scratch();
+        let mut noise = vec![0i64; count * n];
+        let mut mask_key = vec![0u64; n];
+        for c in 0..count {
+            let (g, b) = (c / blocks, c % blocks);
+            fourier.mul_u64_by_small(
+                &masks[c * n..(c + 1) * n],
+                &self.key_fourier,
+                &mut mask_key,
+                &mut scratch,
+            );
+            let mut phase: Vec<u64> = (0..n)
+                .map(|k| {
+                    (batch.bodies[c * n + k] << (64 - spec.input_bits)).wrapping_sub(mask_key[k])
+                })
+                .collect();
+            for t in 0..spec.tokens_in_group(tokens, g) {
+                for j in 0..n_i.min(d_in - b * n_i) {
+                    let m =
+                        (x[(g * t_b + t) * d_in + b * n_i + j] as i64 as u64) << spec.delta_log2();
+                    phase[t * stride + j] = phase[t * stride + j].wrapping_sub(m);
+                }
+            }
+            for (dst, p) in noise[c * n..(c + 1) * n].iter_mut().zip(phase) {
+                *dst = p as i64;
+            }
+        }
+        Ok(noise)
+    }
+
+    fn check_params(&self, spec: &LayerSpec) -> Result<(), FheError> {
+        if spec.params.id != self.params.id {
+            return Err(FheError::SpecMismatch(format!(
+                "key for parameter set {} used with {}",
+                self.params.name, spec.params.name
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! Where each activation, weight and result sits in the polynomials of the block encoding.
+//!
+//! The ring is Z_q[X]/(X^N + 1). Inputs are cut into blocks of `n_i` activations; `t_b` tokens
+//! share one input polynomial; one product polynomial carries `n_o` outputs of each of its `t_b`
+//! tokens, with `n_i * n_o * t_b = N`. With `S = n_i * n_o`:
+//!
+//! - input polynomial (group g, input block b): coefficient `t*S + j` holds `x[g*t_b + t][b*n_i + j]`;
+//! - weight polynomial (output block o, input block b): coefficient `r*n_i - j` holds
+//!   `w[o*n_o + r][b*n_i + j]` (an index below zero wraps to `N + r*n_i - j`, negated, because
+//!   X^N = -1);
+//! - product coefficient `t*S + r*n_i` is then exactly `sum_j w[o*n_o + r][b*n_i + j] * x[..][b*n_i + j]`:
+//!   no other pair of terms lands there, so summing over b gives one output of Y = X W^T.
+
+use crate::params::ParameterSet;
+use crate::FheError;
+
+/// The shape of a protected linear layer: `d_out x d_in` weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LayerShape {
+    pub d_in: usize,
+    pub d_out: usize,
+}
+
+/// The block split of the encoding (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockLayout {
+    /// Activations per input block.
+    pub n_i: usize,
+    /// Outputs per product polynomial and token.
+    pub n_o: usize,
+    /// Tokens per polynomial.
+    pub t_b: usize,
+}
+
+/// Everything about a protected layer that client and server must agree on, and nothing secret:
+/// parameter set, shape, block layout and the wire precisions that follow from the noise budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerSpec {
+    pub params: &'static ParameterSet,
+    pub shape: LayerShape,
+    pub layout: BlockLayout,
+    /// Bits kept of each uploaded body coefficient.
+    pub input_bits: u32,
+    /// Bits kept of each returned coefficient.
+    pub output_bits: u32,
+}
+
+impl LayerShape {
+    pub fn new(d_in: usize, d_out: usize) -> Self {
+        LayerShape { d_in, d_out }
+    }
+}
+
+impl std::fmt::Display for LayerShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.d_in, self.d_out)
+    }
+}
+
+impl BlockLayout {
+    /// Checks that the three factors are powers of two multiplying to `n`.
+    pub fn validate(&self, n: usize) -> Result<(), FheError> {
+        let ok = [self.n_i, self.n_o, self.t_b]
+            .iter()
+            .all(|v| *v >= 1 && v.is_power_of_two())
+            && self
+                .n_i
+                .checked_mul(self.n_o)
+                .and_then(|v| v.checked_mul(self.t_b))
+                == Some(n);
+        if ok {
+            Ok(())
+        } else {
+            Err(FheError::InvalidLayout(format!(
+                "n_i={} n_o={} t_b={} must be powers of two with n_i*n_o*t_b = {n}",
+                self.n_i, self.n_o, self.t_b
+            )))
+        }
+    }
+
+    /// Coefficients between two tokens of one polynomial.
+    pub fn token_stride(&self) -> usize {
+        self.n_i * self.n_o
+    }
+}
+
+impl LayerSpec {
+    /// The spec for a layout given explicitly; fails if the noise budget cannot hold it.
+    pub fn new(
+        params: &'static ParameterSet,
+        shape: LayerShape,
+        layout: BlockLayout,
+    ) -> Result<Self, FheError> {
+        if shape.d_in == 0 || shape.d_out == 0 || shape.d_in > params.max_d_in {
+            return Err(FheError::InvalidShape(format!(
+                "layer {shape}: need 1 <= d_in <= {} and d_out >= 1",
+                params.max_d_in
+            )));
+        }
+        layout.validate(params.polynomial_size)?;
+        let (input_bits, output_bits) = crate::noise::choose_wire_bits(params, shape, layout)
+            .ok_or_else(|| {
+                FheError::InvalidLayout(format!(
+                    "n_o={} is too large for d_in={}: the noise budget does not hold",
+                    layout.n_o, shape.d_in
+                ))
+            })?;
+        Ok(LayerSpec {
+            params,
+            shape,
+            layout,
+            input_bits,
+            output_bits,
+        })
+    }
+
+    /// The layout with the fewest bytes per token among those the noise budget allows, for
+    /// `t_b` tokens per polynomial (1 for token-by-token decoding; 8 or 16 for prefill batches,
+    /// at t_b times the server's weight memory).
+    pub fn choose(
+        params: &'static ParameterSet,
+        shape: LayerShape,
+        t_b: usize,
+    ) -> Result<Self, FheError> {
+        let n = params.polynomial_size;
+        if !t_b.is_power_of_two() || t_b > n {
+            return Err(FheError::InvalidLayout(format!(
+                "tokens per polynomial {t_b}"
+            )));
+        }
+        let mut best: Option<(usize, LayerSpec)> = None;
+        let mut n_o = 1;
+        while n_o * t_b <= n {
+            let layout = BlockLayout {
+                n_i: n / (n_o * t_b),
+                n_o,
+                t_b,
+            };
+            if let Ok(spec) = LayerSpec::new(params, shape, layout) {
+                let bytes = spec.upload_bytes(t_b) + spec.download_bytes(t_b);
+                if best.as_ref().is_none_or(|(b, _)| bytes < *b) {
+                    best = Some((bytes, spec));
+                }
+            }
+            n_o *= 2;
+        }
+        best.map(|(_, s)| s)
+            .ok_or_else(|| FheError::InvalidLayout(format!("no block layout fits layer {shape}")))
+    }
+
+    pub fn polynomial_size(&self) -> usize {
+        self.params.polynomial_size
+    }
+
+    /// Input blocks per token group: ceil(d_in / n_i).
+    pub fn input_blocks(&self) -> usize {
+        self.shape.d_in.div_ceil(self.layout.n_i)
+    }
+
+    /// Output blocks per token group: ceil(d_out / n_o).
+    pub fn output_blocks(&self) -> usize {
+        self.shape.d_out.div_ceil(self.layout.n_o)
+    }
+
+    /// Token groups for a batch of `tokens`: ceil(tokens / t_b).
+    pub fn token_groups(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.layout.t_b)
+    }
+
+    /// Tokens actually present in group `g` of a batch of `tokens`.
+    pub fn tokens_in_group(&self, tokens: usize, g: usize) -> usize {
+        (tokens - g * self.layout.t_b).min(self.layout.t_b)
+    }
+
+    /// Rows of W actually present in output block `o`.
+    pub fn rows_in_block(&self, o: usize) -> usize {
+        (self.shape.d_out - o * self.layout.n_o).min(self.layout.n_o)
+    }
+
+    /// Scaling factor Delta = 2^(64 - P) of the plaintext window, as a shift.
+    pub fn delta_log2(&self) -> u32 {
+        64 - self.params.plaintext_bits(self.shape.d_in)
+    }
+
+    /// Bytes of the encrypted upload for `tokens` (header excluded).
+    pub fn upload_bytes(&self, tokens: usize) -> usize {
+        let coeffs = self.token_groups(tokens) * self.input_blocks() * self.polynomial_size();
+        (coeffs * self.input_bits as usize).div_ceil(8)
+    }
+
+    /// Returned body coefficients of result ciphertext (g, o).
+    pub fn result_bodies(&self, tokens: usize, g: usize, o: usize) -> usize {
+        self.tokens_in_group(tokens, g) * self.rows_in_block(o)
+    }
+
+    /// Bytes of the encrypted result for `tokens` (header excluded).
+    pub fn download_bytes(&self, tokens: usize) -> usize {
+        let cts = self.token_groups(tokens) * self.output_blocks();
+        let coeffs = cts * self.polynomial_size() + tokens * self.shape.d_out;
+        (coeffs * self.output_bits as usize).div_ceil(8)
+    }
+
+    /// Bytes of the server's precomputed weight transforms.
+    pub fn weight_memory_bytes(&self) -> usize {
+        self.input_blocks() * self.output_blocks() * self.polynomial_size() / 2 * 16
+    }
+}

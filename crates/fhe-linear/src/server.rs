@@ -1,0 +1,206 @@
+//! The server side: a layer compiled once from clear weights, applied to encrypted batches.
+
+use rayon::prelude::*;
+
+use crate::ciphertext::{check_header, EncryptedBatch, EncryptedResult};
+use crate::client::{expand_masks, round_to_bits};
+use crate::fourier::{join_u64, mul_acc, Fourier};
+use crate::layout::LayerSpec;
+use crate::wire::{Header, ResultEncoding};
+use crate::FheError;
+
+/// A protected layer ready to serve: the Fourier transforms of its weight polynomials (8 bytes per
+/// weight and token per polynomial) and its bias scaled by Delta.
+pub struct CompiledLayer {
+    spec: LayerSpec,
+    /// For each output block o, for each input block b: one planar Fourier polynomial (N f64).
+    weights: Vec<f64>,
+    /// Bias of each output row, times Delta, as a torus value.
+    bias: Vec<u64>,
+}
+
+impl std::fmt::Debug for CompiledLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledLayer")
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Number of Fourier streams per input ciphertext: mask hi, mask lo, body hi, body lo.
+const STREAMS: usize = 4;
+
+impl CompiledLayer {
+    /// Precomputes everything that depends only on the weights `w` (`d_out x d_in`, row-major)
+    /// and the bias `b` (`d_out`). Fails when a row could overflow the plaintext window:
+    /// `sum_j |w_rj| * 2^(a-1) + |b_r|` must stay below `2^(P-1)`.
+    pub fn compile(spec: LayerSpec, w: &[i8], bias: &[i64]) -> Result<Self, FheError> {
+        let (d_in, d_out) = (spec.shape.d_in, spec.shape.d_out);
+        if w.len() != d_in * d_out || bias.len() != d_out {
+            return Err(FheError::DataShape(format!(
+                "{} weights and {} biases for a {} layer",
+                w.len(),
+                bias.len(),
+                spec.shape
+            )));
+        }
+        let window = 1i128 << (spec.params.plaintext_bits(d_in) - 1);
+        let a_max = 1i128 << (spec.params.activation_bits - 1);
+        for (r, row) in w.chunks_exact(d_in).enumerate() {
+            let reach = row.iter().map(|v| (*v as i128).abs()).sum::<i128>() * a_max
+                + (bias[r] as i128).abs();
+            if reach >= window {
+                return Err(FheError::BiasOutOfRange {
+                    row: r,
+                    bias: bias[r],
+                });
+            }
+        }
+        let n = spec.polynomial_size();
+        let (n_i, n_o) = (spec.layout.n_i, spec.layout.n_o);
+        let (in_blocks, out_blocks) = (spec.input_blocks(), spec.output_blocks());
+        let fourier = Fourier::get(n);
+        let mut weights = vec![0.0; out_blocks * in_blocks * n];
+        weights.par_chunks_mut(n).enumerate().for_each_init(
+            || (fourier.scratch(), vec![0.0f64; n]),
+            |(scratch, poly), (ob, out)| {
+                let (o, b) = (ob / in_blocks, ob % in_blocks);
+                poly.fill(0.0);
+                for r in 0..spec.rows_in_block(o) {
+                    let row = &w[(o * n_o + r) * d_in..][..d_in];
+                    for j in 0..n_i.min(d_in - b * n_i) {
+                        let v = row[b * n_i + j] as f64;
+                        // X^(r n_i - j); a negative exponent wraps to N + (r n_i - j), negated.
+                        if r * n_i >= j {
+                            poly[r * n_i - j] = v;
+                        } else {
+                            poly[n + r * n_i - j] = -v;
+                        }
+                    }
+                }
+                fourier.forward(|k| poly[k], out, scratch);
+            },
+        );
+        let delta_log2 = spec.delta_log2();
+        let bias = bias.iter().map(|b| (*b as u64) << delta_log2).collect();
+        Ok(CompiledLayer {
+            spec,
+            weights,
+            bias,
+        })
+    }
+
+    pub fn spec(&self) -> &LayerSpec {
+        &self.spec
+    }
+
+    /// Bytes held by the weight transforms.
+    pub fn weight_memory_bytes(&self) -> usize {
+        self.weights.len() * std::mem::size_of::<f64>()
+    }
+
+    /// Computes the encrypted `X W^T + b` of an encrypted batch, in parallel over output blocks.
+    pub fn apply(&self, batch: &EncryptedBatch) -> Result<EncryptedResult, FheError> {
+        let spec = &self.spec;
+        check_header(spec, &batch.header, spec.input_bits)?;
+        let tokens = batch.tokens();
+        let n = spec.polynomial_size();
+        let (n_i, n_o, stride) = (spec.layout.n_i, spec.layout.n_o, spec.layout.token_stride());
+        let (in_blocks, out_blocks) = (spec.input_blocks(), spec.output_blocks());
+        let groups = spec.token_groups(tokens);
+        let count = groups * in_blocks;
+        let fourier = Fourier::get(n);
+
+        // 1. Regenerate the masks, lift the bodies back to 64 bits and transform both, split
+        //    into signed 32-bit halves.
+        let masks = expand_masks(batch.header.seed, count, n);
+        let lift = 64 - spec.input_bits;
+        let mut inputs = vec![0.0; count * STREAMS * n];
+        inputs
+            .par_chunks_mut(STREAMS * n)
+            .enumerate()
+            .for_each_init(
+                || (fourier.scratch(), vec![0u64; n]),
+                |(scratch, body), (c, out)| {
+                    for (dst, src) in body.iter_mut().zip(&batch.bodies[c * n..(c + 1) * n]) {
+                        *dst = src << lift;
+                    }
+                    let (mask_f, body_f) = out.split_at_mut(2 * n);
+                    let (mask_hi, mask_lo) = mask_f.split_at_mut(n);
+                    fourier.forward_split(&masks[c * n..(c + 1) * n], mask_hi, mask_lo, scratch);
+                    let (body_hi, body_lo) = body_f.split_at_mut(n);
+                    fourier.forward_split(body, body_hi, body_lo, scratch);
+                },
+            );
+
+        // 2. For each output block: accumulate the products over the input blocks in the
+        //    Fourier domain, transform back exactly, add the bias, round to the output precision.
+        let out_bits = spec.output_bits;
+        let per_block: Vec<Vec<Vec<u64>>> = (0..out_blocks)
+            .into_par_iter()
+            .map_init(
+                || {
+                    (
+                        fourier.scratch(),
+                        vec![0.0f64; groups * STREAMS * n],
+                        vec![0i64; n],
+                    )
+                },
+                |(scratch, acc, his), o| {
+                    acc.fill(0.0);
+                    for b in 0..in_blocks {
+                        let w = &self.weights[(o * in_blocks + b) * n..][..n];
+                        for g in 0..groups {
+                            let x = &inputs[(g * in_blocks + b) * STREAMS * n..][..STREAMS * n];
+                            let a = &mut acc[g * STREAMS * n..][..STREAMS * n];
+                            for s in 0..STREAMS {
+                                mul_acc(&mut a[s * n..(s + 1) * n], &x[s * n..(s + 1) * n], w);
+                            }
+                        }
+                    }
+                    let rows = spec.rows_in_block(o);
+                    (0..groups)
+                        .map(|g| {
+                            let a = &acc[g * STREAMS * n..][..STREAMS * n];
+                            let used = spec.tokens_in_group(tokens, g);
+                            let mut ct = Vec::with_capacity(n + used * rows);
+                            fourier.backward(&a[0..n], scratch, |j, v| his[j] = v);
+                            ct.resize(n, 0);
+                            fourier.backward(&a[n..2 * n], scratch, |j, v| {
+                                ct[j] = round_to_bits(join_u64(his[j], v), out_bits)
+                            });
+                            let mut body = vec![0u64; n];
+                            fourier.backward(&a[2 * n..3 * n], scratch, |j, v| his[j] = v);
+                            fourier.backward(&a[3 * n..4 * n], scratch, |j, v| {
+                                body[j] = join_u64(his[j], v)
+                            });
+                            for t in 0..used {
+                                for r in 0..rows {
+                                    let v = body[t * stride + r * n_i]
+                                        .wrapping_add(self.bias[o * n_o + r]);
+                                    ct.push(round_to_bits(v, out_bits));
+                                }
+                            }
+                            ct
+                        })
+                        .collect()
+                },
+            )
+            .collect();
+
+        // 3. Lay the ciphertexts out group-major, as the wire format orders them.
+        let mut coefficients =
+            Vec::with_capacity(groups * out_blocks * n + tokens * spec.shape.d_out);
+        for g in 0..groups {
+            for block in &per_block {
+                coefficients.extend_from_slice(&block[g]);
+            }
+        }
+        let mut header = Header::for_spec(spec, tokens, out_bits);
+        header.encoding = Some(ResultEncoding::Keyless);
+        Ok(EncryptedResult {
+            header,
+            coefficients,
+        })
+    }
+}

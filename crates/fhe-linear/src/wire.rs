@@ -1,0 +1,396 @@
+//! The wire format of encrypted batches and results: a fixed, versioned header followed by
+//! bit-packed coefficients.
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic "HFHE"
+//!      4    2 format version (1)
+//!      6    1 kind: 1 = encrypted batch (client -> server), 2 = encrypted result
+//!      7    1 result encoding: 0 for a batch, 1 = keyless block result
+//!      8    2 parameter set id
+//!     10    1 bits per coefficient
+//!     11    1 reserved, 0
+//!     12    4 d_in
+//!     16    4 d_out
+//!     20    4 tokens in the batch
+//!     24    2 n_i      (block layout, see `layout`)
+//!     26    2 n_o
+//!     28    2 t_b
+//!     30    2 reserved, 0
+//!     32   16 mask seed (batch) or zeros (result)
+//!     48    8 payload length in bytes
+//!     56    . payload: little-endian bit stream, `bits` bits per coefficient, LSB first
+//! ```
+//!
+//! A batch's payload holds, for each token group g and input block b (in that order), the N
+//! body coefficients of one seeded GLWE ciphertext; its masks are regenerated from the seed.
+//! A keyless result's payload holds, for each token group g and output block o, the N mask
+//! coefficients of one GLWE ciphertext followed by its useful body coefficients
+//! (`tokens_in_group * rows_in_block` of them, token-major).
+//!
+//! Decoding never trusts the bytes: every field is checked, the payload length must equal the
+//! one the header implies, and the total size is bounded *before* anything is allocated.
+
+use crate::layout::{BlockLayout, LayerShape, LayerSpec};
+use crate::params::{ParamSetId, ParameterSet};
+
+pub const MAGIC: [u8; 4] = *b"HFHE";
+pub const FORMAT_VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 56;
+
+const KIND_BATCH: u8 = 1;
+const KIND_RESULT: u8 = 2;
+
+/// How the server packed its results. Only the keyless block result exists today; a packed
+/// (key-switched) encoding gets its own value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ResultEncoding {
+    Keyless = 1,
+}
+
+/// Errors from decoding untrusted bytes. Each variant has a stable code (see [`WireError::code`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("payload truncated: {0} bytes is shorter than its header says")]
+    Truncated(usize),
+    #[error("payload has {0} bytes after its declared end")]
+    TrailingBytes(usize),
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("not an encrypted payload (bad magic)")]
+    BadMagic,
+    #[error("unsupported format version {0} (this build reads version {FORMAT_VERSION})")]
+    UnsupportedVersion(u16),
+    #[error("expected a {expected}, got another kind of payload")]
+    WrongKind { expected: &'static str },
+    #[error("unknown parameter set id {0}")]
+    UnknownParameterSet(u16),
+    #[error("unsupported result encoding {0}")]
+    UnknownResultEncoding(u8),
+    #[error("invalid header: {0}")]
+    InvalidHeader(String),
+}
+
+impl WireError {
+    /// A stable, machine-readable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            WireError::Truncated(_) => "ciphertext_truncated",
+            WireError::TrailingBytes(_) => "ciphertext_trailing_bytes",
+            WireError::TooLarge { .. } => "ciphertext_too_large",
+            WireError::BadMagic => "ciphertext_bad_magic",
+            WireError::UnsupportedVersion(_) => "ciphertext_unsupported_version",
+            WireError::WrongKind { .. } => "ciphertext_wrong_kind",
+            WireError::UnknownParameterSet(_) => "ciphertext_unknown_parameter_set",
+            WireError::UnknownResultEncoding(_) => "ciphertext_unknown_result_encoding",
+            WireError::InvalidHeader(_) => "ciphertext_invalid_header",
+        }
+    }
+}
+
+/// Bounds applied while decoding untrusted bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest accepted payload, header included.
+    pub max_bytes: u64,
+    /// Largest accepted token count per batch.
+    pub max_tokens: usize,
+    /// Largest accepted output width.
+    pub max_d_out: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 256 << 20,
+            max_tokens: 4096,
+            max_d_out: 1 << 17,
+        }
+    }
+}
+
+/// The parsed header shared by batches and results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub param_set: ParamSetId,
+    pub shape: LayerShape,
+    pub layout: BlockLayout,
+    pub tokens: usize,
+    pub bits: u32,
+    pub seed: u128,
+    pub encoding: Option<ResultEncoding>,
+}
+
+impl Header {
+    /// Header of a batch or result for `spec`.
+    pub(crate) fn for_spec(spec: &LayerSpec, tokens: usize, bits: u32) -> Self {
+        Header {
+            param_set: spec.params.id,
+            shape: spec.shape,
+            layout: spec.layout,
+            tokens,
+            bits,
+            seed: 0,
+            encoding: None,
+        }
+    }
+
+    /// Payload coefficients the header implies.
+    fn coefficient_count(&self, params: &'static ParameterSet) -> Result<usize, WireError> {
+        let spec = LayerSpec {
+            params,
+            shape: self.shape,
+            layout: self.layout,
+            input_bits: self.bits,
+            output_bits: self.bits,
+        };
+        let n = params.polynomial_size;
+        let groups = spec.token_groups(self.tokens);
+        Ok(match self.encoding {
+            None => groups * spec.input_blocks() * n,
+            Some(ResultEncoding::Keyless) => {
+                groups * spec.output_blocks() * n + self.tokens * self.shape.d_out
+            }
+        })
+    }
+
+    fn write(&self, payload_len: usize, out: &mut Vec<u8>) {
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.push(if self.encoding.is_some() {
+            KIND_RESULT
+        } else {
+            KIND_BATCH
+        });
+        out.push(self.encoding.map_or(0, |e| e as u8));
+        out.extend_from_slice(&self.param_set.0.to_le_bytes());
+        out.push(self.bits as u8);
+        out.push(0);
+        for v in [self.shape.d_in, self.shape.d_out, self.tokens] {
+            out.extend_from_slice(&(v as u32).to_le_bytes());
+        }
+        for v in [self.layout.n_i, self.layout.n_o, self.layout.t_b, 0] {
+            out.extend_from_slice(&(v as u16).to_le_bytes());
+        }
+        out.extend_from_slice(&self.seed.to_le_bytes());
+        out.extend_from_slice(&(payload_len as u64).to_le_bytes());
+    }
+
+    /// Parses and validates a header; returns it with the payload slice.
+    fn read<'a>(
+        bytes: &'a [u8],
+        expect_result: bool,
+        limits: &Limits,
+    ) -> Result<(Header, &'a [u8]), WireError> {
+        if bytes.len() as u64 > limits.max_bytes {
+            return Err(WireError::TooLarge {
+                size: bytes.len() as u64,
+                limit: limits.max_bytes,
+            });
+        }
+        if bytes.len() < 4 || bytes[0..4] != MAGIC {
+            return Err(if bytes.len() < 4 {
+                WireError::Truncated(bytes.len())
+            } else {
+                WireError::BadMagic
+            });
+        }
+        if bytes.len() < HEADER_LEN {
+            return Err(WireError::Truncated(bytes.len()));
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+        let version = u16_at(4);
+        if version != FORMAT_VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let (kind, encoding) = (bytes[6], bytes[7]);
+        let encoding = match (expect_result, kind, encoding) {
+            (false, KIND_BATCH, 0) => None,
+            (true, KIND_RESULT, 1) => Some(ResultEncoding::Keyless),
+            (true, KIND_RESULT, e) => return Err(WireError::UnknownResultEncoding(e)),
+            (false, KIND_BATCH, _) => {
+                return Err(WireError::InvalidHeader(
+                    "batch with a result encoding".into(),
+                ))
+            }
+            (false, _, _) => {
+                return Err(WireError::WrongKind {
+                    expected: "encrypted batch",
+                })
+            }
+            (true, _, _) => {
+                return Err(WireError::WrongKind {
+                    expected: "encrypted result",
+                })
+            }
+        };
+        let param_id = u16_at(8);
+        let params = ParameterSet::by_id(ParamSetId(param_id))
+            .ok_or(WireError::UnknownParameterSet(param_id))?;
+        let bits = bytes[10] as u32;
+        if !(1..=64).contains(&bits) {
+            return Err(WireError::InvalidHeader(format!(
+                "{bits} bits per coefficient"
+            )));
+        }
+        if bytes[11] != 0 || u16_at(30) != 0 {
+            return Err(WireError::InvalidHeader(
+                "reserved fields must be zero".into(),
+            ));
+        }
+        let shape = LayerShape::new(u32_at(12) as usize, u32_at(16) as usize);
+        if shape.d_in == 0
+            || shape.d_in > params.max_d_in
+            || shape.d_out == 0
+            || shape.d_out > limits.max_d_out
+        {
+            return Err(WireError::InvalidHeader(format!(
+                "layer shape {shape} outside 1..={} x 1..={}",
+                params.max_d_in, limits.max_d_out
+            )));
+        }
+        let tokens = u32_at(20) as usize;
+        if tokens == 0 || tokens > limits.max_tokens {
+            return Err(WireError::InvalidHeader(format!(
+                "{tokens} tokens outside 1..={}",
+                limits.max_tokens
+            )));
+        }
+        let layout = BlockLayout {
+            n_i: u16_at(24) as usize,
+            n_o: u16_at(26) as usize,
+            t_b: u16_at(28) as usize,
+        };
+        layout
+            .validate(params.polynomial_size)
+            .map_err(|e| WireError::InvalidHeader(e.to_string()))?;
+        let seed = u128::from_le_bytes(bytes[32..48].try_into().unwrap());
+        if expect_result && seed != 0 {
+            return Err(WireError::InvalidHeader("result with a seed".into()));
+        }
+        let payload_len = u64::from_le_bytes(bytes[48..56].try_into().unwrap());
+        let header = Header {
+            param_set: params.id,
+            shape,
+            layout,
+            tokens,
+            bits,
+            seed,
+            encoding,
+        };
+        let expected = (header.coefficient_count(params)? as u64 * bits as u64).div_ceil(8);
+        if payload_len != expected {
+            return Err(WireError::InvalidHeader(format!(
+                "payload length {payload_len} does not match the {expected} bytes its shape needs"
+            )));
+        }
+        let payload = &bytes[HEADER_LEN..];
+        match (payload.len() as u64).cmp(&payload_len) {
+            std::cmp::Ordering::Less => Err(WireError::Truncated(bytes.len())),
+            std::cmp::Ordering::Greater => Err(WireError::TrailingBytes(
+                payload.len() - payload_len as usize,
+            )),
+            std::cmp::Ordering::Equal => Ok((header, payload)),
+        }
+    }
+}
+
+/// Serialises a header and its coefficients.
+pub(crate) fn encode(header: &Header, coefficients: &[u64]) -> Vec<u8> {
+    let payload_len = (coefficients.len() * header.bits as usize).div_ceil(8);
+    let mut out = Vec::with_capacity(HEADER_LEN + payload_len);
+    header.write(payload_len, &mut out);
+    pack_bits(coefficients, header.bits, &mut out);
+    out
+}
+
+/// Parses a header and unpacks its coefficients.
+pub(crate) fn decode(
+    bytes: &[u8],
+    expect_result: bool,
+    limits: &Limits,
+) -> Result<(Header, Vec<u64>), WireError> {
+    let (header, payload) = Header::read(bytes, expect_result, limits)?;
+    let params = ParameterSet::by_id(header.param_set).expect("checked by Header::read");
+    let count = header.coefficient_count(params)?;
+    Ok((header, unpack_bits(payload, header.bits, count)))
+}
+
+/// Appends `values` (each below 2^bits) as a little-endian bit stream.
+pub fn pack_bits(values: &[u64], bits: u32, out: &mut Vec<u8>) {
+    let mask = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    let mut acc: u128 = 0;
+    let mut filled = 0u32;
+    for &v in values {
+        acc |= ((v & mask) as u128) << filled;
+        filled += bits;
+        while filled >= 64 {
+            out.extend_from_slice(&(acc as u64).to_le_bytes());
+            acc >>= 64;
+            filled -= 64;
+        }
+    }
+    let tail = filled.div_ceil(8) as usize;
+    out.extend_from_slice(&(acc as u64).to_le_bytes()[..tail]);
+}
+
+/// Reads `count` values of `bits` bits from a little-endian bit stream long enough to hold them.
+pub fn unpack_bits(bytes: &[u8], bits: u32, count: usize) -> Vec<u64> {
+    let mask = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    let mut out = Vec::with_capacity(count);
+    let mut acc: u128 = 0;
+    let mut filled = 0u32;
+    let mut pos = 0usize;
+    for _ in 0..count {
+        while filled < bits {
+            let take = (bytes.len() - pos).min(8);
+            if take == 0 {
+                // Past the end: the missing bits read as zeros (callers check lengths first).
+                filled += 64;
+                continue;
+            }
+            let mut word = [0u8; 8];
+            word[..take].copy_from_slice(&bytes[pos..pos + take]);
+            acc |= (u64::from_le_bytes(word) as u128) << filled;
+            pos += take;
+            filled += 8 * take as u32;
+        }
+        out.push(acc as u64 & mask);
+        acc >>= bits;
+        filled -= bits;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_packing_roundtrips() {
+        for bits in [1u32, 7, 13, 32, 45, 63, 64] {
+            let mask = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            let values: Vec<u64> = (0..1001u64)
+                .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) & mask)
+                .collect();
+            let mut bytes = Vec::new();
+            pack_bits(&values, bits, &mut bytes);
+            assert_eq!(bytes.len(), (values.len() * bits as usize).div_ceil(8));
+            assert_eq!(unpack_bits(&bytes, bits, values.len()), values);
+        }
+    }
+}

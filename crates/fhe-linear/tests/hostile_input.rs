@@ -1,0 +1,130 @@
+//! Untrusted bytes: every malformed payload is a typed error, never a panic.
+
+mod common;
+
+use common::Case;
+use fhe_linear::*;
+use proptest::prelude::*;
+
+fn valid_batch() -> (Case, Vec<u8>) {
+    let case = Case::random(64, 8, 2, 1, 9);
+    let key = ClientKey::generate(&HFHE_GLWE_2048_V1);
+    let bytes = key
+        .encrypt(&case.spec, &case.x, case.tokens)
+        .unwrap()
+        .to_bytes();
+    (case, bytes)
+}
+
+fn code(bytes: &[u8]) -> &'static str {
+    EncryptedBatch::from_bytes(bytes, &Limits::default())
+        .unwrap_err()
+        .code()
+}
+
+#[test]
+fn malformed_batches_get_typed_errors() {
+    let (_, good) = valid_batch();
+    assert!(EncryptedBatch::from_bytes(&good, &Limits::default()).is_ok());
+
+    for cut in [0, 3, 10, 55, 56, good.len() / 2, good.len() - 1] {
+        assert_eq!(code(&good[..cut]), "ciphertext_truncated", "cut at {cut}");
+    }
+    let mut long = good.clone();
+    long.extend_from_slice(&[0; 9]);
+    assert_eq!(code(&long), "ciphertext_trailing_bytes");
+
+    let small = Limits {
+        max_bytes: 1000,
+        ..Limits::default()
+    };
+    assert_eq!(
+        EncryptedBatch::from_bytes(&good, &small)
+            .unwrap_err()
+            .code(),
+        "ciphertext_too_large"
+    );
+
+    let patch = |at: usize, v: &[u8]| {
+        let mut b = good.clone();
+        b[at..at + v.len()].copy_from_slice(v);
+        b
+    };
+    assert_eq!(code(&patch(0, b"XFHE")), "ciphertext_bad_magic");
+    assert_eq!(
+        code(&patch(4, &2u16.to_le_bytes())),
+        "ciphertext_unsupported_version"
+    );
+    assert_eq!(code(&patch(6, &[2])), "ciphertext_wrong_kind");
+    assert_eq!(
+        code(&patch(8, &77u16.to_le_bytes())),
+        "ciphertext_unknown_parameter_set"
+    );
+    assert_eq!(code(&patch(10, &[0])), "ciphertext_invalid_header");
+    assert_eq!(code(&patch(10, &[65])), "ciphertext_invalid_header");
+    assert_eq!(
+        code(&patch(12, &0u32.to_le_bytes())),
+        "ciphertext_invalid_header"
+    );
+    assert_eq!(
+        code(&patch(20, &0u32.to_le_bytes())),
+        "ciphertext_invalid_header"
+    );
+    assert_eq!(
+        code(&patch(20, &u32::MAX.to_le_bytes())),
+        "ciphertext_invalid_header"
+    );
+    assert_eq!(
+        code(&patch(24, &3u16.to_le_bytes())),
+        "ciphertext_invalid_header"
+    );
+    assert_eq!(
+        code(&patch(48, &u64::MAX.to_le_bytes())),
+        "ciphertext_invalid_header"
+    );
+    // A result is not a batch, and a batch is not a result.
+    assert_eq!(
+        EncryptedResult::from_bytes(&good, &Limits::default())
+            .unwrap_err()
+            .code(),
+        "ciphertext_wrong_kind"
+    );
+}
+
+#[test]
+fn a_batch_for_another_layer_is_refused_by_apply() {
+    let (case, good) = valid_batch();
+    let batch = EncryptedBatch::from_bytes(&good, &Limits::default()).unwrap();
+    let other = Case::random(64, 9, 1, 1, 1);
+    assert_eq!(
+        other.compile().apply(&batch).unwrap_err().code(),
+        "layer_mismatch"
+    );
+    let wider = Case::random(65, 8, 1, 1, 1);
+    assert_eq!(
+        wider.compile().apply(&batch).unwrap_err().code(),
+        "layer_mismatch"
+    );
+    assert!(case.compile().apply(&batch).is_ok());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = EncryptedBatch::from_bytes(&bytes, &Limits::default());
+        let _ = EncryptedResult::from_bytes(&bytes, &Limits::default());
+    }
+
+    #[test]
+    fn corrupted_headers_never_panic(at in 0usize..56, value in any::<u8>(), extra in 0usize..3) {
+        let (case, mut bytes) = valid_batch();
+        bytes[at] = value;
+        bytes.extend(std::iter::repeat_n(0u8, extra));
+        if let Ok(batch) = EncryptedBatch::from_bytes(&bytes, &Limits::default()) {
+            // Parsed: the layer either refuses it or computes on it; it never panics.
+            let _ = case.compile().apply(&batch);
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Keys are not interchangeable, encryption noise is real, and the noise model predicts it.
+
+mod common;
+
+use common::Case;
+use fhe_linear::noise::{budget, MODEL_SLACK_BITS};
+use fhe_linear::*;
+
+fn std_of(v: &[i64]) -> f64 {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|e| *e as f64).sum::<f64>() / n;
+    (v.iter().map(|e| (*e as f64 - mean).powi(2)).sum::<f64>() / n).sqrt()
+}
+
+#[test]
+fn another_clients_key_does_not_decrypt() {
+    let case = Case::random(300, 40, 2, 1, 1);
+    let layer = case.compile();
+    let alice = ClientKey::generate(&HFHE_GLWE_2048_V1);
+    let mallory = ClientKey::generate(&HFHE_GLWE_2048_V1);
+    let result = layer
+        .apply(&alice.encrypt(&case.spec, &case.x, case.tokens).unwrap())
+        .unwrap();
+    let want = case.expected();
+    assert_eq!(alice.decrypt(&case.spec, &result).unwrap(), want);
+    let stolen = mallory.decrypt(&case.spec, &result).unwrap();
+    let right = stolen.iter().zip(&want).filter(|(a, b)| a == b).count();
+    assert!(
+        right <= 2,
+        "{right} of {} outputs decrypted under the wrong key",
+        want.len()
+    );
+}
+
+#[test]
+fn secret_key_export_roundtrips_and_rejects_garbage() {
+    let key = ClientKey::generate(&HFHE_GLWE_2048_V1);
+    let bytes = key.export_secret();
+    assert_eq!(bytes.len(), 8 + 2048 / 8);
+    let again = ClientKey::import_secret(&bytes).unwrap();
+    assert_eq!(again.export_secret(), bytes);
+    // Debug output names the parameter set and never dumps the key.
+    assert!(format!("{key:?}").len() < 100, "{key:?}");
+    assert_eq!(
+        ClientKey::import_secret(&bytes[..100]).unwrap_err().code(),
+        "ciphertext_truncated"
+    );
+    let mut extra = bytes.clone();
+    extra.push(0);
+    assert_eq!(
+        ClientKey::import_secret(&extra).unwrap_err().code(),
+        "ciphertext_trailing_bytes"
+    );
+    let mut bad = bytes.clone();
+    bad[0] = b'X';
+    assert_eq!(
+        ClientKey::import_secret(&bad).unwrap_err().code(),
+        "ciphertext_bad_magic"
+    );
+    let mut unknown = bytes;
+    unknown[6] = 99;
+    assert_eq!(
+        ClientKey::import_secret(&unknown).unwrap_err().code(),
+        "ciphertext_unknown_parameter_set"
+    );
+}
+
+#[test]
+fn encryption_noise_is_present_and_as_specified() {
+    let params = &HFHE_GLWE_2048_V1;
+    // Guard against a parameter set whose noise rounds to nothing (keys recoverable by algebra).
+    assert!(
+        params.noise_std() > 2f64.powi(15),
+        "noise std {}",
+        params.noise_std()
+    );
+    let case = Case::random(2048, 8, 1, 1, 3);
+    let key = ClientKey::generate(params);
+    let batch = key.encrypt(&case.spec, &case.x, 1).unwrap();
+    let noise = key.input_noise(&case.spec, &batch, &case.x).unwrap();
+    let nonzero = noise.iter().filter(|e| **e != 0).count();
+    assert!(
+        nonzero as f64 > 0.999 * noise.len() as f64,
+        "{nonzero} of {} non-zero",
+        noise.len()
+    );
+    let step = 2f64.powi(64 - case.spec.input_bits as i32);
+    let expected = (params.noise_std().powi(2) + step * step / 12.0).sqrt();
+    let measured = std_of(&noise);
+    assert!(
+        (measured / expected - 1.0).abs() < 0.05,
+        "input noise std {measured} vs {expected}"
+    );
+}
+
+/// Weights of the largest magnitude with random signs: the worst-case norm, independent terms.
+fn extreme_random_sign_weights(len: usize, seed: u64) -> Vec<i8> {
+    let mut rng = common::Rng(seed);
+    (0..len)
+        .map(|_| if rng.next() & 1 == 0 { -128 } else { 127 })
+        .collect()
+}
+
+#[test]
+fn result_noise_matches_the_model() {
+    let params = &HFHE_GLWE_2048_V1;
+    let key = ClientKey::generate(params);
+    for (d_in, d_out, t_b) in [(2048, 512, 1), (8192, 64, 1), (1024, 256, 8)] {
+        let spec = LayerSpec::choose(params, LayerShape::new(d_in, d_out), t_b).unwrap();
+        let case = Case {
+            spec,
+            w: extreme_random_sign_weights(d_in * d_out, d_in as u64),
+            b: vec![0; d_out],
+            x: vec![-128; t_b * d_in],
+            tokens: t_b,
+        };
+        let (got, noise) = case.round_trip(&key, &case.compile());
+        assert_eq!(got, case.expected());
+        let predicted = budget(
+            params,
+            spec.shape,
+            spec.layout,
+            spec.input_bits,
+            spec.output_bits,
+        );
+        assert!(predicted.margin_bits() >= MODEL_SLACK_BITS);
+        // The model bounds the key's Hamming weight by N (about N/2 in practice), so it may
+        // overestimate by up to half a bit; it must never underestimate by more than the slack.
+        let gap = (std_of(&noise) / predicted.worst_case_std).log2();
+        assert!(
+            (-1.0..MODEL_SLACK_BITS).contains(&gap),
+            "{spec:?}: measured noise std 2^{:.2}, model 2^{:.2}",
+            std_of(&noise).log2(),
+            predicted.worst_case_std.log2()
+        );
+    }
+}
+
+#[test]
+fn constant_worst_case_weights_stay_far_from_the_threshold() {
+    // Identical weights everywhere make the outputs' noise terms coherent: check the largest
+    // noise directly rather than a standard deviation.
+    let params = &HFHE_GLWE_2048_V1;
+    let key = ClientKey::generate(params);
+    for (d_in, d_out) in [(2048, 256), (8192, 32)] {
+        let spec = LayerSpec::choose(params, LayerShape::new(d_in, d_out), 1).unwrap();
+        for (w, x) in [(-128i8, -128i8), (127, -128)] {
+            let case = Case {
+                spec,
+                w: vec![w; d_in * d_out],
+                b: vec![0; d_out],
+                x: vec![x; 2 * d_in],
+                tokens: 2,
+            };
+            let (got, noise) = case.round_trip(&key, &case.compile());
+            assert_eq!(got, case.expected());
+            let predicted = budget(
+                params,
+                spec.shape,
+                spec.layout,
+                spec.input_bits,
+                spec.output_bits,
+            );
+            let worst = noise.iter().map(|e| e.unsigned_abs()).max().unwrap() as f64;
+            assert!(
+                worst < TAIL_Z_FRACTION * predicted.half_delta,
+                "largest noise 2^{:.1} vs threshold 2^{:.1}",
+                worst.log2(),
+                predicted.half_delta.log2()
+            );
+        }
+    }
+}
+
+/// The largest noise of a few hundred outputs stays well inside the 7.2-sigma budget.
+const TAIL_Z_FRACTION: f64 = 0.6;
+
+#[test]
+fn chosen_layouts_respect_the_budget() {
+    let params = &HFHE_GLWE_2048_V1;
+    for (d_in, d_out) in [
+        (2048, 6144),
+        (2048, 2048),
+        (2048, 8192),
+        (8192, 2048),
+        (64, 64),
+    ] {
+        for t_b in [1, 8, 16] {
+            let spec = LayerSpec::choose(params, LayerShape::new(d_in, d_out), t_b).unwrap();
+            let b = budget(
+                params,
+                spec.shape,
+                spec.layout,
+                spec.input_bits,
+                spec.output_bits,
+            );
+            assert!(b.margin_bits() >= MODEL_SLACK_BITS, "{spec:?}");
+            assert_eq!(spec.layout.n_i * spec.layout.n_o * t_b, 2048);
+        }
+    }
+    // Too many outputs per polynomial for d_in = 8192: refused, not silently wrong.
+    let too_wide = BlockLayout {
+        n_i: 1,
+        n_o: 2048,
+        t_b: 1,
+    };
+    assert!(LayerSpec::new(params, LayerShape::new(8192, 4), too_wide).is_err());
+}
