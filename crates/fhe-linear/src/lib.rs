@@ -47,6 +47,7 @@
 pub mod ciphertext;
 pub mod client;
 pub mod fourier;
+pub mod kernel;
 pub mod layout;
 pub mod noise;
 pub mod params;

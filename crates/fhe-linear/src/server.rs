@@ -4,7 +4,8 @@ use rayon::prelude::*;
 
 use crate::ciphertext::{check_header, EncryptedBatch, EncryptedResult};
 use crate::client::{expand_masks, round_to_bits};
-use crate::fourier::{join_u64, mul_acc, Fourier};
+use crate::fourier::{join_u64, Fourier};
+use crate::kernel::{chunk_products, load_chunk, store_chunk, Dims, STREAMS, UNIT};
 use crate::layout::LayerSpec;
 use crate::wire::{Header, ResultEncoding};
 use crate::FheError;
@@ -13,7 +14,8 @@ use crate::FheError;
 /// weight and token per polynomial) and its bias scaled by Delta.
 pub struct CompiledLayer {
     spec: LayerSpec,
-    /// For each output block o, for each input block b: one planar Fourier polynomial (N f64).
+    /// Spectra of the weight polynomials (one per output block and input block, N f64 each),
+    /// chunk-major (see [`crate::kernel`]).
     weights: Vec<f64>,
     /// Bias of each output row, times Delta, as a torus value.
     bias: Vec<u64>,
@@ -26,9 +28,6 @@ impl std::fmt::Debug for CompiledLayer {
             .finish_non_exhaustive()
     }
 }
-
-/// Number of Fourier streams per input ciphertext: mask hi, mask lo, body hi, body lo.
-const STREAMS: usize = 4;
 
 impl CompiledLayer {
     /// Precomputes everything that depends only on the weights `w` (`d_out x d_in`, row-major)
@@ -60,10 +59,11 @@ impl CompiledLayer {
         let (n_i, n_o) = (spec.layout.n_i, spec.layout.n_o);
         let (in_blocks, out_blocks) = (spec.input_blocks(), spec.output_blocks());
         let fourier = Fourier::get(n);
-        let mut weights = vec![0.0; out_blocks * in_blocks * n];
-        weights.par_chunks_mut(n).enumerate().for_each_init(
+        // Spectra of every weight polynomial, planar, [o][b].
+        let mut planar = vec![0.0; out_blocks * in_blocks * n];
+        planar.par_chunks_mut(n).enumerate().for_each_init(
             || (fourier.scratch(), vec![0.0f64; n]),
-            |(scratch, poly), (ob, out)| {
+            |(scratch, poly), (ob, spectrum)| {
                 let (o, b) = (ob / in_blocks, ob % in_blocks);
                 poly.fill(0.0);
                 for r in 0..spec.rows_in_block(o) {
@@ -78,9 +78,20 @@ impl CompiledLayer {
                         }
                     }
                 }
-                fourier.forward(|k| poly[k], out, scratch);
+                fourier.forward(|k| poly[k], spectrum, scratch);
             },
         );
+        // Chunk-major, [chunk][o][b] (see `kernel`).
+        let per_chunk = out_blocks * in_blocks * UNIT;
+        let mut weights = vec![0.0; n / UNIT * per_chunk];
+        weights
+            .par_chunks_mut(per_chunk)
+            .enumerate()
+            .for_each(|(k, dst)| {
+                for (ob, unit) in dst.chunks_exact_mut(UNIT).enumerate() {
+                    load_chunk(&planar[ob * n..][..n], k, unit);
+                }
+            });
         let delta_log2 = spec.delta_log2();
         let bias = bias.iter().map(|b| (*b as u64) << delta_log2).collect();
         Ok(CompiledLayer {
@@ -112,11 +123,11 @@ impl CompiledLayer {
         let fourier = Fourier::get(n);
 
         // 1. Regenerate the masks, lift the bodies back to 64 bits and transform both, split
-        //    into signed 32-bit halves.
+        //    into signed 32-bit halves (four planar spectra per input ciphertext).
         let masks = expand_masks(batch.header.seed, count, n);
         let lift = 64 - spec.input_bits;
-        let mut inputs = vec![0.0; count * STREAMS * n];
-        inputs
+        let mut planar = vec![0.0; count * STREAMS * n];
+        planar
             .par_chunks_mut(STREAMS * n)
             .enumerate()
             .for_each_init(
@@ -132,70 +143,85 @@ impl CompiledLayer {
                     fourier.forward_split(body, body_hi, body_lo, scratch);
                 },
             );
+        // Chunk-major, [chunk][g][b][stream] (see `kernel`).
+        let chunks = n / UNIT;
+        let in_per_chunk = count * STREAMS * UNIT;
+        let mut inputs = vec![0.0; chunks * in_per_chunk];
+        inputs
+            .par_chunks_mut(in_per_chunk)
+            .enumerate()
+            .for_each(|(k, dst)| {
+                for (cs, unit) in dst.chunks_exact_mut(UNIT).enumerate() {
+                    load_chunk(&planar[cs * n..][..n], k, unit);
+                }
+            });
+        drop(planar);
 
-        // 2. For each output block: accumulate the products over the input blocks in the
-        //    Fourier domain, transform back exactly, add the bias, round to the output precision.
+        // 2. For each frequency chunk: every (output block, group) sum over the input blocks.
+        let dims = Dims {
+            input_blocks: in_blocks,
+            output_blocks: out_blocks,
+            groups,
+        };
+        let w_per_chunk = out_blocks * in_blocks * UNIT;
+        let sums_per_chunk = groups * out_blocks * STREAMS * UNIT;
+        let mut sums = vec![0.0; chunks * sums_per_chunk];
+        sums.par_chunks_mut(sums_per_chunk)
+            .enumerate()
+            .for_each(|(k, out)| {
+                let w = &self.weights[k * w_per_chunk..][..w_per_chunk];
+                let x = &inputs[k * in_per_chunk..][..in_per_chunk];
+                chunk_products(w, x, dims, out);
+            });
+        drop(inputs);
+
+        // 3. For each result ciphertext (g, o): transform the four sums back exactly, join the
+        //    halves, add the bias, keep the useful body coefficients, round to the output precision.
         let out_bits = spec.output_bits;
-        let per_block: Vec<Vec<Vec<u64>>> = (0..out_blocks)
+        let cts: Vec<Vec<u64>> = (0..groups * out_blocks)
             .into_par_iter()
             .map_init(
                 || {
                     (
                         fourier.scratch(),
-                        vec![0.0f64; groups * STREAMS * n],
+                        vec![0.0f64; STREAMS * n],
                         vec![0i64; n],
+                        vec![0u64; n],
                     )
                 },
-                |(scratch, acc, his), o| {
-                    acc.fill(0.0);
-                    for b in 0..in_blocks {
-                        let w = &self.weights[(o * in_blocks + b) * n..][..n];
-                        for g in 0..groups {
-                            let x = &inputs[(g * in_blocks + b) * STREAMS * n..][..STREAMS * n];
-                            let a = &mut acc[g * STREAMS * n..][..STREAMS * n];
-                            for s in 0..STREAMS {
-                                mul_acc(&mut a[s * n..(s + 1) * n], &x[s * n..(s + 1) * n], w);
-                            }
+                |(scratch, acc, his, body), go| {
+                    let (g, o) = (go / out_blocks, go % out_blocks);
+                    for k in 0..chunks {
+                        let at = k * sums_per_chunk + go * STREAMS * UNIT;
+                        for (s, spectrum) in acc.chunks_exact_mut(n).enumerate() {
+                            store_chunk(&sums[at + s * UNIT..][..UNIT], k, spectrum);
                         }
                     }
                     let rows = spec.rows_in_block(o);
-                    (0..groups)
-                        .map(|g| {
-                            let a = &acc[g * STREAMS * n..][..STREAMS * n];
-                            let used = spec.tokens_in_group(tokens, g);
-                            let mut ct = Vec::with_capacity(n + used * rows);
-                            fourier.backward(&a[0..n], scratch, |j, v| his[j] = v);
-                            ct.resize(n, 0);
-                            fourier.backward(&a[n..2 * n], scratch, |j, v| {
-                                ct[j] = round_to_bits(join_u64(his[j], v), out_bits)
-                            });
-                            let mut body = vec![0u64; n];
-                            fourier.backward(&a[2 * n..3 * n], scratch, |j, v| his[j] = v);
-                            fourier.backward(&a[3 * n..4 * n], scratch, |j, v| {
-                                body[j] = join_u64(his[j], v)
-                            });
-                            for t in 0..used {
-                                for r in 0..rows {
-                                    let v = body[t * stride + r * n_i]
-                                        .wrapping_add(self.bias[o * n_o + r]);
-                                    ct.push(round_to_bits(v, out_bits));
-                                }
-                            }
-                            ct
-                        })
-                        .collect()
+                    let used = spec.tokens_in_group(tokens, g);
+                    let mut ct = vec![0u64; n];
+                    ct.reserve(used * rows);
+                    fourier.backward(&acc[0..n], scratch, |j, v| his[j] = v);
+                    fourier.backward(&acc[n..2 * n], scratch, |j, v| {
+                        ct[j] = round_to_bits(join_u64(his[j], v), out_bits)
+                    });
+                    fourier.backward(&acc[2 * n..3 * n], scratch, |j, v| his[j] = v);
+                    fourier.backward(&acc[3 * n..4 * n], scratch, |j, v| {
+                        body[j] = join_u64(his[j], v)
+                    });
+                    for t in 0..used {
+                        for r in 0..rows {
+                            let v = body[t * stride + r * n_i].wrapping_add(self.bias[o * n_o + r]);
+                            ct.push(round_to_bits(v, out_bits));
+                        }
+                    }
+                    ct
                 },
             )
             .collect();
 
-        // 3. Lay the ciphertexts out group-major, as the wire format orders them.
-        let mut coefficients =
-            Vec::with_capacity(groups * out_blocks * n + tokens * spec.shape.d_out);
-        for g in 0..groups {
-            for block in &per_block {
-                coefficients.extend_from_slice(&block[g]);
-            }
-        }
+        // Ciphertexts are already group-major, as the wire format orders them.
+        let coefficients = cts.concat();
         let mut header = Header::for_spec(spec, tokens, out_bits);
         header.encoding = Some(ResultEncoding::Keyless);
         Ok(EncryptedResult {
