@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use fhe_linear::noise::budget;
 use fhe_linear::*;
 use rayon::prelude::*;
 use serde_json::json;
@@ -169,13 +168,7 @@ fn fhe(args: FheArgs) -> Result<()> {
     let (values, noise) = decrypted?;
     let exact = values == expected;
     let max_noise = noise.iter().map(|e| e.unsigned_abs()).max().unwrap_or(0) as f64;
-    let model = budget(
-        params,
-        spec.shape,
-        spec.layout,
-        spec.input_bits,
-        spec.output_bits,
-    );
+    let model = spec.noise_budget();
 
     let plain_f32 = plain_f32_ms(shape, tokens, &x, &w, runs.max(5))?;
     let plain_int8 = plain_int8_ms(shape, &x, &w, runs.max(5));

@@ -144,7 +144,6 @@ impl ClientKey {
                 x.len()
             )));
         }
-        let (n_i, t_b, stride) = (spec.layout.n_i, spec.layout.t_b, spec.layout.token_stride());
         let blocks = spec.input_blocks();
         let count = spec.token_groups(tokens) * blocks;
 
@@ -175,14 +174,9 @@ impl ClientKey {
                 gen.unsigned_integer_slice_wrapping_add_random_from_distribution_assign(
                     body, noise,
                 );
-                let width = n_i.min(d_in - b * n_i);
-                for t in 0..spec.tokens_in_group(tokens, g) {
-                    let row = &x[(g * t_b + t) * d_in + b * n_i..][..width];
-                    for (j, &v) in row.iter().enumerate() {
-                        let m = (v as i64 as u64) << delta_log2;
-                        body[t * stride + j] = body[t * stride + j].wrapping_add(m);
-                    }
-                }
+                spec.for_each_activation(x, tokens, g, b, |k, v| {
+                    body[k] = body[k].wrapping_add((v as i64 as u64) << delta_log2);
+                });
                 for v in body.iter_mut() {
                     *v = round_to_bits(*v, spec.input_bits);
                 }
@@ -287,7 +281,6 @@ impl ClientKey {
                 x.len()
             )));
         }
-        let (n_i, t_b, stride) = (spec.layout.n_i, spec.layout.t_b, spec.layout.token_stride());
         let blocks = spec.input_blocks();
         let count = spec.token_groups(tokens) * blocks;
         let masks = expand_masks(batch.header.seed, count, n);
@@ -308,13 +301,9 @@ impl ClientKey {
                     (batch.bodies[c * n + k] << (64 - spec.input_bits)).wrapping_sub(mask_key[k])
                 })
                 .collect();
-            for t in 0..spec.tokens_in_group(tokens, g) {
-                for j in 0..n_i.min(d_in - b * n_i) {
-                    let m =
-                        (x[(g * t_b + t) * d_in + b * n_i + j] as i64 as u64) << spec.delta_log2();
-                    phase[t * stride + j] = phase[t * stride + j].wrapping_sub(m);
-                }
-            }
+            spec.for_each_activation(x, tokens, g, b, |k, v| {
+                phase[k] = phase[k].wrapping_sub((v as i64 as u64) << spec.delta_log2());
+            });
             for (dst, p) in noise[c * n..(c + 1) * n].iter_mut().zip(phase) {
                 *dst = p as i64;
             }

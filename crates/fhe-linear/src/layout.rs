@@ -200,6 +200,37 @@ impl LayerSpec {
         (coeffs * self.output_bits as usize).div_ceil(8)
     }
 
+    /// The noise budget of this spec with the worst weights allowed.
+    pub fn noise_budget(&self) -> crate::noise::NoiseBudget {
+        crate::noise::budget(
+            self.params,
+            self.shape,
+            self.layout,
+            self.input_bits,
+            self.output_bits,
+        )
+    }
+
+    /// Calls `f(coefficient, activation)` for every activation of token group `g` and input
+    /// block `b` of a `tokens x d_in` batch: where it sits in that input polynomial.
+    pub fn for_each_activation(
+        &self,
+        x: &[i8],
+        tokens: usize,
+        g: usize,
+        b: usize,
+        mut f: impl FnMut(usize, i8),
+    ) {
+        let (d_in, n_i, t_b) = (self.shape.d_in, self.layout.n_i, self.layout.t_b);
+        let width = n_i.min(d_in - b * n_i);
+        for t in 0..self.tokens_in_group(tokens, g) {
+            let row = &x[(g * t_b + t) * d_in + b * n_i..][..width];
+            for (j, &v) in row.iter().enumerate() {
+                f(t * self.layout.token_stride() + j, v);
+            }
+        }
+    }
+
     /// Bytes of the server's precomputed weight transforms.
     pub fn weight_memory_bytes(&self) -> usize {
         self.input_blocks() * self.output_blocks() * self.polynomial_size() / 2 * 16

@@ -3,7 +3,7 @@
 mod common;
 
 use common::Case;
-use fhe_linear::noise::{budget, MODEL_SLACK_BITS};
+use fhe_linear::noise::MODEL_SLACK_BITS;
 use fhe_linear::*;
 
 fn std_of(v: &[i64]) -> f64 {
@@ -116,13 +116,7 @@ fn result_noise_matches_the_model() {
         };
         let (got, noise) = case.round_trip(&key, &case.compile());
         assert_eq!(got, case.expected());
-        let predicted = budget(
-            params,
-            spec.shape,
-            spec.layout,
-            spec.input_bits,
-            spec.output_bits,
-        );
+        let predicted = spec.noise_budget();
         assert!(predicted.margin_bits() >= MODEL_SLACK_BITS);
         // The model bounds the key's Hamming weight by N (about N/2 in practice), so it may
         // overestimate by up to half a bit; it must never underestimate by more than the slack.
@@ -154,13 +148,7 @@ fn constant_worst_case_weights_stay_far_from_the_threshold() {
             };
             let (got, noise) = case.round_trip(&key, &case.compile());
             assert_eq!(got, case.expected());
-            let predicted = budget(
-                params,
-                spec.shape,
-                spec.layout,
-                spec.input_bits,
-                spec.output_bits,
-            );
+            let predicted = spec.noise_budget();
             let worst = noise.iter().map(|e| e.unsigned_abs()).max().unwrap() as f64;
             assert!(
                 worst < TAIL_Z_FRACTION * predicted.half_delta,
@@ -187,13 +175,7 @@ fn chosen_layouts_respect_the_budget() {
     ] {
         for t_b in [1, 8, 16] {
             let spec = LayerSpec::choose(params, LayerShape::new(d_in, d_out), t_b).unwrap();
-            let b = budget(
-                params,
-                spec.shape,
-                spec.layout,
-                spec.input_bits,
-                spec.output_bits,
-            );
+            let b = spec.noise_budget();
             assert!(b.margin_bits() >= MODEL_SLACK_BITS, "{spec:?}");
             assert_eq!(spec.layout.n_i * spec.layout.n_o * t_b, 2048);
         }
