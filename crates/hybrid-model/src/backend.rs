@@ -1,0 +1,119 @@
+//! Where a protected layer's integer product is computed: in the clear (`simulate`), under real
+//! encryption in this process (`execute`), or (through the service) remotely.
+
+use std::collections::HashMap;
+
+use fhe_linear::{
+    ClientKey, CompiledLayer, EncryptedBatch, EncryptedResult, LayerShape, LayerSpec, Limits,
+};
+use quant::QuantizedWeights;
+
+use crate::ModelError;
+
+/// Computes `Y = X Wq^T` (integers) for a protected layer, from the client's quantized input.
+pub trait ProtectedBackend: Send + Sync {
+    fn apply(&self, layer: &str, x: &[i8], tokens: usize) -> Result<Vec<i64>, ModelError>;
+}
+
+/// What the vendor keeps of one protected layer: its quantized weights. (The float bias and the
+/// per-channel scales are applied by the client after decryption.)
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerLayer {
+    pub name: String,
+    pub weights: QuantizedWeights,
+}
+
+impl ServerLayer {
+    pub fn shape(&self) -> LayerShape {
+        LayerShape::new(self.weights.d_in, self.weights.d_out)
+    }
+}
+
+fn check_input(layer: &ServerLayer, x: &[i8], tokens: usize) -> Result<(), ModelError> {
+    if tokens == 0 || x.len() != tokens * layer.weights.d_in {
+        return Err(ModelError::Backend(format!(
+            "layer {}: {} activations for {tokens} tokens of width {}",
+            layer.name,
+            x.len(),
+            layer.weights.d_in
+        )));
+    }
+    Ok(())
+}
+
+/// The server's computation in clear integers: exactly what the encrypted path must produce.
+pub struct SimulateBackend {
+    layers: HashMap<String, ServerLayer>,
+}
+
+impl SimulateBackend {
+    pub fn new(layers: Vec<ServerLayer>) -> Self {
+        SimulateBackend {
+            layers: layers.into_iter().map(|l| (l.name.clone(), l)).collect(),
+        }
+    }
+}
+
+impl ProtectedBackend for SimulateBackend {
+    fn apply(&self, layer: &str, x: &[i8], tokens: usize) -> Result<Vec<i64>, ModelError> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| ModelError::MissingLayer(layer.to_string()))?;
+        check_input(l, x, tokens)?;
+        let zero_bias = vec![0i64; l.weights.d_out];
+        Ok(fhe_linear::simulate(
+            l.shape(),
+            x,
+            tokens,
+            &l.weights.values,
+            &zero_bias,
+        ))
+    }
+}
+
+/// Real encryption in one process: the client key encrypts, the compiled layer computes on
+/// ciphertexts (through their wire encoding), the client key decrypts.
+pub struct ExecuteBackend {
+    key: ClientKey,
+    layers: HashMap<String, (LayerSpec, CompiledLayer)>,
+}
+
+impl ExecuteBackend {
+    pub fn new(layers: Vec<ServerLayer>) -> Result<Self, ModelError> {
+        let params = &fhe_linear::HFHE_GLWE_2048_V1;
+        let mut compiled = HashMap::new();
+        for l in layers {
+            let spec = LayerSpec::choose(params, l.shape(), 1)?;
+            let zero_bias = vec![0i64; l.weights.d_out];
+            compiled.insert(
+                l.name.clone(),
+                (
+                    spec,
+                    CompiledLayer::compile(spec, &l.weights.values, &zero_bias)?,
+                ),
+            );
+        }
+        Ok(ExecuteBackend {
+            key: ClientKey::generate(params),
+            layers: compiled,
+        })
+    }
+}
+
+impl ProtectedBackend for ExecuteBackend {
+    fn apply(&self, layer: &str, x: &[i8], tokens: usize) -> Result<Vec<i64>, ModelError> {
+        let (spec, compiled) = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| ModelError::MissingLayer(layer.to_string()))?;
+        let limits = Limits::default();
+        let upload = self.key.encrypt(spec, x, tokens)?.to_bytes();
+        let result = compiled
+            .apply(&EncryptedBatch::from_bytes(&upload, &limits)?)?
+            .to_bytes();
+        Ok(self
+            .key
+            .decrypt(spec, &EncryptedResult::from_bytes(&result, &limits)?)?)
+    }
+}

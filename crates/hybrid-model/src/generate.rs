@@ -1,0 +1,79 @@
+//! Text generation: prefill the prompt, then decode token by token with a KV cache.
+
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+
+use crate::model::Phi;
+use crate::ModelError;
+
+/// How to pick the next tokens.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    /// `None`: greedy (argmax). Otherwise sample at this temperature.
+    pub temperature: Option<f64>,
+    /// Nucleus sampling threshold (with a temperature).
+    pub top_p: Option<f64>,
+    /// Seed of the sampler.
+    pub seed: u64,
+    /// Stop after generating this token.
+    pub eos_token: Option<u32>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 32,
+            temperature: None,
+            top_p: None,
+            seed: 299_792_458,
+            eos_token: None,
+        }
+    }
+}
+
+/// Generates after `prompt` (token ids), calling `on_token` with each new token as soon as it
+/// is chosen. Clears the model's KV cache first.
+pub fn generate(
+    model: &mut Phi,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>, ModelError> {
+    if prompt.is_empty() {
+        return Err(ModelError::EmptyPrompt);
+    }
+    let context = model.config().max_position_embeddings;
+    if prompt.len() + options.max_tokens > context {
+        return Err(ModelError::ContextTooLong {
+            prompt: prompt.len(),
+            max_tokens: options.max_tokens,
+            context,
+        });
+    }
+    let vocab = model.config().vocab_size as u32;
+    if let Some(bad) = prompt.iter().find(|t| **t >= vocab) {
+        return Err(ModelError::Tokenizer(format!(
+            "token id {bad} outside the vocabulary of {vocab}"
+        )));
+    }
+    let sampling = match (options.temperature, options.top_p) {
+        (None, _) => Sampling::ArgMax,
+        (Some(temperature), None) => Sampling::All { temperature },
+        (Some(temperature), Some(p)) => Sampling::TopP { p, temperature },
+    };
+    let mut sampler = LogitsProcessor::from_sampling(options.seed, sampling);
+    model.clear_kv_cache();
+    let mut out = Vec::with_capacity(options.max_tokens);
+    let mut logits = model.forward(prompt)?;
+    for _ in 0..options.max_tokens {
+        let next = sampler.sample(&logits)?;
+        out.push(next);
+        on_token(next);
+        if Some(next) == options.eos_token || out.len() == options.max_tokens {
+            break;
+        }
+        logits = model.forward(&[next])?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,129 @@
+//! The client SDK's model: phi-1.5 (and smaller phi-architecture models) on candle, in which any
+//! chosen linear layers run as protected layers.
+//!
+//! - [`model`]: the transformer, every linear built through a [`linear::LinearProvider`];
+//! - [`names`]: module names in both namings users meet, and patterns;
+//! - [`vendor`]: splitting a checkpoint into the client's part and the server's quantized layers;
+//! - [`backend`]: where a protected layer's integer product runs ([`Mode`]);
+//! - [`generate`]: prefill + decode with sampling and a per-token callback;
+//! - [`tiny`]: a deterministic tiny model and tokenizer for offline use and tests.
+
+pub mod backend;
+pub mod config;
+pub mod generate;
+pub mod linear;
+pub mod model;
+pub mod names;
+pub mod tiny;
+pub mod vendor;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use config::PhiConfig;
+pub use generate::{generate, GenerateOptions};
+pub use model::Phi;
+
+/// How protected layers are executed; the generation API is the same for all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Float model, every layer local: the vendor's reference.
+    Disable,
+    /// Protected layers in clear integer arithmetic, exactly as the server computes them.
+    Simulate,
+    /// Real encryption in this process: client key, server computation, decryption.
+    Execute,
+    /// Protected layers sent to the vendor's gateway.
+    Remote,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        match s {
+            "disable" => Ok(Mode::Disable),
+            "simulate" => Ok(Mode::Simulate),
+            "execute" => Ok(Mode::Execute),
+            "remote" => Ok(Mode::Remote),
+            other => Err(ModelError::UnknownMode(other.to_string())),
+        }
+    }
+}
+
+/// Errors of the SDK.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unknown module `{name}`; valid names: {valid}")]
+    UnknownModule { name: String, valid: String },
+    #[error("module {0} is protected twice")]
+    OverlappingProtection(String),
+    #[error("unknown mode `{0}` (disable, simulate, execute, remote)")]
+    UnknownMode(String),
+    #[error("mode `{0}` needs the gateway client, which this build does not include")]
+    ModeUnavailable(&'static str),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error(
+        "prompt of {prompt} tokens + {max_tokens} new tokens exceeds the context of {context}"
+    )]
+    ContextTooLong {
+        prompt: usize,
+        max_tokens: usize,
+        context: usize,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("checkpoint has no tensor `{0}`")]
+    MissingTensor(String),
+    #[error("no protected layer named `{0}`")]
+    MissingLayer(String),
+    #[error("protected layer: {0}")]
+    Backend(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Fhe(#[from] fhe_linear::FheError),
+    #[error(transparent)]
+    Wire(#[from] fhe_linear::WireError),
+    #[error(transparent)]
+    Quant(#[from] quant::QuantError),
+}
+
+/// Builds a model from checkpoint tensors with `protect` (names or patterns) running in `mode`.
+/// For `Simulate` and `Execute` the vendor's split happens in-process: the client part is built
+/// from a checkpoint *without* the protected tensors.
+pub fn build(
+    cfg: &PhiConfig,
+    tensors: &HashMap<String, Tensor>,
+    protect: &[String],
+    mode: Mode,
+    n_bits: u32,
+) -> Result<Phi, ModelError> {
+    let protected = names::resolve(protect, cfg.num_hidden_layers)?;
+    let dev = Device::Cpu;
+    if mode == Mode::Disable {
+        let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
+        return Ok(Phi::load(cfg, vb, &linear::LocalProvider)?);
+    }
+    let split = vendor::split_layers(tensors, &protected, n_bits)?;
+    let servers: Vec<backend::ServerLayer> = split.iter().map(|s| s.server.clone()).collect();
+    let backend: Arc<dyn backend::ProtectedBackend> = match mode {
+        Mode::Simulate => Arc::new(backend::SimulateBackend::new(servers)),
+        Mode::Execute => Arc::new(backend::ExecuteBackend::new(servers)?),
+        Mode::Remote => return Err(ModelError::ModeUnavailable("remote")),
+        Mode::Disable => unreachable!(),
+    };
+    let provider = linear::HybridProvider::new(
+        split.into_iter().map(|s| (s.modules, s.client)).collect(),
+        backend,
+    );
+    let vb = VarBuilder::from_tensors(
+        vendor::client_tensors(tensors, &protected),
+        DType::F32,
+        &dev,
+    );
+    Ok(Phi::load(cfg, vb, &provider)?)
+}

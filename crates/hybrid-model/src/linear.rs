@@ -1,0 +1,188 @@
+//! The pluggable linear layer: every linear module of the model is built through a
+//! [`LinearProvider`], which decides whether it runs locally or as a protected layer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::backend::ProtectedBackend;
+use crate::names::Module;
+
+/// A linear map applied to the last dimension of its input.
+pub trait Linear: Send + Sync {
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// Builds the linear computing the concatenated outputs of `modules` (one module, or the three
+/// attention input projections of a block), all with the same input width.
+pub trait LinearProvider {
+    fn build(
+        &self,
+        modules: &[Module],
+        d_in: usize,
+        d_outs: &[usize],
+        vb: &VarBuilder,
+    ) -> Result<Box<dyn Linear>>;
+}
+
+/// A linear computed in the clear from the checkpoint's weights.
+pub struct LocalLinear(candle_nn::Linear);
+
+impl LocalLinear {
+    pub fn load(module: Module, d_in: usize, d_out: usize, vb: &VarBuilder) -> Result<Self> {
+        Ok(LocalLinear(candle_nn::linear(
+            d_in,
+            d_out,
+            vb.pp(module.hf_name()),
+        )?))
+    }
+}
+
+impl Linear for LocalLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_core::Module::forward(&self.0, x)
+    }
+}
+
+/// Several linears on the same input, outputs concatenated on the last dimension.
+pub struct Concat(pub Vec<Box<dyn Linear>>);
+
+impl Linear for Concat {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let parts = self
+            .0
+            .iter()
+            .map(|l| l.forward(x))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, candle_core::D::Minus1)
+    }
+}
+
+/// Everything local: the float model.
+pub struct LocalProvider;
+
+impl LinearProvider for LocalProvider {
+    fn build(
+        &self,
+        modules: &[Module],
+        d_in: usize,
+        d_outs: &[usize],
+        vb: &VarBuilder,
+    ) -> Result<Box<dyn Linear>> {
+        let mut parts: Vec<Box<dyn Linear>> = Vec::new();
+        for (m, d_out) in modules.iter().zip(d_outs) {
+            parts.push(Box::new(LocalLinear::load(*m, d_in, *d_out, vb)?));
+        }
+        Ok(if parts.len() == 1 {
+            parts.pop().unwrap()
+        } else {
+            Box::new(Concat(parts))
+        })
+    }
+}
+
+/// What the client holds of one protected layer: enough to quantize its input and dequantize
+/// its output, nothing of its weights beyond one scale per output channel.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClientLayer {
+    pub name: String,
+    pub parts: Vec<String>,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub n_bits: u32,
+    pub weight_scales: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// A protected linear: quantize the input per token, have the backend compute the integer
+/// product, dequantize.
+pub struct ProtectedLinear {
+    layer: ClientLayer,
+    backend: Arc<dyn ProtectedBackend>,
+}
+
+impl Linear for ProtectedLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = *dims
+            .last()
+            .expect("a linear input has at least one dimension");
+        let tokens = x.elem_count() / d_in;
+        let flat: Vec<f32> = x
+            .reshape((tokens, d_in))?
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let q = quant::quantize_activations(&flat, tokens, d_in, self.layer.n_bits)
+            .map_err(candle_core::Error::wrap)?;
+        let y_int = self
+            .backend
+            .apply(&self.layer.name, &q.values, tokens)
+            .map_err(candle_core::Error::wrap)?;
+        let y = quant::dequantize(
+            &y_int,
+            &q.scales,
+            &self.layer.weight_scales,
+            &self.layer.bias,
+        );
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.layer.d_out;
+        Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())
+    }
+}
+
+/// Protected layers through a backend, everything else local.
+pub struct HybridProvider {
+    layers: HashMap<Vec<Module>, ClientLayer>,
+    backend: Arc<dyn ProtectedBackend>,
+}
+
+impl HybridProvider {
+    /// `layers` pairs each protected layer's modules with its client metadata.
+    pub fn new(
+        layers: Vec<(Vec<Module>, ClientLayer)>,
+        backend: Arc<dyn ProtectedBackend>,
+    ) -> Self {
+        HybridProvider {
+            layers: layers.into_iter().collect(),
+            backend,
+        }
+    }
+
+    fn protected(&self, modules: &[Module]) -> Option<Box<dyn Linear>> {
+        self.layers.get(modules).map(|layer| {
+            Box::new(ProtectedLinear {
+                layer: layer.clone(),
+                backend: self.backend.clone(),
+            }) as Box<dyn Linear>
+        })
+    }
+}
+
+impl LinearProvider for HybridProvider {
+    fn build(
+        &self,
+        modules: &[Module],
+        d_in: usize,
+        d_outs: &[usize],
+        vb: &VarBuilder,
+    ) -> Result<Box<dyn Linear>> {
+        if let Some(fused) = self.protected(modules) {
+            return Ok(fused);
+        }
+        let mut parts: Vec<Box<dyn Linear>> = Vec::new();
+        for (m, d_out) in modules.iter().zip(d_outs) {
+            parts.push(match self.protected(std::slice::from_ref(m)) {
+                Some(p) => p,
+                None => Box::new(LocalLinear::load(*m, d_in, *d_out, vb)?),
+            });
+        }
+        Ok(if parts.len() == 1 {
+            parts.pop().unwrap()
+        } else {
+            Box::new(Concat(parts))
+        })
+    }
+}

@@ -1,0 +1,100 @@
+//! The vendor's side of a hybrid model: split a checkpoint into what the client runs and what
+//! the server keeps.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use crate::backend::ServerLayer;
+use crate::linear::ClientLayer;
+use crate::names::{Module, ProtectedLayer};
+use crate::ModelError;
+
+/// A protected layer, split: the client's metadata and the server's quantized weights.
+pub struct SplitLayer {
+    pub modules: Vec<Module>,
+    pub client: ClientLayer,
+    pub server: ServerLayer,
+}
+
+fn tensor(tensors: &HashMap<String, Tensor>, name: &str) -> Result<Tensor, ModelError> {
+    tensors
+        .get(name)
+        .cloned()
+        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+}
+
+/// Quantizes each protected layer (its modules' rows stacked) per output channel.
+pub fn split_layers(
+    tensors: &HashMap<String, Tensor>,
+    protected: &[ProtectedLayer],
+    n_bits: u32,
+) -> Result<Vec<SplitLayer>, ModelError> {
+    let mut out = Vec::with_capacity(protected.len());
+    for layer in protected {
+        let mut weights = Vec::new();
+        let mut bias = Vec::new();
+        let mut d_in = None;
+        for m in &layer.parts {
+            let w = tensor(tensors, &format!("{}.weight", m.hf_name()))?;
+            let (rows, cols) = w.dims2()?;
+            if *d_in.get_or_insert(cols) != cols {
+                return Err(ModelError::Backend(format!(
+                    "{}: parts differ in input width",
+                    layer.name
+                )));
+            }
+            weights.extend(
+                w.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+            match tensors.get(&format!("{}.bias", m.hf_name())) {
+                Some(b) => bias.extend(b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+                None => bias.extend(std::iter::repeat_n(0f32, rows)),
+            }
+        }
+        let d_in = d_in.unwrap_or(0);
+        let d_out = bias.len();
+        let q = quant::quantize_weights(&weights, d_out, d_in, n_bits)?;
+        out.push(SplitLayer {
+            modules: layer.parts.clone(),
+            client: ClientLayer {
+                name: layer.name.clone(),
+                parts: layer.parts.iter().map(Module::hf_name).collect(),
+                d_in,
+                d_out,
+                n_bits,
+                weight_scales: q.scales.clone(),
+                bias,
+            },
+            server: ServerLayer {
+                name: layer.name.clone(),
+                weights: q,
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// The client's checkpoint: every tensor except the weights and biases of protected modules.
+pub fn client_tensors(
+    tensors: &HashMap<String, Tensor>,
+    protected: &[ProtectedLayer],
+) -> HashMap<String, Tensor> {
+    let removed: Vec<String> = protected
+        .iter()
+        .flat_map(|l| l.parts.iter())
+        .flat_map(|m| {
+            [
+                format!("{}.weight", m.hf_name()),
+                format!("{}.bias", m.hf_name()),
+            ]
+        })
+        .collect();
+    tensors
+        .iter()
+        .filter(|(k, _)| !removed.contains(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
