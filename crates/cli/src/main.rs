@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod model_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +19,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Compile a model with protected layers into a client bundle and a server bundle.
+    Compile(model_cmd::CompileArgs),
+    /// Generate text with protected layers (disable | simulate | execute | remote).
+    Generate(model_cmd::GenerateArgs),
     /// Benchmarks (with --json, the last line of output is one JSON object).
     Bench {
         #[command(subcommand)]
@@ -27,6 +32,8 @@ enum Command {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Compile(args) => model_cmd::compile_cmd(args),
+        Command::Generate(args) => model_cmd::generate_cmd(args),
         Command::Bench { what } => bench::run(what),
     }
 }

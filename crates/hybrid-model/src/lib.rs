@@ -9,6 +9,8 @@
 //! - [`tiny`]: a deterministic tiny model and tokenizer for offline use and tests.
 
 pub mod backend;
+pub mod bundle;
+pub mod compile;
 pub mod config;
 pub mod generate;
 pub mod linear;
@@ -82,6 +84,8 @@ pub enum ModelError {
     MissingLayer(String),
     #[error("protected layer: {0}")]
     Backend(String),
+    #[error("bundle: {0}")]
+    Bundle(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
@@ -109,13 +113,7 @@ pub fn build(
         return Ok(Phi::load(cfg, vb, &linear::LocalProvider)?);
     }
     let split = vendor::split_layers(tensors, &protected, n_bits)?;
-    let servers: Vec<backend::ServerLayer> = split.iter().map(|s| s.server.clone()).collect();
-    let backend: Arc<dyn backend::ProtectedBackend> = match mode {
-        Mode::Simulate => Arc::new(backend::SimulateBackend::new(servers)),
-        Mode::Execute => Arc::new(backend::ExecuteBackend::new(servers)?),
-        Mode::Remote => return Err(ModelError::ModeUnavailable("remote")),
-        Mode::Disable => unreachable!(),
-    };
+    let backend = backend_for(mode, split.iter().map(|s| s.server.clone()).collect())?;
     let provider = linear::HybridProvider::new(
         split.into_iter().map(|s| (s.modules, s.client)).collect(),
         backend,
@@ -126,4 +124,46 @@ pub fn build(
         &dev,
     );
     Ok(Phi::load(cfg, vb, &provider)?)
+}
+
+/// The backend computing protected layers in `mode` from the server's layers.
+fn backend_for(
+    mode: Mode,
+    servers: Vec<backend::ServerLayer>,
+) -> Result<Arc<dyn backend::ProtectedBackend>, ModelError> {
+    Ok(match mode {
+        Mode::Simulate => Arc::new(backend::SimulateBackend::new(servers)),
+        Mode::Execute => Arc::new(backend::ExecuteBackend::new(servers)?),
+        Mode::Remote => return Err(ModelError::ModeUnavailable("remote")),
+        Mode::Disable => {
+            return Err(ModelError::Bundle(
+                "disable mode runs the original float model".into(),
+            ))
+        }
+    })
+}
+
+/// Builds the client's model from a client bundle; `simulate` and `execute` also need the
+/// server bundle it pairs with (checked by content hash).
+pub fn build_from_bundles(
+    client: &bundle::ClientBundle,
+    server: Option<&bundle::ServerBundle>,
+    mode: Mode,
+) -> Result<Phi, ModelError> {
+    let servers = match (mode, server) {
+        (Mode::Simulate | Mode::Execute, Some(server)) => {
+            client.check_pair(server)?;
+            server.layers.clone()
+        }
+        (Mode::Simulate | Mode::Execute, None) => {
+            return Err(ModelError::Bundle(
+                "simulate and execute need the server bundle".into(),
+            ))
+        }
+        _ => vec![],
+    };
+    let backend = backend_for(mode, servers)?;
+    let provider = linear::HybridProvider::new(client.protected()?, backend);
+    let vb = VarBuilder::from_tensors(client.tensors.clone(), DType::F32, &Device::Cpu);
+    Ok(Phi::load(&client.config, vb, &provider)?)
 }

@@ -1,0 +1,288 @@
+//! `hybrid compile` and `hybrid generate`: the SDK on the command line.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use hybrid_model::bundle::{load_client_bundle, load_server_bundle, SERVER_BUNDLE_FILE};
+use hybrid_model::compile::{compile, CompileOptions};
+use hybrid_model::{build, build_from_bundles, generate, GenerateOptions, Mode, Phi, PhiConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tokenizers::Tokenizer;
+
+/// A model: its configuration, checkpoint tensors and tokenizer.
+struct Source {
+    name: String,
+    config: PhiConfig,
+    tensors: HashMap<String, Tensor>,
+    tokenizer: Option<Tokenizer>,
+}
+
+/// `tiny` (built in, offline), a Hugging Face model directory, or a hub id.
+fn load_source(model: &str) -> Result<Source> {
+    if model == "tiny" {
+        return Ok(Source {
+            name: "tiny".into(),
+            config: hybrid_model::tiny::tiny_config(),
+            tensors: hybrid_model::tiny::tiny_weights()?,
+            tokenizer: Some(hybrid_model::tiny::tiny_tokenizer()?),
+        });
+    }
+    let dir = Path::new(model);
+    if !dir.is_dir() {
+        bail!("model `{model}` is neither `tiny` nor a directory (config.json, *.safetensors, tokenizer.json); downloading from the hub is not part of this build");
+    }
+    let config: PhiConfig =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).context("config.json")?)
+            .context("config.json is not a phi configuration")?;
+    let mut tensors = HashMap::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{} has no *.safetensors file", dir.display());
+    }
+    for f in files {
+        tensors.extend(
+            candle_core::safetensors::load(&f, &Device::Cpu)
+                .with_context(|| f.display().to_string())?,
+        );
+    }
+    let tok = dir.join("tokenizer.json");
+    let tokenizer = if tok.exists() {
+        Some(Tokenizer::from_file(&tok).map_err(anyhow::Error::msg)?)
+    } else {
+        None
+    };
+    Ok(Source {
+        name: dir.display().to_string(),
+        config,
+        tensors,
+        tokenizer,
+    })
+}
+
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+#[derive(Args)]
+pub struct CompileArgs {
+    /// `tiny`, or a Hugging Face model directory.
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    /// Layers to protect (names in either naming, or patterns such as `layers.*.mixer.Wqkv`).
+    #[arg(long, required = true)]
+    protect: Vec<String>,
+    /// Calibration prompts, one per line (accuracy is measured on them).
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Bits of the quantized weights and activations.
+    #[arg(long, default_value_t = 8)]
+    n_bits: u32,
+    /// Output directory: `client/` (for the customer) and `server.safetensors` (for the workers).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+const DEFAULT_CALIBRATION: &[&str] = &[
+    "the server is private and the data is encrypted",
+    "a customer has a license for the model",
+    "they will work on the program for one week",
+];
+
+pub fn compile_cmd(args: CompileArgs) -> Result<()> {
+    let src = load_source(&args.model)?;
+    let prompts: Vec<String> = match &args.calibration {
+        Some(p) => std::fs::read_to_string(p)?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(String::from)
+            .collect(),
+        None => DEFAULT_CALIBRATION.iter().map(|s| s.to_string()).collect(),
+    };
+    let calibration = match &src.tokenizer {
+        Some(t) => prompts
+            .iter()
+            .map(|p| {
+                t.encode(p.as_str(), false)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(anyhow::Error::msg)
+            })
+            .collect::<Result<Vec<_>>>()?,
+        None => vec![],
+    };
+    let options = CompileOptions {
+        model_name: src.name.clone(),
+        protect: args.protect,
+        n_bits: args.n_bits,
+        calibration,
+    };
+    let bar = progress_bar();
+    let client_dir = args.out.join("client");
+    let server_path = args.out.join(SERVER_BUNDLE_FILE);
+    let started = Instant::now();
+    let manifest = compile(
+        &src.config,
+        &src.tensors,
+        src.tokenizer.as_ref(),
+        &options,
+        &client_dir,
+        &server_path,
+        &mut |stage, done, total| {
+            bar.set_message(stage.to_string());
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    let report = json!({
+        "client_bundle": client_dir,
+        "server_bundle": server_path,
+        "protected": manifest.layers.iter().map(|l| json!({"name": l.name, "d_in": l.d_in, "d_out": l.d_out})).collect::<Vec<_>>(),
+        "n_bits": manifest.n_bits,
+        "calibration": manifest.calibration,
+        "server_bundle_sha256": manifest.server_bundle_sha256,
+        "compile_ms": started.elapsed().as_secs_f64() * 1e3,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// `tiny`, or a Hugging Face model directory (ignored with --bundle).
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    /// A directory written by `hybrid compile` (client/ and server.safetensors).
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Layers to protect (without --bundle).
+    #[arg(long)]
+    protect: Vec<String>,
+    /// disable | simulate | execute | remote
+    #[arg(long, default_value = "simulate")]
+    mode: String,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 16)]
+    max_tokens: usize,
+    /// Sampling temperature (greedy when absent).
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 299_792_458)]
+    seed: u64,
+    #[arg(long, default_value_t = 8)]
+    n_bits: u32,
+    /// Print one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
+    let mode: Mode = args.mode.parse()?;
+    let (mut model, tokenizer, protected): (Phi, Option<Tokenizer>, Vec<String>) =
+        match &args.bundle {
+            Some(dir) => {
+                let client = load_client_bundle(&dir.join("client"))?;
+                let server_path = dir.join(SERVER_BUNDLE_FILE);
+                let server = if server_path.exists() {
+                    Some(load_server_bundle(&server_path)?)
+                } else {
+                    None
+                };
+                let model = build_from_bundles(&client, server.as_ref(), mode)?;
+                let names = client
+                    .manifest
+                    .layers
+                    .iter()
+                    .map(|l| l.name.clone())
+                    .collect();
+                (model, client.tokenizer, names)
+            }
+            None => {
+                let src = load_source(&args.model)?;
+                let model = build(&src.config, &src.tensors, &args.protect, mode, args.n_bits)?;
+                (model, src.tokenizer, args.protect.clone())
+            }
+        };
+    let tokenizer = tokenizer.context("the model has no tokenizer.json")?;
+    let prompt = tokenizer
+        .encode(args.prompt.as_str(), false)
+        .map_err(anyhow::Error::msg)?
+        .get_ids()
+        .to_vec();
+    let options = GenerateOptions {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        eos_token: tokenizer
+            .token_to_id("<eos>")
+            .or_else(|| tokenizer.token_to_id("<|endoftext|>")),
+    };
+    let started = Instant::now();
+    let mut first_token_ms = None;
+    let mut ids = Vec::new();
+    let mut printed = 0;
+    let mut stdout = std::io::stdout();
+    let tokens = generate(&mut model, &prompt, &options, |t| {
+        first_token_ms.get_or_insert(started.elapsed().as_secs_f64() * 1e3);
+        ids.push(t);
+        if !args.json {
+            // Print the new part of the decoded text as it streams.
+            if let Ok(text) = tokenizer.decode(&ids, true) {
+                if text.len() > printed && text.is_char_boundary(printed) {
+                    let _ = write!(stdout, "{}", &text[printed..]);
+                    let _ = stdout.flush();
+                    printed = text.len();
+                }
+            }
+        }
+    })?;
+    let total_ms = started.elapsed().as_secs_f64() * 1e3;
+    let text = tokenizer
+        .decode(&tokens, true)
+        .map_err(anyhow::Error::msg)?;
+    let prefill_ms = first_token_ms.unwrap_or(total_ms);
+    let decode_steps = tokens.len().saturating_sub(1).max(1);
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "text": text,
+                "token_ids": tokens,
+                "prompt_tokens": prompt.len(),
+                "mode": args.mode,
+                "protected": protected,
+                "prefill_ms": prefill_ms,
+                "ms_per_token": (total_ms - prefill_ms) / decode_steps as f64,
+                "total_ms": total_ms,
+            })
+        );
+    } else {
+        println!();
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! The `hybrid` binary end to end: JSON on the last line, bundles, errors.
+
+use std::process::Command;
+
+fn hybrid(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hybrid"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn last_json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.lines().last().expect("output")).expect("last line is JSON")
+}
+
+#[test]
+fn generate_prints_json_and_modes_agree() {
+    let run = |mode: &str| {
+        let (ok, out, err) = hybrid(&[
+            "generate",
+            "--model",
+            "tiny",
+            "--protect",
+            "layers.1.mixer.Wqkv",
+            "--mode",
+            mode,
+            "--prompt",
+            "the server is private",
+            "--max-tokens",
+            "6",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        last_json(&out)
+    };
+    let simulate = run("simulate");
+    let execute = run("execute");
+    assert_eq!(simulate["token_ids"], execute["token_ids"]);
+    assert_eq!(simulate["token_ids"].as_array().unwrap().len(), 6);
+    assert!(
+        simulate["text"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .count()
+            >= 1
+    );
+    assert!(simulate["ms_per_token"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn compiled_bundles_generate_like_the_in_process_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let (ok, stdout, err) = hybrid(&[
+        "compile",
+        "--model",
+        "tiny",
+        "--protect",
+        "layers.*.mixer.Wqkv",
+        "--out",
+        out,
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report = last_json(&stdout);
+    assert_eq!(report["protected"].as_array().unwrap().len(), 2);
+    let args = [
+        "--prompt",
+        "a customer has a license",
+        "--max-tokens",
+        "5",
+        "--json",
+    ];
+    let (ok, from_bundle, err) = hybrid(
+        &[
+            &["generate", "--bundle", out, "--mode", "execute"][..],
+            &args,
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    let (ok, in_process, err) = hybrid(
+        &[
+            &[
+                "generate",
+                "--model",
+                "tiny",
+                "--protect",
+                "layers.*.mixer.Wqkv",
+                "--mode",
+                "simulate",
+            ][..],
+            &args,
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        last_json(&from_bundle)["token_ids"],
+        last_json(&in_process)["token_ids"]
+    );
+}
+
+#[test]
+fn bench_fhe_reports_an_exact_run() {
+    let (ok, out, err) = hybrid(&[
+        "bench", "fhe", "--shape", "300x40", "--tokens", "3", "--runs", "1", "--json",
+    ]);
+    assert!(ok, "{err}");
+    let r = last_json(&out);
+    assert_eq!(r["exact"], true);
+    assert_eq!(r["key_upload_bytes"], 0);
+    for field in [
+        "server_ms",
+        "encrypt_ms",
+        "decrypt_ms",
+        "upload_bytes",
+        "download_bytes",
+        "threads",
+        "plain_f32_ms",
+    ] {
+        assert!(r[field].as_f64().unwrap() > 0.0, "{field}");
+    }
+}
+
+#[test]
+fn bad_requests_fail_with_a_clear_message() {
+    let (ok, _, err) = hybrid(&[
+        "generate",
+        "--model",
+        "tiny",
+        "--protect",
+        "layers.1.mixer.Wq",
+        "--prompt",
+        "the",
+    ]);
+    assert!(!ok && err.contains("valid names"), "{err}");
+    let (ok, _, err) = hybrid(&["generate", "--model", "tiny", "--prompt", ""]);
+    assert!(!ok && err.contains("empty"), "{err}");
+    let (ok, _, err) = hybrid(&["generate", "--model", "/nonexistent", "--prompt", "the"]);
+    assert!(!ok && err.contains("neither"), "{err}");
+    let (ok, _, err) = hybrid(&[
+        "generate",
+        "--model",
+        "tiny",
+        "--prompt",
+        "the",
+        "--max-tokens",
+        "1000",
+    ]);
+    assert!(!ok && err.contains("context"), "{err}");
+}

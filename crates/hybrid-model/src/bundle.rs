@@ -1,0 +1,281 @@
+//! Compiled bundles: what the vendor ships to the customer (the client bundle) and what it
+//! keeps (the server bundle), versioned and paired by content hash.
+//!
+//! Client bundle (a directory):
+//! - `config.json`: the model configuration;
+//! - `model.safetensors`: every tensor of the model *except* the protected layers' weights and
+//!   biases (they are removed, not zeroed);
+//! - `tokenizer.json` (when the model has one);
+//! - `hybrid-manifest.json`: [`ClientManifest`].
+//!
+//! Server bundle (one file, `server.safetensors`): the protected layers' quantized weights as
+//! `I8` tensors named after the layers, and a [`ServerManifest`] in the safetensors metadata.
+//!
+//! What the client learns of a protected layer: its name, shape, the per-output-channel weight
+//! scales (`max_j |W_rj| / 127`) and the float bias, which dequantization needs
+//! ([`crate::linear::ClientLayer`]). Never the weights.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokenizers::Tokenizer;
+
+use crate::backend::ServerLayer;
+use crate::config::PhiConfig;
+use crate::linear::ClientLayer;
+use crate::names::{self, Module};
+use crate::ModelError;
+
+pub const BUNDLE_FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_FILE: &str = "hybrid-manifest.json";
+pub const CLIENT_WEIGHTS_FILE: &str = "model.safetensors";
+pub const SERVER_BUNDLE_FILE: &str = "server.safetensors";
+const SERVER_METADATA_KEY: &str = "hybrid-fhe";
+
+/// Accuracy of the compiled model against the float model on the calibration prompts
+/// (teacher-forced, every position).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationReport {
+    pub prompts: usize,
+    pub positions: usize,
+    /// Share of positions whose most likely next token is the float model's.
+    pub top1_agreement: f64,
+    pub max_logit_error: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientManifest {
+    pub format_version: u32,
+    pub model: String,
+    /// The FHE parameter set the server computes with.
+    pub parameter_set: String,
+    pub n_bits: u32,
+    /// How the client quantizes a protected layer's input.
+    pub activation_quantization: String,
+    pub layers: Vec<ClientLayer>,
+    /// SHA-256 of the server bundle this client bundle pairs with.
+    pub server_bundle_sha256: String,
+    /// SHA-256 of `model.safetensors`.
+    pub client_weights_sha256: String,
+    pub calibration: Option<CalibrationReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerLayerInfo {
+    pub name: String,
+    pub parts: Vec<String>,
+    pub d_in: usize,
+    pub d_out: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerManifest {
+    pub format_version: u32,
+    pub model: String,
+    pub parameter_set: String,
+    pub n_bits: u32,
+    pub layers: Vec<ServerLayerInfo>,
+}
+
+fn bundle_err(what: impl std::fmt::Display) -> ModelError {
+    ModelError::Bundle(what.to_string())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
+    std::fs::read(path).map_err(|e| bundle_err(format!("{}: {e}", path.display())))
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    std::fs::write(path, bytes).map_err(|e| bundle_err(format!("{}: {e}", path.display())))
+}
+
+/// Writes the server bundle; returns its bytes' SHA-256.
+pub fn write_server_bundle(
+    path: &Path,
+    manifest: &ServerManifest,
+    layers: &[ServerLayer],
+) -> Result<String, ModelError> {
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = layers
+        .iter()
+        .map(|l| {
+            let bytes = l.weights.values.iter().map(|v| *v as u8).collect();
+            (l.name.clone(), bytes, vec![l.weights.d_out, l.weights.d_in])
+        })
+        .collect();
+    let views = data
+        .iter()
+        .map(|(name, bytes, shape)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I8, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(bundle_err)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta = HashMap::from([(
+        SERVER_METADATA_KEY.to_string(),
+        serde_json::to_string(manifest).map_err(bundle_err)?,
+    )]);
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(bundle_err)?;
+    write(path, &bytes)?;
+    Ok(sha256_hex(&bytes))
+}
+
+/// A loaded server bundle.
+pub struct ServerBundle {
+    pub manifest: ServerManifest,
+    pub layers: Vec<ServerLayer>,
+    pub sha256: String,
+}
+
+/// Reads and validates a server bundle (format version, dtypes, shapes against the manifest).
+pub fn load_server_bundle(path: &Path) -> Result<ServerBundle, ModelError> {
+    let bytes = read(path)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bundle_err(format!("server bundle: {e}")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(bundle_err)?;
+    let manifest: ServerManifest = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(SERVER_METADATA_KEY))
+        .ok_or_else(|| bundle_err("server bundle has no manifest"))
+        .and_then(|s| serde_json::from_str(s).map_err(bundle_err))?;
+    if manifest.format_version != BUNDLE_FORMAT_VERSION {
+        return Err(bundle_err(format!(
+            "server bundle format {} (expected {BUNDLE_FORMAT_VERSION})",
+            manifest.format_version
+        )));
+    }
+    let mut layers = Vec::new();
+    for info in &manifest.layers {
+        let view = st
+            .tensor(&info.name)
+            .map_err(|e| bundle_err(format!("layer {}: {e}", info.name)))?;
+        if view.dtype() != safetensors::Dtype::I8 || view.shape() != [info.d_out, info.d_in] {
+            return Err(bundle_err(format!(
+                "layer {}: expected I8 {}x{}",
+                info.name, info.d_out, info.d_in
+            )));
+        }
+        let values: Vec<i8> = view.data().iter().map(|b| *b as i8).collect();
+        layers.push(ServerLayer {
+            name: info.name.clone(),
+            weights: quant::QuantizedWeights {
+                n_bits: manifest.n_bits,
+                d_out: info.d_out,
+                d_in: info.d_in,
+                scales: vec![],
+                values,
+            },
+        });
+    }
+    Ok(ServerBundle {
+        manifest,
+        layers,
+        sha256: sha256_hex(&bytes),
+    })
+}
+
+/// A loaded client bundle.
+pub struct ClientBundle {
+    pub config: PhiConfig,
+    pub tensors: HashMap<String, Tensor>,
+    pub manifest: ClientManifest,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+impl ClientBundle {
+    /// The protected layers with the modules each computes.
+    pub fn protected(&self) -> Result<Vec<(Vec<Module>, ClientLayer)>, ModelError> {
+        let all = names::all_names(self.config.num_hidden_layers);
+        self.manifest
+            .layers
+            .iter()
+            .map(|l| {
+                let known = all
+                    .iter()
+                    .find(|n| n.name == l.name)
+                    .ok_or_else(|| bundle_err(format!("unknown layer {}", l.name)))?;
+                Ok((known.parts.clone(), l.clone()))
+            })
+            .collect()
+    }
+
+    /// Checks that `server` is the bundle this client bundle was compiled with.
+    pub fn check_pair(&self, server: &ServerBundle) -> Result<(), ModelError> {
+        if server.sha256 != self.manifest.server_bundle_sha256 {
+            return Err(bundle_err(format!(
+                "server bundle {} does not pair with this client bundle (expects {})",
+                server.sha256, self.manifest.server_bundle_sha256
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Reads and validates a client bundle directory.
+pub fn load_client_bundle(dir: &Path) -> Result<ClientBundle, ModelError> {
+    let manifest: ClientManifest = serde_json::from_slice(&read(&dir.join(MANIFEST_FILE))?)
+        .map_err(|e| bundle_err(format!("manifest: {e}")))?;
+    if manifest.format_version != BUNDLE_FORMAT_VERSION {
+        return Err(bundle_err(format!(
+            "client bundle format {} (expected {BUNDLE_FORMAT_VERSION})",
+            manifest.format_version
+        )));
+    }
+    let config: PhiConfig = serde_json::from_slice(&read(&dir.join("config.json"))?)
+        .map_err(|e| bundle_err(format!("config.json: {e}")))?;
+    let weights = read(&dir.join(CLIENT_WEIGHTS_FILE))?;
+    if sha256_hex(&weights) != manifest.client_weights_sha256 {
+        return Err(bundle_err(
+            "model.safetensors does not match its manifest (modified?)",
+        ));
+    }
+    let tensors = candle_core::safetensors::load_buffer(&weights, &candle_core::Device::Cpu)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        Some(Tokenizer::from_file(&tok_path).map_err(|e| ModelError::Tokenizer(e.to_string()))?)
+    } else {
+        None
+    };
+    Ok(ClientBundle {
+        config,
+        tensors,
+        manifest,
+        tokenizer,
+    })
+}
+
+/// Writes the client bundle directory.
+pub fn write_client_bundle(
+    dir: &Path,
+    config: &PhiConfig,
+    tensors: &HashMap<String, Tensor>,
+    tokenizer: Option<&Tokenizer>,
+    mut manifest: ClientManifest,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| bundle_err(format!("{}: {e}", dir.display())))?;
+    write(
+        &dir.join("config.json"),
+        &serde_json::to_vec_pretty(config).map_err(bundle_err)?,
+    )?;
+    let path = dir.join(CLIENT_WEIGHTS_FILE);
+    candle_core::safetensors::save(tensors, &path)?;
+    manifest.client_weights_sha256 = sha256_hex(&read(&path)?);
+    if let Some(t) = tokenizer {
+        t.save(dir.join("tokenizer.json"), false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    }
+    write(
+        &dir.join(MANIFEST_FILE),
+        &serde_json::to_vec_pretty(&manifest).map_err(bundle_err)?,
+    )
+}

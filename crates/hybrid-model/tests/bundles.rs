@@ -1,0 +1,145 @@
+//! Client and server bundles: written by the compile step, protected tensors absent from the
+//! client's, the model rebuilt from them computes the same, tampering and mismatches refused.
+
+use std::path::{Path, PathBuf};
+
+use hybrid_model::bundle::{
+    load_client_bundle, load_server_bundle, CLIENT_WEIGHTS_FILE, MANIFEST_FILE,
+};
+use hybrid_model::compile::{compile, CompileOptions};
+use hybrid_model::tiny::{tiny_config, tiny_tokenizer, tiny_weights};
+use hybrid_model::*;
+
+fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
+    let (client, server) = (dir.join("client"), dir.join("server.safetensors"));
+    let tokenizer = tiny_tokenizer().unwrap();
+    let calibration = vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]];
+    let options = CompileOptions {
+        model_name: "tiny".into(),
+        protect: protect.iter().map(|s| s.to_string()).collect(),
+        n_bits: 8,
+        calibration,
+    };
+    let mut stages = Vec::new();
+    let manifest = compile(
+        &tiny_config(),
+        &tiny_weights().unwrap(),
+        Some(&tokenizer),
+        &options,
+        &client,
+        &server,
+        &mut |s, _, _| stages.push(s.to_string()),
+    )
+    .unwrap();
+    assert!(stages.contains(&"quantize".to_string()) && stages.contains(&"calibrate".to_string()));
+    let report = manifest.calibration.unwrap();
+    assert_eq!(report.positions, 10);
+    assert!(report.top1_agreement >= 0.8, "{report:?}");
+    (client, server)
+}
+
+fn last_logits(model: &mut Phi) -> Vec<f32> {
+    model.clear_kv_cache();
+    model
+        .forward(&[6, 60, 19, 40, 72])
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn bundles_rebuild_the_same_model_without_the_protected_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let protect = ["layers.1.mixer.Wqkv", "lm_head"];
+    let (client_dir, server_path) = compile_tiny(dir.path(), &protect);
+
+    // The client's weights file holds no tensor of a protected layer.
+    let bytes = std::fs::read(client_dir.join(CLIENT_WEIGHTS_FILE)).unwrap();
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for gone in ["q_proj", "k_proj", "v_proj"] {
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.starts_with(&format!("model.layers.0.self_attn.{gone}"))),
+            "{gone} leaked"
+        );
+    }
+    assert!(!names.iter().any(|n| n.starts_with("lm_head")));
+    assert!(names
+        .iter()
+        .any(|n| n.starts_with("model.layers.1.self_attn.q_proj")));
+
+    let client = load_client_bundle(&client_dir).unwrap();
+    let server = load_server_bundle(&server_path).unwrap();
+    assert!(client.tokenizer.is_some());
+    let mut from_bundles = build_from_bundles(&client, Some(&server), Mode::Simulate).unwrap();
+    let protect: Vec<String> = protect.iter().map(|s| s.to_string()).collect();
+    let mut in_process = build(
+        &tiny_config(),
+        &tiny_weights().unwrap(),
+        &protect,
+        Mode::Simulate,
+        8,
+    )
+    .unwrap();
+    assert_eq!(last_logits(&mut from_bundles), last_logits(&mut in_process));
+    let mut encrypted = build_from_bundles(&client, Some(&server), Mode::Execute).unwrap();
+    assert_eq!(last_logits(&mut encrypted), last_logits(&mut in_process));
+    assert!(build_from_bundles(&client, None, Mode::Execute).is_err());
+    assert!(build_from_bundles(&client, Some(&server), Mode::Disable).is_err());
+}
+
+#[test]
+fn tampered_or_mismatched_bundles_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client_dir, server_path) = compile_tiny(&dir.path().join("a"), &["layers.1.mixer.Wqkv"]);
+    let (_, other_server) = compile_tiny(&dir.path().join("b"), &["layers.2.mixer.Wqkv"]);
+    let client = load_client_bundle(&client_dir).unwrap();
+
+    let other = load_server_bundle(&other_server).unwrap();
+    let err = build_from_bundles(&client, Some(&other), Mode::Simulate)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("does not pair"), "{err}");
+
+    // One weight changed in the server bundle.
+    let mut bytes = std::fs::read(&server_path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&server_path, &bytes).unwrap();
+    let tampered = load_server_bundle(&server_path).unwrap();
+    assert!(build_from_bundles(&client, Some(&tampered), Mode::Simulate).is_err());
+
+    // Client weights changed.
+    let weights = client_dir.join(CLIENT_WEIGHTS_FILE);
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    assert!(load_client_bundle(&client_dir)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("modified"));
+
+    // A manifest from a future format.
+    let manifest = client_dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("\"format_version\": 1", "\"format_version\": 2");
+    std::fs::write(&manifest, text).unwrap();
+    assert!(load_client_bundle(&client_dir)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("format 2"));
+
+    // Not a bundle at all.
+    std::fs::write(&server_path, b"garbage").unwrap();
+    assert!(load_server_bundle(&server_path).is_err());
+}
