@@ -10,7 +10,10 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use hybrid_model::bundle::{load_client_bundle, load_server_bundle, SERVER_BUNDLE_FILE};
 use hybrid_model::compile::{compile, CompileOptions};
-use hybrid_model::{build, build_from_bundles, generate, GenerateOptions, Mode, Phi, PhiConfig};
+use hybrid_model::remote::RemoteConfig;
+use hybrid_model::{
+    build, build_from_bundles, build_remote, generate, GenerateOptions, Mode, Phi, PhiConfig,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokenizers::Tokenizer;
@@ -195,6 +198,12 @@ pub struct GenerateArgs {
     seed: u64,
     #[arg(long, default_value_t = 8)]
     n_bits: u32,
+    /// Remote mode: the service's base URL (gateway or worker).
+    #[arg(long, env = "HYBRID_URL")]
+    url: Option<String>,
+    /// Remote mode: the license token (JWT).
+    #[arg(long, env = "HYBRID_LICENSE", hide_env_values = true)]
+    license: Option<String>,
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -206,13 +215,26 @@ pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
         match &args.bundle {
             Some(dir) => {
                 let client = load_client_bundle(&dir.join("client"))?;
-                let server_path = dir.join(SERVER_BUNDLE_FILE);
-                let server = if server_path.exists() {
-                    Some(load_server_bundle(&server_path)?)
+                let model = if mode == Mode::Remote {
+                    let url = args
+                        .url
+                        .clone()
+                        .context("remote mode needs --url (or HYBRID_URL)")?;
+                    let remote = RemoteConfig {
+                        url,
+                        model: client.manifest.model.clone(),
+                        license: args.license.clone(),
+                    };
+                    build_remote(&client, remote)?
                 } else {
-                    None
+                    let server_path = dir.join(SERVER_BUNDLE_FILE);
+                    let server = if server_path.exists() {
+                        Some(load_server_bundle(&server_path)?)
+                    } else {
+                        None
+                    };
+                    build_from_bundles(&client, server.as_ref(), mode)?
                 };
-                let model = build_from_bundles(&client, server.as_ref(), mode)?;
                 let names = client
                     .manifest
                     .layers

@@ -16,6 +16,7 @@ pub mod generate;
 pub mod linear;
 pub mod model;
 pub mod names;
+pub mod remote;
 pub mod tiny;
 pub mod vendor;
 
@@ -64,8 +65,8 @@ pub enum ModelError {
     OverlappingProtection(String),
     #[error("unknown mode `{0}` (disable, simulate, execute, remote)")]
     UnknownMode(String),
-    #[error("mode `{0}` needs the gateway client, which this build does not include")]
-    ModeUnavailable(&'static str),
+    #[error("mode `{0}` needs {1}")]
+    ModeUnavailable(&'static str, &'static str),
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error(
@@ -86,6 +87,14 @@ pub enum ModelError {
     Backend(String),
     #[error("bundle: {0}")]
     Bundle(String),
+    #[error("service answered {status} {code}: {message}")]
+    Remote {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("cannot reach the service: {0}")]
+    Transport(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
@@ -134,13 +143,32 @@ fn backend_for(
     Ok(match mode {
         Mode::Simulate => Arc::new(backend::SimulateBackend::new(servers)),
         Mode::Execute => Arc::new(backend::ExecuteBackend::new(servers)?),
-        Mode::Remote => return Err(ModelError::ModeUnavailable("remote")),
+        Mode::Remote => {
+            return Err(ModelError::ModeUnavailable(
+                "remote",
+                "a client bundle and the service address (build_remote)",
+            ))
+        }
         Mode::Disable => {
             return Err(ModelError::Bundle(
                 "disable mode runs the original float model".into(),
             ))
         }
     })
+}
+
+/// Builds the client's model from a client bundle with its protected layers computed by the
+/// service at `remote`.
+pub fn build_remote(
+    client: &bundle::ClientBundle,
+    remote: remote::RemoteConfig,
+) -> Result<Phi, ModelError> {
+    let protected = client.protected()?;
+    let layers: Vec<_> = protected.iter().map(|(_, l)| l.clone()).collect();
+    let backend = Arc::new(remote::RemoteBackend::connect(remote, &layers)?);
+    let provider = linear::HybridProvider::new(protected, backend);
+    let vb = VarBuilder::from_tensors(client.tensors.clone(), DType::F32, &Device::Cpu);
+    Ok(Phi::load(&client.config, vb, &provider)?)
 }
 
 /// Builds the client's model from a client bundle; `simulate` and `execute` also need the

@@ -1,0 +1,163 @@
+//! Remote mode: protected layers computed by the vendor's service. The client encrypts with its
+//! own key, posts the ciphertext with its license, and decrypts the answer.
+
+use std::collections::HashMap;
+
+use fhe_linear::{ClientKey, EncryptedResult, LayerSpec, Limits};
+use protocol::{ErrorBody, ModelLayers, Name};
+
+use crate::backend::ProtectedBackend;
+use crate::linear::ClientLayer;
+use crate::ModelError;
+
+/// Where and as whom to reach the service.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// Base URL of the gateway (or of a worker), e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+    /// The model id the service knows the layers under.
+    pub model: String,
+    /// The license token (JWT), sent as `Authorization: Bearer ...`.
+    pub license: Option<String>,
+}
+
+/// Protected layers over HTTP.
+pub struct RemoteBackend {
+    agent: ureq::Agent,
+    config: RemoteConfig,
+    model: Name,
+    key: ClientKey,
+    specs: HashMap<String, (Name, LayerSpec)>,
+    max_answer_bytes: u64,
+}
+
+fn transport(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Transport(e.to_string())
+}
+
+/// Turns a non-success answer into an error with the service's code.
+fn answer_error(status: u16, body: &[u8]) -> ModelError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => ModelError::Remote {
+            status,
+            code: e.code,
+            message: e.message,
+        },
+        Err(_) => ModelError::Remote {
+            status,
+            code: "unexpected_answer".into(),
+            message: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        },
+    }
+}
+
+impl RemoteBackend {
+    /// Fetches the service's description of the model's layers and checks it against the
+    /// client bundle's.
+    pub fn connect(config: RemoteConfig, layers: &[ClientLayer]) -> Result<Self, ModelError> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let model = Name::parse(&config.model).map_err(|e| ModelError::Bundle(e.to_string()))?;
+        let url = format!(
+            "{}{}",
+            config.url.trim_end_matches('/'),
+            protocol::layers_path(&model)
+        );
+        let mut request = agent.get(&url);
+        if let Some(license) = &config.license {
+            request = request.header("authorization", &format!("Bearer {license}"));
+        }
+        let mut answer = request.call().map_err(transport)?;
+        let status = answer.status().as_u16();
+        let body = answer
+            .body_mut()
+            .with_config()
+            .limit(16 << 20)
+            .read_to_vec()
+            .map_err(transport)?;
+        if status != 200 {
+            return Err(answer_error(status, &body));
+        }
+        let served: ModelLayers = serde_json::from_slice(&body).map_err(transport)?;
+        let mut specs = HashMap::new();
+        for layer in layers {
+            let info = served
+                .layers
+                .iter()
+                .find(|i| i.name.as_str() == layer.name)
+                .ok_or_else(|| {
+                    ModelError::Bundle(format!(
+                        "the service does not serve layer `{}` of model `{model}`",
+                        layer.name
+                    ))
+                })?;
+            if (info.d_in, info.d_out) != (layer.d_in, layer.d_out) {
+                return Err(ModelError::Bundle(format!(
+                    "layer `{}`: the service computes {}x{}, the client bundle expects {}x{}",
+                    layer.name, info.d_in, info.d_out, layer.d_in, layer.d_out
+                )));
+            }
+            let spec = info
+                .to_spec()
+                .map_err(|e| ModelError::Bundle(e.to_string()))?;
+            specs.insert(layer.name.clone(), (info.name.clone(), spec));
+        }
+        let key = ClientKey::generate(&fhe_linear::HFHE_GLWE_2048_V1);
+        Ok(RemoteBackend {
+            agent,
+            config,
+            model,
+            key,
+            specs,
+            max_answer_bytes: 256 << 20,
+        })
+    }
+
+    fn post(&self, url: &str, query_id: &str, body: &[u8]) -> Result<(u16, Vec<u8>), ModelError> {
+        let mut request = self
+            .agent
+            .post(url)
+            .header("content-type", protocol::CIPHERTEXT_CONTENT_TYPE)
+            .header(protocol::QUERY_ID_HEADER, query_id);
+        if let Some(license) = &self.config.license {
+            request = request.header("authorization", &format!("Bearer {license}"));
+        }
+        let mut answer = request.send(body).map_err(transport)?;
+        let status = answer.status().as_u16();
+        let bytes = answer
+            .body_mut()
+            .with_config()
+            .limit(self.max_answer_bytes)
+            .read_to_vec()
+            .map_err(transport)?;
+        Ok((status, bytes))
+    }
+}
+
+impl ProtectedBackend for RemoteBackend {
+    fn apply(&self, layer: &str, x: &[i8], tokens: usize) -> Result<Vec<i64>, ModelError> {
+        let (name, spec) = self
+            .specs
+            .get(layer)
+            .ok_or_else(|| ModelError::MissingLayer(layer.to_string()))?;
+        let upload = self.key.encrypt(spec, x, tokens)?.to_bytes();
+        let url = format!(
+            "{}{}",
+            self.config.url.trim_end_matches('/'),
+            protocol::apply_path(&self.model, name)
+        );
+        // One query id per query: a retry after a lost connection is billed once.
+        let query_id = uuid::Uuid::new_v4().to_string();
+        let (status, body) = match self.post(&url, &query_id, &upload) {
+            Ok(answer) => answer,
+            Err(_) => self.post(&url, &query_id, &upload)?,
+        };
+        if status != 200 {
+            return Err(answer_error(status, &body));
+        }
+        let result = EncryptedResult::from_bytes(&body, &Limits::default())?;
+        Ok(self.key.decrypt(spec, &result)?)
+    }
+}

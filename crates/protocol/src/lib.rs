@@ -1,0 +1,212 @@
+//! The HTTP protocol between the SDK, the gateway and the workers: routes, headers, error bodies
+//! and layer descriptions. Ciphertexts travel as the raw bytes of `fhe_linear`'s wire format.
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | GET | `/v1/models/{model}/layers` | - | [`ModelLayers`] (JSON) |
+//! | POST | `/v1/models/{model}/layers/{layer}/apply` | encrypted batch | encrypted result |
+//! | GET | `/healthz`, `/readyz` | - | 200, or 503 while not ready |
+//!
+//! Requests to apply carry a [`QUERY_ID_HEADER`] (a retry reuses it: it is billed once) and, at
+//! the gateway, `Authorization: Bearer <license JWT>`. Every error answer is an [`ErrorBody`] with
+//! a stable code from [`codes`].
+
+use fhe_linear::{BlockLayout, LayerShape, LayerSpec, ParameterSet};
+use serde::{Deserialize, Serialize};
+
+pub const API_VERSION: &str = "v1";
+/// Identifies one query; a retried request reuses it.
+pub const QUERY_ID_HEADER: &str = "x-query-id";
+/// Server compute time of an apply, in milliseconds (answer header).
+pub const COMPUTE_MS_HEADER: &str = "x-compute-ms";
+/// Media type of ciphertext bodies.
+pub const CIPHERTEXT_CONTENT_TYPE: &str = "application/vnd.hybrid-fhe.ciphertext";
+
+/// Stable error codes of the service.
+pub mod codes {
+    pub const UNKNOWN_MODEL: &str = "unknown_model";
+    pub const UNKNOWN_LAYER: &str = "unknown_layer";
+    pub const INVALID_NAME: &str = "invalid_name";
+    pub const BODY_TOO_LARGE: &str = "body_too_large";
+    pub const BAD_BODY: &str = "bad_body";
+    pub const MISSING_QUERY_ID: &str = "missing_query_id";
+    pub const OVERLOADED: &str = "overloaded";
+    pub const NOT_READY: &str = "not_ready";
+    pub const INTERNAL: &str = "internal";
+}
+
+/// The JSON body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// A model or layer name as it appears in a path: 1 to 128 of `[A-Za-z0-9._-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Name(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid name `{0}`: use 1 to 128 of A-Z a-z 0-9 . _ -")]
+pub struct InvalidName(pub String);
+
+impl Name {
+    pub fn parse(s: &str) -> Result<Self, InvalidName> {
+        let ok = (1..=128).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(Name(s.to_string()))
+        } else {
+            Err(InvalidName(s.chars().take(130).collect()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = InvalidName;
+    fn try_from(s: String) -> Result<Self, InvalidName> {
+        Name::parse(&s)
+    }
+}
+
+impl From<Name> for String {
+    fn from(n: Name) -> String {
+        n.0
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Path of the layer list of a model.
+pub fn layers_path(model: &Name) -> String {
+    format!("/{API_VERSION}/models/{model}/layers")
+}
+
+/// Path of the apply endpoint of a layer.
+pub fn apply_path(model: &Name, layer: &Name) -> String {
+    format!("/{API_VERSION}/models/{model}/layers/{layer}/apply")
+}
+
+/// Public description of a served layer: everything a client needs to encrypt for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerInfo {
+    pub name: Name,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub parameter_set: String,
+    pub n_i: usize,
+    pub n_o: usize,
+    pub t_b: usize,
+    pub input_bits: u32,
+    pub output_bits: u32,
+}
+
+/// The layers a server offers for one model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelLayers {
+    pub model: Name,
+    pub layers: Vec<LayerInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("unknown parameter set `{0}`")]
+    UnknownParameterSet(String),
+    #[error("layer {name}: {reason}")]
+    Invalid { name: String, reason: String },
+}
+
+impl LayerInfo {
+    pub fn from_spec(name: Name, spec: &LayerSpec) -> Self {
+        LayerInfo {
+            name,
+            d_in: spec.shape.d_in,
+            d_out: spec.shape.d_out,
+            parameter_set: spec.params.name.to_string(),
+            n_i: spec.layout.n_i,
+            n_o: spec.layout.n_o,
+            t_b: spec.layout.t_b,
+            input_bits: spec.input_bits,
+            output_bits: spec.output_bits,
+        }
+    }
+
+    /// Rebuilds the spec, refusing parameters this build does not know or whose precisions do
+    /// not follow from the noise budget.
+    pub fn to_spec(&self) -> Result<LayerSpec, SpecError> {
+        let params = ParameterSet::by_name(&self.parameter_set)
+            .ok_or_else(|| SpecError::UnknownParameterSet(self.parameter_set.clone()))?;
+        let layout = BlockLayout {
+            n_i: self.n_i,
+            n_o: self.n_o,
+            t_b: self.t_b,
+        };
+        let spec = LayerSpec::new(params, LayerShape::new(self.d_in, self.d_out), layout).map_err(
+            |e| SpecError::Invalid {
+                name: self.name.to_string(),
+                reason: e.to_string(),
+            },
+        )?;
+        if (spec.input_bits, spec.output_bits) != (self.input_bits, self.output_bits) {
+            return Err(SpecError::Invalid {
+                name: self.name.to_string(),
+                reason: format!(
+                    "precisions {}/{} differ from the budget's {}/{}",
+                    self.input_bits, self.output_bits, spec.input_bits, spec.output_bits
+                ),
+            });
+        }
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_parsed() {
+        assert!(Name::parse("layers.1.mixer.Wqkv").is_ok());
+        assert!(Name::parse("phi-1_5").is_ok());
+        for bad in ["", "a/b", "a b", "../x", &"x".repeat(129)] {
+            assert!(Name::parse(bad).is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<Name>("\"a/b\"").is_err());
+    }
+
+    #[test]
+    fn layer_info_round_trips_and_is_checked() {
+        let spec =
+            LayerSpec::choose(&fhe_linear::HFHE_GLWE_2048_V1, LayerShape::new(64, 192), 1).unwrap();
+        let info = LayerInfo::from_spec(Name::parse("layers.1.mixer.Wqkv").unwrap(), &spec);
+        assert_eq!(info.to_spec().unwrap(), spec);
+        let json = serde_json::to_string(&info).unwrap();
+        assert_eq!(serde_json::from_str::<LayerInfo>(&json).unwrap(), info);
+        let mut bad = info.clone();
+        bad.output_bits -= 1;
+        assert!(bad.to_spec().is_err());
+        bad = info.clone();
+        bad.parameter_set = "other".into();
+        assert!(matches!(
+            bad.to_spec(),
+            Err(SpecError::UnknownParameterSet(_))
+        ));
+        bad = info;
+        bad.n_o = 3;
+        assert!(bad.to_spec().is_err());
+        assert_eq!(
+            apply_path(&Name::parse("m").unwrap(), &Name::parse("l").unwrap()),
+            "/v1/models/m/layers/l/apply"
+        );
+    }
+}

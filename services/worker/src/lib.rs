@@ -1,0 +1,197 @@
+//! The worker: loads server bundles, precomputes each protected layer once, and applies layers
+//! to encrypted batches over HTTP (see the `protocol` crate for the routes).
+//!
+//! `Application::build` binds its ports (0 picks free ones), then loads the bundles in the
+//! background: `/readyz` answers 503 until every layer is compiled.
+
+mod metrics;
+mod routes;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use fhe_linear::{CompiledLayer, LayerSpec};
+use protocol::{LayerInfo, ModelLayers, Name};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+pub use metrics::Metrics;
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// API address (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` address.
+    pub metrics_listen: SocketAddr,
+    /// Server bundles to serve (`server.safetensors` files written by `hybrid compile`).
+    pub bundles: Vec<PathBuf>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Requests computed at once; more wait up to `queue_timeout`, then get 503.
+    pub max_concurrency: usize,
+    pub queue_timeout: Duration,
+}
+
+impl WorkerConfig {
+    /// Loopback, free ports, one request per core, 64 MiB bodies.
+    pub fn local(bundles: Vec<PathBuf>) -> Self {
+        WorkerConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            metrics_listen: ([127, 0, 0, 1], 0).into(),
+            bundles,
+            max_body_bytes: 64 << 20,
+            max_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            queue_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("bundle {path}: {source}")]
+    Bundle {
+        path: PathBuf,
+        source: hybrid_model::ModelError,
+    },
+    #[error("bundle {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// One layer ready to serve.
+pub struct ServedLayer {
+    pub spec: LayerSpec,
+    pub compiled: CompiledLayer,
+}
+
+/// Everything loaded from the bundles.
+#[derive(Default)]
+pub struct Loaded {
+    pub layers: HashMap<(Name, Name), Arc<ServedLayer>>,
+    pub models: HashMap<Name, ModelLayers>,
+}
+
+/// Shared state of the handlers.
+pub struct AppState {
+    pub loaded: OnceLock<Loaded>,
+    pub permits: Arc<Semaphore>,
+    pub config: WorkerConfig,
+    pub metrics: Metrics,
+}
+
+/// Loads and compiles every layer of every bundle.
+pub fn load_bundles(paths: &[PathBuf]) -> Result<Loaded, WorkerError> {
+    let mut loaded = Loaded::default();
+    for path in paths {
+        let bundle = hybrid_model::bundle::load_server_bundle(path).map_err(|source| {
+            WorkerError::Bundle {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let invalid = |reason: String| WorkerError::Invalid {
+            path: path.clone(),
+            reason,
+        };
+        let model = Name::parse(&bundle.manifest.model).map_err(|e| invalid(e.to_string()))?;
+        let mut infos = Vec::new();
+        for layer in bundle.layers {
+            let name = Name::parse(&layer.name).map_err(|e| invalid(e.to_string()))?;
+            let spec = LayerSpec::choose(&fhe_linear::HFHE_GLWE_2048_V1, layer.shape(), 1)
+                .map_err(|e| invalid(e.to_string()))?;
+            let zero_bias = vec![0i64; layer.weights.d_out];
+            let compiled = CompiledLayer::compile(spec, &layer.weights.values, &zero_bias)
+                .map_err(|e| invalid(e.to_string()))?;
+            infos.push(LayerInfo::from_spec(name.clone(), &spec));
+            loaded.layers.insert(
+                (model.clone(), name),
+                Arc::new(ServedLayer { spec, compiled }),
+            );
+        }
+        loaded.models.insert(
+            model.clone(),
+            ModelLayers {
+                model,
+                layers: infos,
+            },
+        );
+    }
+    Ok(loaded)
+}
+
+/// A worker bound to its ports.
+pub struct Application {
+    api: TcpListener,
+    metrics: TcpListener,
+    state: Arc<AppState>,
+}
+
+impl Application {
+    /// Binds the API and metrics ports and starts loading the bundles in the background.
+    pub async fn build(config: WorkerConfig) -> Result<Self, WorkerError> {
+        let api = TcpListener::bind(config.listen).await?;
+        let metrics = TcpListener::bind(config.metrics_listen).await?;
+        let state = Arc::new(AppState {
+            loaded: OnceLock::new(),
+            permits: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
+            metrics: Metrics::new(),
+            config,
+        });
+        let loader = state.clone();
+        tokio::task::spawn_blocking(move || match load_bundles(&loader.config.bundles) {
+            Ok(loaded) => {
+                let n = loaded.layers.len();
+                loader.metrics.layers_loaded.set(n as i64);
+                let _ = loader.loaded.set(loaded);
+                tracing::info!(layers = n, "bundles loaded, ready");
+            }
+            Err(e) => tracing::error!(error = %e, "loading bundles failed; not ready"),
+        });
+        Ok(Application {
+            api,
+            metrics,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.api.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown` resolves; requests in flight then finish before it returns.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (tx, rx) = tokio::sync::watch::channel(());
+        let metrics_app = metrics::router(self.state.clone());
+        let mut metrics_rx = rx.clone();
+        let metrics_server = tokio::spawn(async move {
+            axum::serve(self.metrics, metrics_app)
+                .with_graceful_shutdown(async move {
+                    let _ = metrics_rx.changed().await;
+                })
+                .await
+        });
+        let mut api_rx = rx;
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = tx.send(());
+        });
+        axum::serve(self.api, routes::router(self.state))
+            .with_graceful_shutdown(async move {
+                let _ = api_rx.changed().await;
+            })
+            .await?;
+        metrics_server.await.map_err(std::io::Error::other)?
+    }
+}

@@ -1,0 +1,96 @@
+//! The worker's Prometheus metrics, served on their own port. Labels are bounded: route and
+//! outcome only (never a model input, a license or a customer).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::AppState;
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// Requests by route (`apply`, `layers`) and outcome (`ok`, `client_error`, `not_found`,
+    /// `overloaded`, `not_ready`, `error`).
+    pub requests: IntCounterVec,
+    /// Server compute time of one apply.
+    pub apply_seconds: Histogram,
+    pub request_bytes: IntCounter,
+    pub response_bytes: IntCounter,
+    pub inflight: IntGauge,
+    pub layers_loaded: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("worker_requests_total", "Requests by route and outcome"),
+            &["route", "outcome"],
+        )
+        .expect("metric");
+        let apply_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "worker_apply_seconds",
+                "Compute time of one encrypted layer application",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .expect("metric");
+        let request_bytes =
+            IntCounter::new("worker_request_bytes_total", "Ciphertext bytes received")
+                .expect("metric");
+        let response_bytes =
+            IntCounter::new("worker_response_bytes_total", "Ciphertext bytes sent")
+                .expect("metric");
+        let inflight =
+            IntGauge::new("worker_inflight_requests", "Applies being computed").expect("metric");
+        let layers_loaded =
+            IntGauge::new("worker_layers_loaded", "Protected layers ready to serve")
+                .expect("metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(apply_seconds.clone()),
+            Box::new(request_bytes.clone()),
+            Box::new(response_bytes.clone()),
+            Box::new(inflight.clone()),
+            Box::new(layers_loaded.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        Metrics {
+            registry,
+            requests,
+            apply_seconds,
+            request_bytes,
+            response_bytes,
+            inflight,
+            layers_loaded,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> String {
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&state.metrics.registry.gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}

@@ -1,0 +1,222 @@
+//! The worker as a real process on loopback: a remote generation through it equals the local
+//! simulation, and bad requests get stable error codes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hybrid_model::bundle::{load_client_bundle, load_server_bundle};
+use hybrid_model::compile::{compile, CompileOptions};
+use hybrid_model::remote::RemoteConfig;
+use hybrid_model::tiny::{tiny_config, tiny_tokenizer, tiny_weights};
+use hybrid_model::{build_from_bundles, build_remote, generate, GenerateOptions, Mode};
+use worker::{Application, WorkerConfig};
+
+fn compile_tiny(dir: &Path) -> (PathBuf, PathBuf) {
+    let (client, server) = (dir.join("client"), dir.join("server.safetensors"));
+    let options = CompileOptions {
+        model_name: "tiny".into(),
+        protect: vec!["layers.1.mixer.Wqkv".into(), "layers.2.mlp.fc2".into()],
+        n_bits: 8,
+        calibration: vec![],
+    };
+    compile(
+        &tiny_config(),
+        &tiny_weights().unwrap(),
+        Some(&tiny_tokenizer().unwrap()),
+        &options,
+        &client,
+        &server,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    (client, server)
+}
+
+struct Worker {
+    url: String,
+    metrics_url: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn spawn_worker(bundle: PathBuf, max_body_bytes: usize) -> Worker {
+    let mut config = WorkerConfig::local(vec![bundle]);
+    config.max_body_bytes = max_body_bytes;
+    let app = Application::build(config).await.unwrap();
+    let url = format!("http://127.0.0.1:{}", app.port());
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", app.metrics_port());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    let ready = format!("{url}/readyz");
+    for _ in 0..200 {
+        let ready = ready.clone();
+        let status = tokio::task::spawn_blocking(move || {
+            ureq::get(&ready)
+                .call()
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        })
+        .await
+        .unwrap();
+        if status == 200 {
+            return Worker {
+                url,
+                metrics_url,
+                _stop: tx,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("worker never became ready");
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn post(url: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    let mut answer = agent().post(url).send(body).unwrap();
+    let status = answer.status().as_u16();
+    let bytes = answer.body_mut().read_to_vec().unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_generation_through_a_worker_equals_the_simulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client_dir, server_path) = compile_tiny(dir.path());
+    let worker = spawn_worker(server_path.clone(), 64 << 20).await;
+    let url = worker.url.clone();
+    tokio::task::spawn_blocking(move || {
+        let client = load_client_bundle(&client_dir).unwrap();
+        let server = load_server_bundle(&server_path).unwrap();
+        let prompt = [6, 60, 19, 40, 72];
+        let options = GenerateOptions {
+            max_tokens: 6,
+            ..Default::default()
+        };
+        let mut simulate = build_from_bundles(&client, Some(&server), Mode::Simulate).unwrap();
+        let want = generate(&mut simulate, &prompt, &options, |_| {}).unwrap();
+        let remote = RemoteConfig {
+            url,
+            model: "tiny".into(),
+            license: None,
+        };
+        let mut model = build_remote(&client, remote).unwrap();
+        assert_eq!(
+            generate(&mut model, &prompt, &options, |_| {}).unwrap(),
+            want
+        );
+        let wrong = RemoteConfig {
+            url: "http://127.0.0.1:1".into(),
+            model: "tiny".into(),
+            license: None,
+        };
+        assert!(build_remote(&client, wrong).is_err());
+    })
+    .await
+    .unwrap();
+    let metrics = tokio::task::spawn_blocking(move || {
+        ureq::get(&worker.metrics_url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    for name in [
+        "worker_requests_total",
+        "worker_apply_seconds",
+        "worker_request_bytes_total",
+        "worker_inflight_requests",
+        "worker_layers_loaded 2",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    assert!(metrics.contains("outcome=\"ok\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_stable_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, server_path) = compile_tiny(dir.path());
+    let worker = spawn_worker(server_path, 100_000).await;
+    let base = worker.url.clone();
+    tokio::task::spawn_blocking(move || {
+        let apply = |layer: &str| format!("{base}/v1/models/tiny/layers/{layer}/apply");
+        let (status, body) = post(&apply("layers.1.mixer.Wqkv"), b"not a ciphertext");
+        assert_eq!(
+            (status, body["code"].as_str().unwrap()),
+            (400, "ciphertext_bad_magic")
+        );
+        let (status, body) = post(&apply("layers.1.mixer.Wqkv"), b"");
+        assert_eq!(
+            (status, body["code"].as_str().unwrap()),
+            (400, "ciphertext_truncated")
+        );
+        let (status, body) = post(&apply("layers.9.mixer.Wqkv"), b"x");
+        assert_eq!(
+            (status, body["code"].as_str().unwrap()),
+            (404, "unknown_layer")
+        );
+        let (status, body) = post(&format!("{base}/v1/models/other/layers/x/apply"), b"x");
+        assert_eq!(
+            (status, body["code"].as_str().unwrap()),
+            (404, "unknown_model")
+        );
+        let (status, body) = post(&apply("bad%20name"), b"x");
+        assert_eq!(
+            (status, body["code"].as_str().unwrap()),
+            (400, "invalid_name")
+        );
+        let (status, body) = post(&apply("layers.1.mixer.Wqkv"), &vec![0u8; 200_000]);
+        assert_eq!(
+            (status, body["code"].as_str().unwrap()),
+            (413, "body_too_large")
+        );
+
+        // A valid ciphertext for another layer's shape is refused, not computed.
+        let fc2 = fhe_linear::LayerSpec::choose(
+            &fhe_linear::HFHE_GLWE_2048_V1,
+            fhe_linear::LayerShape::new(256, 64),
+            1,
+        )
+        .unwrap();
+        let key = fhe_linear::ClientKey::generate(&fhe_linear::HFHE_GLWE_2048_V1);
+        let batch = key.encrypt(&fc2, &[1i8; 256], 1).unwrap().to_bytes();
+        let (status, body) = post(&apply("layers.1.mixer.Wqkv"), &batch);
+        assert_eq!(
+            (status, body["code"].as_str().unwrap()),
+            (400, "layer_mismatch")
+        );
+
+        let mut answer = agent()
+            .get(&format!("{base}/v1/models/nope/layers"))
+            .call()
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 404);
+        let body: serde_json::Value =
+            serde_json::from_slice(&answer.body_mut().read_to_vec().unwrap()).unwrap();
+        assert_eq!(body["code"], "unknown_model");
+        assert_eq!(
+            agent()
+                .get(&format!("{base}/healthz"))
+                .call()
+                .unwrap()
+                .status()
+                .as_u16(),
+            200
+        );
+    })
+    .await
+    .unwrap();
+}
