@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod license_cmd;
 mod model_cmd;
 
 #[derive(Parser)]
@@ -23,6 +24,11 @@ enum Command {
     Compile(model_cmd::CompileArgs),
     /// Generate text with protected layers (disable | simulate | execute | remote).
     Generate(model_cmd::GenerateArgs),
+    /// Licenses: signing keys, issuing, inspecting.
+    License {
+        #[command(subcommand)]
+        what: license_cmd::LicenseCommand,
+    },
     /// Benchmarks (with --json, the last line of output is one JSON object).
     Bench {
         #[command(subcommand)]
@@ -34,6 +40,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Compile(args) => model_cmd::compile_cmd(args),
         Command::Generate(args) => model_cmd::generate_cmd(args),
+        Command::License { what } => license_cmd::run(what),
         Command::Bench { what } => bench::run(what),
     }
 }

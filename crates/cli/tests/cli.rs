@@ -157,3 +157,61 @@ fn bad_requests_fail_with_a_clear_message() {
     ]);
     assert!(!ok && err.contains("context"), "{err}");
 }
+
+#[test]
+fn license_keygen_issue_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let (ok, _, err) = hybrid(&["license", "keygen", "--kid", "k1", "--out", out]);
+    assert!(ok, "{err}");
+    let key = dir.path().join("k1.key.pem");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    let (ok, token, err) = hybrid(&[
+        "license",
+        "issue",
+        "--key",
+        key.to_str().unwrap(),
+        "--kid",
+        "k1",
+        "--customer",
+        "acme",
+        "--model",
+        "tiny",
+        "--quota",
+        "1000",
+        "--id",
+        "lic-7",
+    ]);
+    assert!(ok, "{err}");
+    let keyset = dir.path().join("keyset.json");
+    let (ok, out, err) = hybrid(&[
+        "license",
+        "inspect",
+        token.trim(),
+        "--keyset",
+        keyset.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["claims"]["jti"], "lic-7");
+    assert_eq!(report["verification"]["valid"], true);
+    let (ok, out, _) = hybrid(&[
+        "license",
+        "inspect",
+        token.trim(),
+        "--keyset",
+        keyset.to_str().unwrap(),
+        "--aud",
+        "elsewhere",
+    ]);
+    assert!(ok);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["verification"]["code"], "license_wrong_audience");
+}

@@ -1,0 +1,167 @@
+//! `hybrid license keygen | issue | inspect`: the vendor's license tooling.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
+use serde_json::json;
+
+#[derive(Subcommand)]
+pub enum LicenseCommand {
+    /// Create a signing key; its public half is added to DIR/keyset.json.
+    Keygen {
+        /// Key id, written in every license it signs (e.g. the month of creation).
+        #[arg(long)]
+        kid: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a license and print the token.
+    Issue {
+        /// The signing key (PEM) written by keygen.
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        kid: String,
+        #[arg(long)]
+        customer: String,
+        #[arg(long)]
+        model: String,
+        /// Protected layers the license may use (`*` for all).
+        #[arg(long, value_delimiter = ',', default_value = "*")]
+        layers: Vec<String>,
+        /// Billable tokens per period.
+        #[arg(long)]
+        quota: u64,
+        /// day | month | total
+        #[arg(long, default_value = "month")]
+        period: String,
+        #[arg(long, default_value_t = 6000)]
+        rate_per_minute: u32,
+        #[arg(long, default_value_t = 4)]
+        max_in_flight: u32,
+        /// Validity in days from now.
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+        /// The gateway's audience name.
+        #[arg(long, default_value = "hybrid-gateway")]
+        aud: String,
+        #[arg(long, default_value = "vendor")]
+        issuer: String,
+        /// License id (default: a random one).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Print a license's claims; with --keyset, verify it too.
+    Inspect {
+        token: String,
+        #[arg(long)]
+        keyset: Option<PathBuf>,
+        #[arg(long, default_value = "hybrid-gateway")]
+        aud: String,
+    },
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn run(cmd: LicenseCommand) -> Result<()> {
+    match cmd {
+        LicenseCommand::Keygen { kid, out } => {
+            std::fs::create_dir_all(&out)?;
+            let key = SigningKey::generate(&kid);
+            let key_path = out.join(format!("{kid}.key.pem"));
+            write_secret(&key_path, key.to_pem()?.as_bytes())?;
+            let set_path = out.join("keyset.json");
+            let mut set = match std::fs::read_to_string(&set_path) {
+                Ok(json) => KeySet::from_json(&json)?,
+                Err(_) => KeySet::default(),
+            };
+            set.insert(key.public()?)?;
+            std::fs::write(&set_path, set.to_json())?;
+            println!(
+                "{}",
+                json!({"kid": kid, "signing_key": key_path, "keyset": set_path})
+            );
+        }
+        LicenseCommand::Issue {
+            key,
+            kid,
+            customer,
+            model,
+            layers,
+            quota,
+            period,
+            rate_per_minute,
+            max_in_flight,
+            days,
+            aud,
+            issuer,
+            id,
+        } => {
+            let pem = std::fs::read_to_string(&key).with_context(|| key.display().to_string())?;
+            let signing = SigningKey::from_pem(&kid, &pem)?;
+            let quota_period: QuotaPeriod = serde_json::from_value(json!(period))
+                .context("--period must be day, month or total")?;
+            let now = now();
+            let claims = LicenseClaims {
+                jti: id.unwrap_or_else(|| format!("lic-{}", uuid::Uuid::new_v4())),
+                sub: customer,
+                iss: issuer,
+                aud,
+                model,
+                layers,
+                quota_tokens: quota,
+                quota_period,
+                rate_limit_per_minute: rate_per_minute,
+                max_in_flight,
+                iat: now,
+                nbf: now,
+                exp: now + days * 86_400,
+            };
+            println!("{}", signing.issue(&claims)?);
+        }
+        LicenseCommand::Inspect { token, keyset, aud } => {
+            let claims = license::inspect_unverified(token.trim())?;
+            let verification = match keyset {
+                None => json!(null),
+                Some(path) => {
+                    let set = KeySet::from_json(&std::fs::read_to_string(&path)?)?;
+                    match set.verify(token.trim(), &aud, now()) {
+                        Ok(_) => json!({"valid": true}),
+                        Err(e) => {
+                            json!({"valid": false, "code": e.code(), "reason": e.to_string()})
+                        }
+                    }
+                }
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &json!({"claims": claims, "verification": verification})
+                )?
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes a file readable by its owner only.
+fn write_secret(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)?.write_all(bytes)?;
+    Ok(())
+}

@@ -1,0 +1,298 @@
+//! Customer licenses: JWTs signed by the vendor with Ed25519 (`alg: EdDSA`), with a `kid` in the
+//! header naming the signing key. A [`KeySet`] of public keys verifies them, so signing keys rotate
+//! without invalidating licenses already issued under an older key that stays in the set.
+//!
+//! Verification pins the algorithm before anything else: a header with `alg: none`, `HS256`
+//! (e.g. "signed" with the public key as an HMAC secret) or anything but `EdDSA` is refused, as
+//! are unknown or missing `kid`, a wrong audience, expired or not-yet-valid tokens and tampered
+//! payloads, each with its own error code.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Seconds of clock skew tolerated on `exp` and `nbf`.
+pub const LEEWAY_SECONDS: u64 = 30;
+
+/// The period a token quota applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaPeriod {
+    Day,
+    Month,
+    /// The license's whole lifetime.
+    Total,
+}
+
+/// The claims of a license.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LicenseClaims {
+    /// License id.
+    pub jti: String,
+    /// Customer id.
+    pub sub: String,
+    /// Issuer (the vendor).
+    pub iss: String,
+    /// Audience: the gateway that accepts it.
+    pub aud: String,
+    /// Model id the license covers.
+    pub model: String,
+    /// Protected layers it may use (`*` for all).
+    pub layers: Vec<String>,
+    /// Billable tokens per period.
+    pub quota_tokens: u64,
+    pub quota_period: QuotaPeriod,
+    /// Tokens per minute.
+    pub rate_limit_per_minute: u32,
+    /// Requests in flight at once.
+    pub max_in_flight: u32,
+    pub iat: u64,
+    pub nbf: u64,
+    pub exp: u64,
+}
+
+impl LicenseClaims {
+    /// Whether the license covers `layer`.
+    pub fn allows_layer(&self, layer: &str) -> bool {
+        self.layers.iter().any(|l| l == "*" || l == layer)
+    }
+}
+
+/// Why a license was refused. Each variant has a stable code ([`LicenseError::code`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LicenseError {
+    #[error("license is not a well-formed token: {0}")]
+    Malformed(String),
+    #[error("license algorithm `{0}` is not accepted (EdDSA only)")]
+    UnsupportedAlgorithm(String),
+    #[error("license header has no key id")]
+    MissingKeyId,
+    #[error("license signed with unknown key `{0}`")]
+    UnknownKeyId(String),
+    #[error("license signature does not verify")]
+    BadSignature,
+    #[error("license is for another audience")]
+    WrongAudience,
+    #[error("license expired")]
+    Expired,
+    #[error("license is not valid yet")]
+    NotYetValid,
+    #[error("key: {0}")]
+    Key(String),
+}
+
+impl LicenseError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            LicenseError::Malformed(_) => "license_malformed",
+            LicenseError::UnsupportedAlgorithm(_) => "license_algorithm_refused",
+            LicenseError::MissingKeyId => "license_missing_kid",
+            LicenseError::UnknownKeyId(_) => "license_unknown_kid",
+            LicenseError::BadSignature => "license_bad_signature",
+            LicenseError::WrongAudience => "license_wrong_audience",
+            LicenseError::Expired => "license_expired",
+            LicenseError::NotYetValid => "license_not_yet_valid",
+            LicenseError::Key(_) => "license_key_error",
+        }
+    }
+}
+
+/// A vendor signing key. Its `Debug` never prints the secret.
+pub struct SigningKey {
+    pub kid: String,
+    key: ed25519_dalek::SigningKey,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A public verification key, as stored in a key set file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicKey {
+    pub kid: String,
+    /// SubjectPublicKeyInfo PEM.
+    pub public_key_pem: String,
+}
+
+impl SigningKey {
+    /// A fresh key from the operating system's entropy.
+    pub fn generate(kid: &str) -> Self {
+        SigningKey {
+            kid: kid.to_string(),
+            key: ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng),
+        }
+    }
+
+    /// PKCS#8 PEM of the secret key (store it like a password).
+    pub fn to_pem(&self) -> Result<String, LicenseError> {
+        Ok(self
+            .key
+            .to_pkcs8_pem(Default::default())
+            .map_err(|e| LicenseError::Key(e.to_string()))?
+            .to_string())
+    }
+
+    pub fn from_pem(kid: &str, pem: &str) -> Result<Self, LicenseError> {
+        use ed25519_dalek::pkcs8::DecodePrivateKey;
+        let key = ed25519_dalek::SigningKey::from_pkcs8_pem(pem)
+            .map_err(|e| LicenseError::Key(e.to_string()))?;
+        Ok(SigningKey {
+            kid: kid.to_string(),
+            key,
+        })
+    }
+
+    pub fn public(&self) -> Result<PublicKey, LicenseError> {
+        let pem = self
+            .key
+            .verifying_key()
+            .to_public_key_pem(Default::default())
+            .map_err(|e| LicenseError::Key(e.to_string()))?;
+        Ok(PublicKey {
+            kid: self.kid.clone(),
+            public_key_pem: pem,
+        })
+    }
+
+    /// Signs `claims` into a license token.
+    pub fn issue(&self, claims: &LicenseClaims) -> Result<String, LicenseError> {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.kid.clone());
+        let der = self
+            .key
+            .to_pkcs8_der()
+            .map_err(|e| LicenseError::Key(e.to_string()))?;
+        let key = EncodingKey::from_ed_der(der.as_bytes());
+        jsonwebtoken::encode(&header, claims, &key).map_err(|e| LicenseError::Key(e.to_string()))
+    }
+}
+
+/// The public keys a gateway accepts, by `kid`.
+#[derive(Clone, Default)]
+pub struct KeySet {
+    keys: HashMap<String, DecodingKey>,
+    public: Vec<PublicKey>,
+}
+
+/// The JSON form of a key set file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySetFile {
+    pub keys: Vec<PublicKey>,
+}
+
+impl KeySet {
+    pub fn new(keys: &[PublicKey]) -> Result<Self, LicenseError> {
+        let mut set = KeySet::default();
+        for k in keys {
+            set.insert(k.clone())?;
+        }
+        Ok(set)
+    }
+
+    pub fn from_json(json: &str) -> Result<Self, LicenseError> {
+        let file: KeySetFile =
+            serde_json::from_str(json).map_err(|e| LicenseError::Key(e.to_string()))?;
+        Self::new(&file.keys)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(&KeySetFile {
+            keys: self.public.clone(),
+        })
+        .expect("serialisable")
+    }
+
+    /// Adds (or replaces) a key.
+    pub fn insert(&mut self, key: PublicKey) -> Result<(), LicenseError> {
+        let decoding = DecodingKey::from_ed_pem(key.public_key_pem.as_bytes())
+            .map_err(|e| LicenseError::Key(e.to_string()))?;
+        self.keys.insert(key.kid.clone(), decoding);
+        self.public.retain(|k| k.kid != key.kid);
+        self.public.push(key);
+        Ok(())
+    }
+
+    /// Verifies a token for `audience` at time `now` (seconds since the epoch).
+    pub fn verify(
+        &self,
+        token: &str,
+        audience: &str,
+        now: u64,
+    ) -> Result<LicenseClaims, LicenseError> {
+        let (alg, kid) = raw_header(token)?;
+        if alg != "EdDSA" {
+            return Err(LicenseError::UnsupportedAlgorithm(alg));
+        }
+        let kid = kid.ok_or(LicenseError::MissingKeyId)?;
+        let key = self
+            .keys
+            .get(&kid)
+            .ok_or_else(|| LicenseError::UnknownKeyId(kid.clone()))?;
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "aud", "sub", "jti"]);
+        // Time is checked below against `now`, so that callers (and tests) control the clock.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        let data = jsonwebtoken::decode::<LicenseClaims>(token, key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::InvalidSignature => LicenseError::BadSignature,
+                ErrorKind::InvalidAudience => LicenseError::WrongAudience,
+                ErrorKind::InvalidAlgorithm => LicenseError::UnsupportedAlgorithm("?".into()),
+                _ => LicenseError::Malformed(e.to_string()),
+            }
+        })?;
+        let claims = data.claims;
+        if now > claims.exp + LEEWAY_SECONDS {
+            return Err(LicenseError::Expired);
+        }
+        if now + LEEWAY_SECONDS < claims.nbf {
+            return Err(LicenseError::NotYetValid);
+        }
+        Ok(claims)
+    }
+}
+
+/// Reads `alg` and `kid` from a token's header without trusting anything else.
+fn raw_header(token: &str) -> Result<(String, Option<String>), LicenseError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(LicenseError::Malformed(
+            "a token has three dot-separated parts".into(),
+        ));
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .map_err(|e| LicenseError::Malformed(format!("header: {e}")))?;
+    #[derive(Deserialize)]
+    struct Raw {
+        alg: String,
+        kid: Option<String>,
+    }
+    let raw: Raw = serde_json::from_slice(&bytes)
+        .map_err(|e| LicenseError::Malformed(format!("header: {e}")))?;
+    Ok((raw.alg, raw.kid))
+}
+
+/// Decodes the claims of a token without verifying it (for display only).
+pub fn inspect_unverified(token: &str) -> Result<serde_json::Value, LicenseError> {
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| LicenseError::Malformed("no payload".into()))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|e| LicenseError::Malformed(e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| LicenseError::Malformed(e.to_string()))
+}
