@@ -55,7 +55,7 @@ fn valid_licenses_verify_and_keys_rotate() {
 fn forged_and_misused_licenses_are_refused() {
     let key = SigningKey::generate("k1");
     let public = key.public().unwrap();
-    let set = KeySet::new(&[public.clone()]).unwrap();
+    let set = KeySet::new(std::slice::from_ref(&public)).unwrap();
     let token = key.issue(&claims()).unwrap();
     let parts: Vec<&str> = token.split('.').collect();
 
