@@ -1,0 +1,231 @@
+//! The ledger against real databases: a throw-away Postgres database per test (the server at
+//! $LEDGER_TEST_POSTGRES, default postgres://postgres@127.0.0.1:5432/postgres) and a SQLite file.
+
+use std::sync::Arc;
+
+use ledger::*;
+
+const NOW: i64 = 1_795_657_977_000; // 2026-11-26
+
+/// A fresh, empty Postgres database. Databases of earlier runs that nobody uses any more are
+/// dropped first (those of tests running now are in use, and their drop fails harmlessly).
+async fn postgres() -> Ledger {
+    let admin_url = std::env::var("LEDGER_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&admin_url)
+        .await
+        .expect("a Postgres server for the tests (see .ci/run)");
+    let stale = sqlx::query(
+        "SELECT CAST(datname AS TEXT) FROM pg_database WHERE datname LIKE 'ledger_test_%'",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    for row in stale {
+        let name: String = sqlx::Row::get(&row, 0);
+        let _ = sqlx::query(&format!("DROP DATABASE {name}"))
+            .execute(&admin)
+            .await;
+    }
+    let name = format!("ledger_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let base = admin_url.rsplit_once('/').unwrap().0;
+    Ledger::connect(&format!("{base}/{name}")).await.unwrap()
+}
+
+async fn sqlite(dir: &tempfile::TempDir) -> Ledger {
+    Ledger::connect(&format!(
+        "sqlite:{}?mode=rwc",
+        dir.path().join("ledger.db").display()
+    ))
+    .await
+    .unwrap()
+}
+
+fn event(query_id: &str, layer: &str, tokens: i64, at: i64) -> UsageEvent {
+    UsageEvent {
+        query_id: query_id.into(),
+        license_id: "lic-1".into(),
+        customer_id: "acme".into(),
+        model: "tiny".into(),
+        layer: layer.into(),
+        tokens,
+        upload_bytes: 1000,
+        download_bytes: 2000,
+        worker: "w1".into(),
+        compute_ms: 1.5,
+        status: "ok".into(),
+        created_at: at,
+    }
+}
+
+async fn setup(l: &Ledger) {
+    l.upsert_customer("acme", "Acme", NOW).await.unwrap();
+    let license = LicenseRecord {
+        id: "lic-1".into(),
+        customer_id: "acme".into(),
+        model: "tiny".into(),
+        quota_tokens: 20,
+        quota_period: "month".into(),
+        issued_at: NOW,
+        expires_at: NOW + 86_400_000,
+    };
+    l.record_license(&license, "admin", NOW).await.unwrap();
+}
+
+/// 50 concurrent reservations of one token against a quota of 20 admit exactly 20, and only
+/// settled queries are billed.
+async fn quota_race(l: Arc<Ledger>) {
+    setup(&l).await;
+    let period = month_start(NOW);
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let l = l.clone();
+            tokio::spawn(async move {
+                match l
+                    .reserve("lic-1", "layers.1.mixer.Wqkv", period, 20, 1)
+                    .await
+                {
+                    Ok(r) => {
+                        assert!(l
+                            .settle(&r, &event(&format!("q{i}"), "layers.1.mixer.Wqkv", 1, NOW))
+                            .await
+                            .unwrap());
+                        true
+                    }
+                    Err(LedgerError::QuotaExceeded { .. }) => false,
+                    Err(e) => panic!("{e}"),
+                }
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 20);
+    assert_eq!(l.billable_tokens("lic-1", period).await.unwrap(), 20);
+    assert_eq!(l.usage_events("lic-1").await.unwrap().len(), 20);
+    let err = l
+        .reserve("lic-1", "layers.1.mixer.Wqkv", period, 20, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "quota_exceeded");
+}
+
+/// A retried query id is served but billed once; a failed query releases its reservation.
+async fn exactly_once(l: Ledger) {
+    setup(&l).await;
+    let period = month_start(NOW);
+    let layer = "layers.1.mixer.Wqkv";
+    let r1 = l.reserve("lic-1", layer, period, 20, 4).await.unwrap();
+    assert!(l
+        .settle(&r1, &event("q-retried", layer, 4, NOW))
+        .await
+        .unwrap());
+    assert!(l.is_claimed("lic-1", "q-retried").await.unwrap());
+    let r2 = l.reserve("lic-1", layer, period, 20, 4).await.unwrap();
+    assert!(
+        !l.settle(&r2, &event("q-retried", layer, 4, NOW + 5))
+            .await
+            .unwrap(),
+        "billed twice"
+    );
+    let failed = l.reserve("lic-1", layer, period, 20, 16).await.unwrap();
+    l.release(&failed).await.unwrap();
+    assert_eq!(l.billable_tokens("lic-1", period).await.unwrap(), 4);
+    assert_eq!(l.usage_events("lic-1").await.unwrap().len(), 1);
+    // 16 tokens are still free: the released reservation came back.
+    l.reserve("lic-1", layer, period, 20, 16).await.unwrap();
+
+    // A token crossing two protected layers is billed once: the largest count over layers.
+    let other = "layers.1.mlp.fc1";
+    let r = l.reserve("lic-1", other, period, 20, 4).await.unwrap();
+    assert!(l.settle(&r, &event("q-fc1", other, 4, NOW)).await.unwrap());
+    assert_eq!(l.billable_tokens("lic-1", period).await.unwrap(), 4);
+
+    // Revocation and the audit trail.
+    assert!(!l.is_revoked("lic-1").await.unwrap());
+    l.revoke("lic-1", "contract ended", "admin", NOW + 10)
+        .await
+        .unwrap();
+    l.revoke("lic-1", "again", "admin", NOW + 11).await.unwrap();
+    assert!(l.is_revoked("lic-1").await.unwrap());
+    assert_eq!(l.revoked_ids().await.unwrap(), vec!["lic-1".to_string()]);
+    let log = l.audit_log(10).await.unwrap();
+    let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        ["license.issue", "license.revoke", "license.revoke"]
+    );
+    // Append-only: the database itself refuses changes.
+    assert!(sqlx::query("UPDATE audit_events SET actor = 'mallory'")
+        .execute(l.pool())
+        .await
+        .is_err());
+    assert!(sqlx::query("DELETE FROM audit_events")
+        .execute(l.pool())
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_quota_race_admits_exactly_the_quota() {
+    quota_race(Arc::new(postgres().await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_quota_race_admits_exactly_the_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    quota_race(Arc::new(sqlite(&dir).await)).await;
+}
+
+#[tokio::test]
+async fn postgres_bills_each_query_once() {
+    exactly_once(postgres().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_bills_each_query_once() {
+    let dir = tempfile::tempdir().unwrap();
+    exactly_once(sqlite(&dir).await).await;
+}
+
+#[tokio::test]
+async fn postgres_usage_is_partitioned_by_month_and_old_months_drop() {
+    let l = postgres().await;
+    setup(&l).await;
+    let layer = "layers.1.mixer.Wqkv";
+    let last_month = month_start(NOW) - 1;
+    for (q, at) in [("old", last_month), ("new", NOW)] {
+        let r = l
+            .reserve("lic-1", layer, month_start(at), 100, 1)
+            .await
+            .unwrap();
+        l.settle(&r, &event(q, layer, 1, at)).await.unwrap();
+    }
+    assert_eq!(l.usage_events("lic-1").await.unwrap().len(), 2);
+    let dropped = l
+        .drop_partitions_before(month_start(NOW), "admin", NOW)
+        .await
+        .unwrap();
+    assert_eq!(dropped, vec!["usage_events_2026_10".to_string()]);
+    let left = l.usage_events("lic-1").await.unwrap();
+    assert_eq!(
+        left.iter().map(|e| e.query_id.as_str()).collect::<Vec<_>>(),
+        ["new"]
+    );
+    assert_eq!(l.audit_log(1).await.unwrap()[0].action, "usage.retention");
+}
+
+#[tokio::test]
+async fn unsupported_urls_are_refused() {
+    assert!(matches!(
+        Ledger::connect("mysql://x").await,
+        Err(LedgerError::UnsupportedUrl)
+    ));
+}
