@@ -306,6 +306,12 @@ pub(crate) fn encode(header: &Header, coefficients: &[u64]) -> Vec<u8> {
     out
 }
 
+/// Validates an encrypted batch's header and length without unpacking its payload: what a
+/// gateway needs to meter a request (token count, shape) without touching the ciphertext.
+pub fn read_batch_header(bytes: &[u8], limits: &Limits) -> Result<Header, WireError> {
+    Header::read(bytes, false, limits).map(|(header, _)| header)
+}
+
 /// Parses a header and unpacks its coefficients.
 pub(crate) fn decode(
     bytes: &[u8],

@@ -82,6 +82,15 @@ fn malformed_batches_get_typed_errors() {
         code(&patch(48, &u64::MAX.to_le_bytes())),
         "ciphertext_invalid_header"
     );
+    // The header-only reader agrees with the full parser.
+    let header = fhe_linear::wire::read_batch_header(&good, &Limits::default()).unwrap();
+    assert_eq!(header.tokens, 2);
+    assert_eq!(
+        fhe_linear::wire::read_batch_header(&good[..good.len() - 1], &Limits::default())
+            .unwrap_err()
+            .code(),
+        "ciphertext_truncated"
+    );
     // A result is not a batch, and a batch is not a result.
     assert_eq!(
         EncryptedResult::from_bytes(&good, &Limits::default())

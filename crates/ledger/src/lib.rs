@@ -81,6 +81,15 @@ pub struct Reservation {
     pub tokens: i64,
 }
 
+/// What settling a query did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settlement {
+    /// Whether this call billed the query (false for a retry of a billed query id).
+    pub billed: bool,
+    /// Tokens used on this layer in the period, after settling.
+    pub layer_used: i64,
+}
+
 /// One FHE query, as billed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageEvent {
@@ -315,8 +324,8 @@ impl Ledger {
 
     /// Settles a served query: in one transaction, claims its id, writes its usage row and
     /// rollups and turns its reservation into usage. A query id already claimed (a retry) is not
-    /// billed again: its reservation is released. Returns whether this call billed it.
-    pub async fn settle(&self, r: &Reservation, e: &UsageEvent) -> Result<bool, LedgerError> {
+    /// billed again: its reservation is released.
+    pub async fn settle(&self, r: &Reservation, e: &UsageEvent) -> Result<Settlement, LedgerError> {
         self.ensure_partition(e.created_at).await;
         let mut tx = self.pool.begin().await?;
         let claimed = sqlx::query("INSERT INTO query_claims (license_id, query_id, claimed_at) VALUES ($1, $2, $3) ON CONFLICT (license_id, query_id) DO NOTHING")
@@ -370,16 +379,23 @@ impl Ledger {
             }
         }
         let used = if claimed { r.tokens } else { 0 };
-        sqlx::query("UPDATE quota_usage SET reserved = reserved - $1, used = used + $2 WHERE license_id = $3 AND layer = $4 AND period_start = $5")
-            .bind(r.tokens)
-            .bind(used)
-            .bind(&r.license_id)
-            .bind(&r.layer)
-            .bind(r.period_start)
-            .execute(&mut *tx)
-            .await?;
+        let row = sqlx::query(
+            "UPDATE quota_usage SET reserved = reserved - $1, used = used + $2 \
+             WHERE license_id = $3 AND layer = $4 AND period_start = $5 RETURNING used",
+        )
+        .bind(r.tokens)
+        .bind(used)
+        .bind(&r.license_id)
+        .bind(&r.layer)
+        .bind(r.period_start)
+        .fetch_one(&mut *tx)
+        .await?;
+        let layer_used: i64 = row.try_get(0)?;
         tx.commit().await?;
-        Ok(claimed)
+        Ok(Settlement {
+            billed: claimed,
+            layer_used,
+        })
     }
 
     /// Billable tokens of a license in the period starting at `period_start` (largest count

@@ -91,10 +91,8 @@ async fn quota_race(l: Arc<Ledger>) {
                     .await
                 {
                     Ok(r) => {
-                        assert!(l
-                            .settle(&r, &event(&format!("q{i}"), "layers.1.mixer.Wqkv", 1, NOW))
-                            .await
-                            .unwrap());
+                        let event = event(&format!("q{i}"), "layers.1.mixer.Wqkv", 1, NOW);
+                        assert!(l.settle(&r, &event).await.unwrap().billed);
                         true
                     }
                     Err(LedgerError::QuotaExceeded { .. }) => false,
@@ -123,16 +121,29 @@ async fn exactly_once(l: Ledger) {
     let period = month_start(NOW);
     let layer = "layers.1.mixer.Wqkv";
     let r1 = l.reserve("lic-1", layer, period, 20, 4).await.unwrap();
-    assert!(l
+    let first = l
         .settle(&r1, &event("q-retried", layer, 4, NOW))
         .await
-        .unwrap());
+        .unwrap();
+    assert_eq!(
+        first,
+        Settlement {
+            billed: true,
+            layer_used: 4
+        }
+    );
     assert!(l.is_claimed("lic-1", "q-retried").await.unwrap());
     let r2 = l.reserve("lic-1", layer, period, 20, 4).await.unwrap();
-    assert!(
-        !l.settle(&r2, &event("q-retried", layer, 4, NOW + 5))
-            .await
-            .unwrap(),
+    let retry = l
+        .settle(&r2, &event("q-retried", layer, 4, NOW + 5))
+        .await
+        .unwrap();
+    assert_eq!(
+        retry,
+        Settlement {
+            billed: false,
+            layer_used: 4
+        },
         "billed twice"
     );
     let failed = l.reserve("lic-1", layer, period, 20, 16).await.unwrap();
@@ -145,7 +156,12 @@ async fn exactly_once(l: Ledger) {
     // A token crossing two protected layers is billed once: the largest count over layers.
     let other = "layers.1.mlp.fc1";
     let r = l.reserve("lic-1", other, period, 20, 4).await.unwrap();
-    assert!(l.settle(&r, &event("q-fc1", other, 4, NOW)).await.unwrap());
+    assert!(
+        l.settle(&r, &event("q-fc1", other, 4, NOW))
+            .await
+            .unwrap()
+            .billed
+    );
     assert_eq!(l.billable_tokens("lic-1", period).await.unwrap(), 4);
 
     // Revocation and the audit trail.

@@ -1,0 +1,153 @@
+//! The gateway: the licensed, metered entry point of the service.
+//!
+//! Per apply request: verify the license (signature, audience, time, revocation) -> admission
+//! (model and layer licensed, rows per request, rate limit and in-flight cap per license) ->
+//! atomic quota reservation in the ledger -> forward the ciphertext bytes to a healthy worker
+//! (one retry on another worker if the connection fails before an answer) -> settle (usage row,
+//! rollups, quota) -> answer. It fails closed: when the ledger cannot record usage, nothing is
+//! forwarded and the client gets 503. It reads only the header of a ciphertext (to meter it).
+
+mod admission;
+mod metrics;
+mod routes;
+mod workers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ledger::Ledger;
+use license::KeySet;
+use tokio::net::TcpListener;
+
+pub use metrics::Metrics;
+
+/// Gateway settings.
+#[derive(Clone)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    /// `postgres://...` or `sqlite:PATH?mode=rwc`.
+    pub database_url: String,
+    /// Public keys that sign licenses.
+    pub keyset: KeySet,
+    /// The audience licenses must name.
+    pub audience: String,
+    /// Worker base URLs.
+    pub workers: Vec<String>,
+    pub max_body_bytes: usize,
+    /// Rows (tokens) per request at most: the model's context length.
+    pub max_rows_per_request: usize,
+    /// How long a revocation may take to reach this replica.
+    pub revocation_refresh: Duration,
+    pub worker_timeout: Duration,
+    pub health_interval: Duration,
+}
+
+impl GatewayConfig {
+    pub fn local(database_url: &str, keyset: KeySet, audience: &str, workers: Vec<String>) -> Self {
+        GatewayConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            metrics_listen: ([127, 0, 0, 1], 0).into(),
+            database_url: database_url.to_string(),
+            keyset,
+            audience: audience.to_string(),
+            workers,
+            max_body_bytes: 64 << 20,
+            max_rows_per_request: 2048,
+            revocation_refresh: Duration::from_secs(2),
+            worker_timeout: Duration::from_secs(60),
+            health_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("http client: {0}")]
+    Client(String),
+}
+
+/// Shared state of the handlers.
+pub struct AppState {
+    pub config: GatewayConfig,
+    pub ledger: Arc<Ledger>,
+    pub workers: workers::WorkerPool,
+    pub admission: admission::Admission,
+    pub metrics: Metrics,
+}
+
+/// A gateway bound to its ports.
+pub struct Application {
+    api: TcpListener,
+    metrics: TcpListener,
+    state: Arc<AppState>,
+}
+
+impl Application {
+    /// Connects the ledger (running its migrations) and binds the ports.
+    pub async fn build(config: GatewayConfig) -> Result<Self, GatewayError> {
+        let ledger = Arc::new(Ledger::connect(&config.database_url).await?);
+        let api = TcpListener::bind(config.listen).await?;
+        let metrics = TcpListener::bind(config.metrics_listen).await?;
+        let workers = workers::WorkerPool::new(&config.workers, config.worker_timeout)?;
+        let state = Arc::new(AppState {
+            admission: admission::Admission::new(config.revocation_refresh),
+            metrics: Metrics::new(),
+            workers,
+            ledger,
+            config,
+        });
+        Ok(Application {
+            api,
+            metrics,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.api.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn ledger(&self) -> Arc<Ledger> {
+        self.state.ledger.clone()
+    }
+
+    /// Serves until `shutdown` resolves; requests in flight finish first.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (tx, rx) = tokio::sync::watch::channel(());
+        let health = tokio::spawn(workers::health_loop(self.state.clone()));
+        let mut metrics_rx = rx.clone();
+        let metrics_app = metrics::router(self.state.clone());
+        let metrics_server = tokio::spawn(async move {
+            axum::serve(self.metrics, metrics_app)
+                .with_graceful_shutdown(async move {
+                    let _ = metrics_rx.changed().await;
+                })
+                .await
+        });
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = tx.send(());
+        });
+        let mut api_rx = rx;
+        axum::serve(self.api, routes::router(self.state))
+            .with_graceful_shutdown(async move {
+                let _ = api_rx.changed().await;
+            })
+            .await?;
+        health.abort();
+        metrics_server.await.map_err(std::io::Error::other)?
+    }
+}

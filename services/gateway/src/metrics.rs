@@ -1,0 +1,111 @@
+//! The gateway's Prometheus metrics, on their own port. Labels are bounded (route, outcome,
+//! error code); never a license, customer or model input.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::AppState;
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// Requests by route and outcome (`ok` or the error code).
+    pub requests: IntCounterVec,
+    /// Latency by part: `total` (whole request) and `worker` (forwarding to the worker).
+    pub latency: HistogramVec,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    pub tokens_metered: IntCounter,
+    pub quota_rejections: IntCounter,
+    /// Rows sent to one protected layer beyond its input width within a quota period
+    /// (enough to solve for the layer's weights): alerts, not a guarantee.
+    pub extraction_alerts: IntCounter,
+    pub workers_healthy: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("gateway_requests_total", "Requests by route and outcome"),
+            &["route", "outcome"],
+        )
+        .expect("metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_request_seconds",
+                "Latency of apply requests: total, and the part spent in the worker",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["part"],
+        )
+        .expect("metric");
+        let bytes_in = IntCounter::new("gateway_request_bytes_total", "Ciphertext bytes received")
+            .expect("metric");
+        let bytes_out = IntCounter::new("gateway_response_bytes_total", "Ciphertext bytes sent")
+            .expect("metric");
+        let tokens_metered =
+            IntCounter::new("gateway_tokens_metered_total", "Tokens billed").expect("metric");
+        let quota_rejections = IntCounter::new(
+            "gateway_quota_rejections_total",
+            "Requests refused for quota",
+        )
+        .expect("metric");
+        let extraction_alerts = IntCounter::new(
+            "gateway_extraction_alerts_total",
+            "Licenses past a layer's input width in rows this period",
+        )
+        .expect("metric");
+        let workers_healthy =
+            IntGauge::new("gateway_workers_healthy", "Workers answering /readyz").expect("metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(bytes_in.clone()),
+            Box::new(bytes_out.clone()),
+            Box::new(tokens_metered.clone()),
+            Box::new(quota_rejections.clone()),
+            Box::new(extraction_alerts.clone()),
+            Box::new(workers_healthy.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        Metrics {
+            registry,
+            requests,
+            latency,
+            bytes_in,
+            bytes_out,
+            tokens_metered,
+            quota_rejections,
+            extraction_alerts,
+            workers_healthy,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> String {
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&state.metrics.registry.gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}

@@ -1,0 +1,502 @@
+//! HTTP handlers of the gateway.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fhe_linear::Limits;
+use ledger::{LedgerError, UsageEvent};
+use license::{LicenseClaims, QuotaPeriod};
+use protocol::{codes, ErrorBody, Name};
+use serde_json::json;
+
+use crate::workers::ForwardError;
+use crate::AppState;
+
+/// An error answer: status, stable code, message, and optionally seconds to wait.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn retry(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(ErrorBody {
+                code: self.code.to_string(),
+                message: self.message,
+            }),
+        )
+            .into_response();
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response
+    }
+}
+
+fn ledger_down(e: LedgerError) -> ApiError {
+    tracing::error!(error = %e, "ledger unavailable: refusing the request");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ledger_unavailable",
+        "usage cannot be recorded now; retry",
+    )
+    .retry(1)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Verifies the bearer license, including revocation.
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<LicenseClaims, ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "license_missing",
+                "send Authorization: Bearer <license>",
+            )
+        })?;
+    let now = (now_ms() / 1000) as u64;
+    let claims = state
+        .config
+        .keyset
+        .verify(token.trim(), &state.config.audience, now)
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
+    if state
+        .admission
+        .is_revoked(&state.ledger, &claims.jti)
+        .await
+        .map_err(ledger_down)?
+    {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "license_revoked",
+            "this license was revoked",
+        ));
+    }
+    Ok(claims)
+}
+
+fn period_start(claims: &LicenseClaims, now: i64) -> i64 {
+    match claims.quota_period {
+        QuotaPeriod::Day => ledger::day_start(now),
+        QuotaPeriod::Month => ledger::month_start(now),
+        QuotaPeriod::Total => 0,
+    }
+}
+
+fn names(model: &str, layer: &str) -> Result<(Name, Name), ApiError> {
+    let bad = |e: protocol::InvalidName| {
+        ApiError::new(StatusCode::BAD_REQUEST, codes::INVALID_NAME, e.to_string())
+    };
+    Ok((
+        Name::parse(model).map_err(bad)?,
+        Name::parse(layer).map_err(bad)?,
+    ))
+}
+
+fn query_id(headers: &HeaderMap) -> Result<String, ApiError> {
+    let id = headers
+        .get(protocol::QUERY_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(id.to_string())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            codes::MISSING_QUERY_ID,
+            format!(
+                "send {}: 1 to 128 of A-Z a-z 0-9 - _",
+                protocol::QUERY_ID_HEADER
+            ),
+        ))
+    }
+}
+
+fn record(state: &AppState, route: &str, response: &Response) {
+    let outcome = if response.status().is_success() {
+        "ok".to_string()
+    } else {
+        // The error code is a bounded label: one of a fixed set.
+        response
+            .headers()
+            .get("x-error-code")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("error")
+            .to_string()
+    };
+    state
+        .metrics
+        .requests
+        .with_label_values(&[route, &outcome])
+        .inc();
+}
+
+fn tag(mut response: Response, code: Option<&'static str>) -> Response {
+    if let Some(code) = code {
+        response
+            .headers_mut()
+            .insert("x-error-code", HeaderValue::from_static(code));
+    }
+    response
+}
+
+async fn apply(
+    State(state): State<Arc<AppState>>,
+    Path((model, layer)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let response = match apply_inner(&state, &model, &layer, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => {
+            let code = e.code;
+            tag(e.into_response(), Some(code))
+        }
+    };
+    state
+        .metrics
+        .latency
+        .with_label_values(&["total"])
+        .observe(started.elapsed().as_secs_f64());
+    record(&state, "apply", &response);
+    response
+}
+
+async fn apply_inner(
+    state: &Arc<AppState>,
+    model: &str,
+    layer: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (model, layer) = names(model, layer)?;
+    let claims = authenticate(state, headers).await?;
+    if claims.model != model.as_str() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "license_wrong_model",
+            format!("the license covers model `{}`", claims.model),
+        ));
+    }
+    if !claims.allows_layer(layer.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "layer_not_licensed",
+            format!("the license does not cover layer `{layer}`"),
+        ));
+    }
+    let query_id = query_id(headers)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::BODY_TOO_LARGE,
+                format!("body over {} bytes", state.config.max_body_bytes),
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_BODY, e.body_text())
+        }
+    })?;
+    // Meter from the header only; the ciphertext itself is the worker's business.
+    let limits = Limits {
+        max_bytes: state.config.max_body_bytes as u64,
+        max_tokens: state.config.max_rows_per_request,
+        ..Limits::default()
+    };
+    let header = fhe_linear::wire::read_batch_header(&body, &limits).map_err(|e| {
+        let (status, code) = match &e {
+            fhe_linear::WireError::InvalidHeader(m) if m.contains("tokens outside") => {
+                (StatusCode::BAD_REQUEST, "too_many_rows")
+            }
+            _ => (StatusCode::BAD_REQUEST, e.code()),
+        };
+        ApiError::new(status, code, e.to_string())
+    })?;
+    let tokens = header.tokens;
+    state
+        .admission
+        .take_rate(&claims.jti, claims.rate_limit_per_minute, tokens)
+        .map_err(|wait| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "token rate limit of the license reached",
+            )
+            .retry(wait)
+        })?;
+    let _slot = state
+        .admission
+        .enter(&claims.jti, claims.max_in_flight)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_in_flight",
+                "too many requests in flight for this license",
+            )
+            .retry(1)
+        })?;
+
+    let now = now_ms();
+    let period = period_start(&claims, now);
+    // Reserve the batch's tokens before forwarding anything (fail closed).
+    let reservation = match state
+        .ledger
+        .reserve(
+            &claims.jti,
+            layer.as_str(),
+            period,
+            claims.quota_tokens as i64,
+            tokens as i64,
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(LedgerError::QuotaExceeded {
+            quota,
+            remaining,
+            requested,
+        }) => {
+            state.metrics.quota_rejections.inc();
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                format!("{requested} tokens requested, {remaining} of {quota} left in this period"),
+            ));
+        }
+        Err(e) => return Err(ledger_down(e)),
+    };
+    state.metrics.bytes_in.inc_by(body.len() as u64);
+
+    let forward_started = Instant::now();
+    let sent = state
+        .workers
+        .send(
+            reqwest::Method::POST,
+            &protocol::apply_path(&model, &layer),
+            Some(body.clone()),
+        )
+        .await;
+    state
+        .metrics
+        .latency
+        .with_label_values(&["worker"])
+        .observe(forward_started.elapsed().as_secs_f64());
+    let answer = match sent {
+        Ok(a) if a.status == 200 => a,
+        Ok(a) => {
+            // The worker refused the request (malformed, wrong shape...): nothing to bill.
+            state
+                .ledger
+                .release(&reservation)
+                .await
+                .map_err(ledger_down)?;
+            let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut response = (status, a.body).into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return Ok(response);
+        }
+        Err(ForwardError::Unreachable(reason)) => {
+            state
+                .ledger
+                .release(&reservation)
+                .await
+                .map_err(ledger_down)?;
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_worker",
+                format!("no worker answered: {reason}"),
+            )
+            .retry(1));
+        }
+    };
+    let event = UsageEvent {
+        query_id,
+        license_id: claims.jti.clone(),
+        customer_id: claims.sub.clone(),
+        model: model.to_string(),
+        layer: layer.to_string(),
+        tokens: tokens as i64,
+        upload_bytes: body.len() as i64,
+        download_bytes: answer.body.len() as i64,
+        worker: answer.worker.clone(),
+        compute_ms: answer.compute_ms,
+        status: "ok".into(),
+        created_at: now,
+    };
+    // Not recorded, not returned: the client retries with the same query id.
+    let settled = state
+        .ledger
+        .settle(&reservation, &event)
+        .await
+        .map_err(ledger_down)?;
+    if settled.billed {
+        state.metrics.tokens_metered.inc_by(tokens as u64);
+        let d_in = header.shape.d_in as i64;
+        if settled.layer_used >= d_in && settled.layer_used - (tokens as i64) < d_in {
+            state.metrics.extraction_alerts.inc();
+            tracing::warn!(license = %claims.jti, layer = %layer, rows = settled.layer_used, d_in, "license sent more rows to one layer than its input width this period");
+        }
+    }
+    state.metrics.bytes_out.inc_by(answer.body.len() as u64);
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                protocol::CIPHERTEXT_CONTENT_TYPE.to_string(),
+            ),
+            (
+                header::HeaderName::from_static(protocol::COMPUTE_MS_HEADER),
+                format!("{:.3}", answer.compute_ms),
+            ),
+        ],
+        answer.body,
+    )
+        .into_response())
+}
+
+async fn layers(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        let model = Name::parse(&model).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, codes::INVALID_NAME, e.to_string())
+        })?;
+        let claims = authenticate(&state, &headers).await?;
+        if claims.model != model.as_str() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "license_wrong_model",
+                format!("the license covers model `{}`", claims.model),
+            ));
+        }
+        match state
+            .workers
+            .send(reqwest::Method::GET, &protocol::layers_path(&model), None)
+            .await
+        {
+            Ok(a) => {
+                let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
+                Ok((status, [(header::CONTENT_TYPE, "application/json")], a.body).into_response())
+            }
+            Err(ForwardError::Unreachable(reason)) => {
+                Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_worker", reason).retry(1))
+            }
+        }
+    }
+    .await;
+    let response = result.unwrap_or_else(|e| {
+        let code = e.code;
+        tag(e.into_response(), Some(code))
+    });
+    record(&state, "layers", &response);
+    response
+}
+
+/// A customer's own usage in the current quota period (license token).
+async fn usage(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let result = async {
+        let claims = authenticate(&state, &headers).await?;
+        let period = period_start(&claims, now_ms());
+        let billed = state
+            .ledger
+            .billable_tokens(&claims.jti, period)
+            .await
+            .map_err(ledger_down)?;
+        Ok::<_, ApiError>(Json(json!({
+            "license_id": claims.jti,
+            "customer": claims.sub,
+            "model": claims.model,
+            "period_start_ms": period,
+            "quota_tokens": claims.quota_tokens,
+            "billable_tokens": billed,
+        })))
+    }
+    .await;
+    let response = match result {
+        Ok(r) => r.into_response(),
+        Err(e) => {
+            let code = e.code;
+            tag(e.into_response(), Some(code))
+        }
+    };
+    record(&state, "usage", &response);
+    response
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready when the ledger answers and at least one worker is healthy.
+async fn readyz(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
+    state.ledger.ping().await.map_err(ledger_down)?;
+    if state.workers.healthy_count() == 0 {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_worker",
+            "no healthy worker",
+        )
+        .retry(1));
+    }
+    Ok("ready")
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/usage", get(usage))
+        .route("/v1/models/{model}/layers", get(layers))
+        .route("/v1/models/{model}/layers/{layer}/apply", post(apply))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}

@@ -1,0 +1,507 @@
+//! The gateway as a real service on loopback, with real workers and a real ledger database
+//! (a throw-away Postgres database, or a SQLite file).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fhe_linear::{ClientKey, LayerShape, LayerSpec, HFHE_GLWE_2048_V1};
+use gateway::{Application, GatewayConfig};
+use hybrid_model::compile::{compile, CompileOptions};
+use hybrid_model::tiny::{tiny_config, tiny_tokenizer, tiny_weights};
+use ledger::Ledger;
+use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
+
+const AUD: &str = "hybrid-gateway";
+const LAYER: &str = "layers.1.mixer.Wqkv";
+
+fn compile_tiny(dir: &Path) -> (PathBuf, PathBuf) {
+    let (client, server) = (dir.join("client"), dir.join("server.safetensors"));
+    let options = CompileOptions {
+        model_name: "tiny".into(),
+        protect: vec![LAYER.into()],
+        n_bits: 8,
+        calibration: vec![],
+    };
+    compile(
+        &tiny_config(),
+        &tiny_weights().unwrap(),
+        Some(&tiny_tokenizer().unwrap()),
+        &options,
+        &client,
+        &server,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    (client, server)
+}
+
+async fn postgres_url() -> String {
+    let admin_url = std::env::var("LEDGER_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&admin_url)
+        .await
+        .expect("a Postgres server for the tests (see .ci/run)");
+    let name = format!("gateway_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn claims(id: &str, quota: u64) -> LicenseClaims {
+    LicenseClaims {
+        jti: id.into(),
+        sub: "acme".into(),
+        iss: "vendor".into(),
+        aud: AUD.into(),
+        model: "tiny".into(),
+        layers: vec![LAYER.into()],
+        quota_tokens: quota,
+        quota_period: QuotaPeriod::Month,
+        rate_limit_per_minute: 100_000,
+        max_in_flight: 64,
+        iat: now(),
+        nbf: now() - 5,
+        exp: now() + 3600,
+    }
+}
+
+struct Stack {
+    url: String,
+    metrics_url: String,
+    worker_metrics: Vec<String>,
+    ledger: Arc<Ledger>,
+    key: SigningKey,
+    _dir: tempfile::TempDir,
+    client_dir: PathBuf,
+    _stops: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+async fn wait_ready(url: &str) {
+    for _ in 0..300 {
+        if reqwest::get(format!("{url}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{url} never became ready");
+}
+
+/// Workers (plus `dead` unreachable addresses listed first) and a gateway over `database_url`.
+async fn stack(database_url: String, workers: usize, dead: usize) -> Stack {
+    let dir = tempfile::tempdir().unwrap();
+    let (client_dir, server) = compile_tiny(dir.path());
+    let mut urls = Vec::new();
+    let mut stops = Vec::new();
+    for _ in 0..dead {
+        // A port that was bound and released: nothing listens there.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        urls.push(format!("http://{}", l.local_addr().unwrap()));
+    }
+    let mut worker_metrics = Vec::new();
+    for _ in 0..workers {
+        let app = worker::Application::build(worker::WorkerConfig::local(vec![server.clone()]))
+            .await
+            .unwrap();
+        let url = format!("http://127.0.0.1:{}", app.port());
+        worker_metrics.push(format!("http://127.0.0.1:{}/metrics", app.metrics_port()));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(app.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        wait_ready(&url).await;
+        urls.push(url);
+        stops.push(tx);
+    }
+    let key = SigningKey::generate("k1");
+    let keyset = KeySet::new(&[key.public().unwrap()]).unwrap();
+    let mut config = GatewayConfig::local(&database_url, keyset, AUD, urls);
+    config.revocation_refresh = Duration::ZERO;
+    config.max_body_bytes = 1 << 20;
+    config.max_rows_per_request = 8;
+    let app = Application::build(config).await.unwrap();
+    let url = format!("http://127.0.0.1:{}", app.port());
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", app.metrics_port());
+    let ledger = app.ledger();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    stops.push(tx);
+    Stack {
+        url,
+        metrics_url,
+        worker_metrics,
+        ledger,
+        key,
+        _dir: dir,
+        client_dir,
+        _stops: stops,
+    }
+}
+
+fn batch(tokens: usize) -> Vec<u8> {
+    let spec = LayerSpec::choose(&HFHE_GLWE_2048_V1, LayerShape::new(64, 192), 1).unwrap();
+    let key = ClientKey::generate(&HFHE_GLWE_2048_V1);
+    key.encrypt(&spec, &vec![3i8; 64 * tokens], tokens)
+        .unwrap()
+        .to_bytes()
+}
+
+impl Stack {
+    fn apply_url(&self, layer: &str) -> String {
+        format!("{}/v1/models/tiny/layers/{layer}/apply", self.url)
+    }
+
+    async fn post(
+        &self,
+        token: Option<&str>,
+        query_id: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, String) {
+        let mut request = reqwest::Client::new()
+            .post(self.apply_url(LAYER))
+            .body(body);
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        if let Some(q) = query_id {
+            request = request.header(protocol::QUERY_ID_HEADER, q);
+        }
+        let answer = request.send().await.unwrap();
+        let status = answer.status().as_u16();
+        let bytes = answer.bytes().await.unwrap();
+        let code = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["code"].as_str().map(String::from))
+            .unwrap_or_default();
+        (status, code)
+    }
+
+    async fn billable(&self, license: &str) -> i64 {
+        self.ledger
+            .billable_tokens(license, ledger::month_start(now() as i64 * 1000))
+            .await
+            .unwrap()
+    }
+
+    async fn worker_applies(&self) -> u64 {
+        let mut total = 0;
+        for url in &self.worker_metrics {
+            let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+            total += text
+                .lines()
+                .filter(|l| l.starts_with("worker_apply_seconds_count"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        total
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_generation_through_the_gateway_is_exact_and_billed() {
+    let s = stack(postgres_url().await, 1, 0).await;
+    let license = s.key.issue(&claims("lic-gen", 1000)).unwrap();
+    let (url, client_dir, lic) = (s.url.clone(), s.client_dir.clone(), license.clone());
+    tokio::task::spawn_blocking(move || {
+        let client = hybrid_model::bundle::load_client_bundle(&client_dir).unwrap();
+        let server = hybrid_model::bundle::load_server_bundle(
+            &client_dir.parent().unwrap().join("server.safetensors"),
+        )
+        .unwrap();
+        let prompt = [6, 60, 19, 40, 72];
+        let options = hybrid_model::GenerateOptions {
+            max_tokens: 6,
+            ..Default::default()
+        };
+        let mut simulate =
+            hybrid_model::build_from_bundles(&client, Some(&server), hybrid_model::Mode::Simulate)
+                .unwrap();
+        let want = hybrid_model::generate(&mut simulate, &prompt, &options, |_| {}).unwrap();
+        let remote = hybrid_model::remote::RemoteConfig {
+            url,
+            model: "tiny".into(),
+            license: Some(lic),
+        };
+        let mut model = hybrid_model::build_remote(&client, remote).unwrap();
+        assert_eq!(
+            hybrid_model::generate(&mut model, &prompt, &options, |_| {}).unwrap(),
+            want
+        );
+    })
+    .await
+    .unwrap();
+    // Prefill (5 rows) + 5 decode steps (1 row each) through the one protected layer.
+    assert_eq!(s.billable("lic-gen").await, 10);
+    assert_eq!(s.ledger.usage_events("lic-gen").await.unwrap().len(), 6);
+    let usage = reqwest::Client::new()
+        .get(format!("{}/v1/usage", s.url))
+        .bearer_auth(&license)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let usage: serde_json::Value = serde_json::from_slice(&usage).unwrap();
+    assert_eq!(usage["billable_tokens"], 10);
+    let metrics = reqwest::get(&s.metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "gateway_requests_total",
+        "gateway_request_seconds",
+        "gateway_tokens_metered_total 10",
+        "gateway_quota_rejections_total",
+        "gateway_workers_healthy",
+    ] {
+        assert!(metrics.contains(name), "{name} missing");
+    }
+    assert!(
+        !metrics.contains("lic-gen") && !metrics.contains("acme"),
+        "no license or customer label"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_misused_and_revoked_licenses_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = stack(
+        format!("sqlite:{}?mode=rwc", dir.path().join("l.db").display()),
+        1,
+        0,
+    )
+    .await;
+    let body = batch(1);
+    let good = s.key.issue(&claims("lic-ok", 100)).unwrap();
+    let mut wrong_aud = claims("lic-a", 100);
+    wrong_aud.aud = "elsewhere".into();
+    let mut expired = claims("lic-e", 100);
+    expired.exp = now() - 3600;
+    let mut early = claims("lic-n", 100);
+    early.nbf = now() + 3600;
+    let mut other_model = claims("lic-m", 100);
+    other_model.model = "other".into();
+    let mut other_layer = claims("lic-l", 100);
+    other_layer.layers = vec!["lm_head".into()];
+    let parts: Vec<&str> = good.split('.').collect();
+    use base64::Engine;
+    let none_header =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none","kid":"k1"}"#);
+    let cases: Vec<(Option<String>, u16, &str)> = vec![
+        (None, 401, "license_missing"),
+        (
+            Some(format!("{none_header}.{}.", parts[1])),
+            401,
+            "license_algorithm_refused",
+        ),
+        (
+            Some(format!("{}.{}x.{}", parts[0], parts[1], parts[2])),
+            401,
+            "license_bad_signature",
+        ),
+        (
+            Some(
+                SigningKey::generate("k9")
+                    .issue(&claims("lic-x", 100))
+                    .unwrap(),
+            ),
+            401,
+            "license_unknown_kid",
+        ),
+        (
+            Some(s.key.issue(&wrong_aud).unwrap()),
+            401,
+            "license_wrong_audience",
+        ),
+        (Some(s.key.issue(&expired).unwrap()), 401, "license_expired"),
+        (
+            Some(s.key.issue(&early).unwrap()),
+            401,
+            "license_not_yet_valid",
+        ),
+        (
+            Some(s.key.issue(&other_model).unwrap()),
+            403,
+            "license_wrong_model",
+        ),
+        (
+            Some(s.key.issue(&other_layer).unwrap()),
+            403,
+            "layer_not_licensed",
+        ),
+    ];
+    for (token, status, code) in cases {
+        assert_eq!(
+            s.post(token.as_deref(), Some("q1"), body.clone()).await,
+            (status, code.to_string())
+        );
+    }
+    assert_eq!(s.post(Some(&good), Some("q1"), body.clone()).await.0, 200);
+    s.ledger
+        .revoke("lic-ok", "test", "admin", now() as i64 * 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.post(Some(&good), Some("q2"), body.clone()).await,
+        (401, "license_revoked".to_string())
+    );
+    assert_eq!(s.billable("lic-ok").await, 1);
+    assert_eq!(
+        s.worker_applies().await,
+        1,
+        "refused requests never reach a worker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_admit_exactly_the_quota() {
+    let s = Arc::new(stack(postgres_url().await, 1, 0).await);
+    let license = Arc::new(s.key.issue(&claims("lic-q", 20)).unwrap());
+    let body = Arc::new(batch(1));
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let (s, license, body) = (s.clone(), license.clone(), body.clone());
+            tokio::spawn(async move {
+                s.post(Some(&license), Some(&format!("q{i}")), body.to_vec())
+                    .await
+            })
+        })
+        .collect();
+    let mut outcomes = std::collections::HashMap::new();
+    for t in tasks {
+        *outcomes.entry(t.await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        outcomes.get(&(200, String::new())),
+        Some(&20),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.get(&(429, "quota_exceeded".to_string())),
+        Some(&30),
+        "{outcomes:?}"
+    );
+    assert_eq!(s.billable("lic-q").await, 20);
+    assert_eq!(s.ledger.usage_events("lic-q").await.unwrap().len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_bill_once_and_dead_workers_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = stack(
+        format!("sqlite:{}?mode=rwc", dir.path().join("l.db").display()),
+        1,
+        1,
+    )
+    .await;
+    let license = s.key.issue(&claims("lic-r", 100)).unwrap();
+    let body = batch(3);
+    for _ in 0..2 {
+        assert_eq!(
+            s.post(Some(&license), Some("same-query"), body.clone())
+                .await
+                .0,
+            200
+        );
+    }
+    for q in ["a", "b", "c"] {
+        assert_eq!(s.post(Some(&license), Some(q), body.clone()).await.0, 200);
+    }
+    assert_eq!(
+        s.billable("lic-r").await,
+        12,
+        "4 billed queries of 3 tokens; the retry is free"
+    );
+    assert_eq!(s.ledger.usage_events("lic-r").await.unwrap().len(), 4);
+    assert_eq!(s.worker_applies().await, 5, "the retry is served again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_get_codes_and_no_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = stack(
+        format!("sqlite:{}?mode=rwc", dir.path().join("l.db").display()),
+        1,
+        0,
+    )
+    .await;
+    let license = s.key.issue(&claims("lic-b", 1000)).unwrap();
+    assert_eq!(
+        s.post(Some(&license), Some("q"), b"garbage".to_vec()).await,
+        (400, "ciphertext_bad_magic".into())
+    );
+    assert_eq!(
+        s.post(Some(&license), Some("q"), vec![0; 2 << 20]).await,
+        (413, "body_too_large".into())
+    );
+    assert_eq!(
+        s.post(Some(&license), None, batch(1)).await,
+        (400, "missing_query_id".into())
+    );
+    assert_eq!(
+        s.post(Some(&license), Some("q"), batch(65)).await.0,
+        413,
+        "over the row cap"
+    );
+    let mut truncated = batch(1);
+    truncated.pop();
+    assert_eq!(
+        s.post(Some(&license), Some("q"), truncated).await,
+        (400, "ciphertext_truncated".into())
+    );
+    // A well-formed batch for another shape: the worker refuses it; nothing is billed.
+    let other = LayerSpec::choose(&HFHE_GLWE_2048_V1, LayerShape::new(32, 8), 1).unwrap();
+    let wrong = ClientKey::generate(&HFHE_GLWE_2048_V1)
+        .encrypt(&other, &[1; 32], 1)
+        .unwrap()
+        .to_bytes();
+    assert_eq!(
+        s.post(Some(&license), Some("q"), wrong).await,
+        (400, "layer_mismatch".into())
+    );
+    assert_eq!(s.billable("lic-b").await, 0);
+    assert!(s.ledger.usage_events("lic-b").await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_down_refuses_and_forwards_nothing() {
+    let url = postgres_url().await;
+    let s = stack(url.clone(), 1, 0).await;
+    let license = s.key.issue(&claims("lic-d", 100)).unwrap();
+    assert_eq!(s.post(Some(&license), Some("q1"), batch(1)).await.0, 200);
+    let (admin, name) = url.rsplit_once('/').unwrap();
+    let admin = sqlx::AnyPool::connect(&format!("{admin}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.post(Some(&license), Some("q2"), batch(1)).await,
+        (503, "ledger_unavailable".into())
+    );
+    assert_eq!(
+        s.worker_applies().await,
+        1,
+        "nothing forwarded while usage cannot be recorded"
+    );
+}
