@@ -54,6 +54,20 @@ pub enum LicenseCommand {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Revoke a license: every gateway on this ledger refuses it within seconds.
+    Revoke {
+        /// License id (the token's `jti`).
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        reason: String,
+        /// The ledger the gateways use (postgres://... or sqlite:PATH).
+        #[arg(long, env = "GATEWAY_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Who revokes (written to the audit log).
+        #[arg(long, default_value = "cli")]
+        actor: String,
+    },
     /// Print a license's claims; with --keyset, verify it too.
     Inspect {
         token: String,
@@ -126,6 +140,24 @@ pub fn run(cmd: LicenseCommand) -> Result<()> {
                 exp: now + days * 86_400,
             };
             println!("{}", signing.issue(&claims)?);
+        }
+        LicenseCommand::Revoke {
+            id,
+            reason,
+            database_url,
+            actor,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let ledger = ledger::Ledger::connect(&database_url).await?;
+                ledger
+                    .revoke(&id, &reason, &actor, (now() * 1000) as i64)
+                    .await?;
+                anyhow::Ok(())
+            })?;
+            println!("{}", json!({"revoked": id}));
         }
         LicenseCommand::Inspect { token, keyset, aud } => {
             let claims = license::inspect_unverified(token.trim())?;

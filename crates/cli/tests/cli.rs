@@ -214,4 +214,17 @@ fn license_keygen_issue_inspect() {
     assert!(ok);
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["verification"]["code"], "license_wrong_audience");
+
+    let db = format!("sqlite:{}?mode=rwc", dir.path().join("ledger.db").display());
+    let (ok, _, err) = hybrid(&[
+        "license",
+        "revoke",
+        "--id",
+        "lic-7",
+        "--reason",
+        "test",
+        "--database-url",
+        &db,
+    ]);
+    assert!(ok, "{err}");
 }
