@@ -60,6 +60,28 @@ impl Linear for Concat {
     }
 }
 
+/// One linear per module (each from `make`, or loaded locally), concatenated when several.
+fn per_module(
+    modules: &[Module],
+    d_in: usize,
+    d_outs: &[usize],
+    vb: &VarBuilder,
+    make: impl Fn(Module) -> Option<Box<dyn Linear>>,
+) -> Result<Box<dyn Linear>> {
+    let mut parts: Vec<Box<dyn Linear>> = Vec::new();
+    for (m, d_out) in modules.iter().zip(d_outs) {
+        parts.push(match make(*m) {
+            Some(p) => p,
+            None => Box::new(LocalLinear::load(*m, d_in, *d_out, vb)?),
+        });
+    }
+    Ok(if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        Box::new(Concat(parts))
+    })
+}
+
 /// Everything local: the float model.
 pub struct LocalProvider;
 
@@ -71,15 +93,7 @@ impl LinearProvider for LocalProvider {
         d_outs: &[usize],
         vb: &VarBuilder,
     ) -> Result<Box<dyn Linear>> {
-        let mut parts: Vec<Box<dyn Linear>> = Vec::new();
-        for (m, d_out) in modules.iter().zip(d_outs) {
-            parts.push(Box::new(LocalLinear::load(*m, d_in, *d_out, vb)?));
-        }
-        Ok(if parts.len() == 1 {
-            parts.pop().unwrap()
-        } else {
-            Box::new(Concat(parts))
-        })
+        per_module(modules, d_in, d_outs, vb, |_| None)
     }
 }
 
@@ -169,20 +183,9 @@ impl LinearProvider for HybridProvider {
         d_outs: &[usize],
         vb: &VarBuilder,
     ) -> Result<Box<dyn Linear>> {
-        if let Some(fused) = self.protected(modules) {
-            return Ok(fused);
+        match self.protected(modules) {
+            Some(fused) => Ok(fused),
+            None => per_module(modules, d_in, d_outs, vb, |m| self.protected(&[m])),
         }
-        let mut parts: Vec<Box<dyn Linear>> = Vec::new();
-        for (m, d_out) in modules.iter().zip(d_outs) {
-            parts.push(match self.protected(std::slice::from_ref(m)) {
-                Some(p) => p,
-                None => Box::new(LocalLinear::load(*m, d_in, *d_out, vb)?),
-            });
-        }
-        Ok(if parts.len() == 1 {
-            parts.pop().unwrap()
-        } else {
-            Box::new(Concat(parts))
-        })
     }
 }

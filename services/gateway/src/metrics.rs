@@ -1,17 +1,9 @@
 //! The gateway's Prometheus metrics, on their own port. Labels are bounded (route, outcome,
 //! error code); never a license, customer or model input.
 
-use std::sync::Arc;
-
-use axum::extract::State;
-use axum::routing::get;
-use axum::Router;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
-
-use crate::AppState;
 
 pub struct Metrics {
     pub registry: Registry,
@@ -96,16 +88,4 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
-}
-
-async fn metrics(State(state): State<Arc<AppState>>) -> String {
-    let mut out = Vec::new();
-    let _ = TextEncoder::new().encode(&state.metrics.registry.gather(), &mut out);
-    String::from_utf8(out).unwrap_or_default()
-}
-
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .with_state(state)
 }

@@ -13,54 +13,12 @@ use axum::{Json, Router};
 use fhe_linear::Limits;
 use ledger::{LedgerError, UsageEvent};
 use license::{LicenseClaims, QuotaPeriod};
-use protocol::{codes, ErrorBody, Name};
+use protocol::{codes, Name};
 use serde_json::json;
+use service_kit::{outcome, ApiError};
 
 use crate::workers::ForwardError;
 use crate::AppState;
-
-/// An error answer: status, stable code, message, and optionally seconds to wait.
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    retry_after: Option<u64>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-
-    fn retry(mut self, seconds: u64) -> Self {
-        self.retry_after = Some(seconds);
-        self
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (
-            self.status,
-            Json(ErrorBody {
-                code: self.code.to_string(),
-                message: self.message,
-            }),
-        )
-            .into_response();
-        if let Some(s) = self.retry_after {
-            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-        }
-        response
-    }
-}
 
 fn ledger_down(e: LedgerError) -> ApiError {
     tracing::error!(error = %e, "ledger unavailable: refusing the request");
@@ -122,9 +80,7 @@ fn period_start(claims: &LicenseClaims, now: i64) -> i64 {
 }
 
 fn names(model: &str, layer: &str) -> Result<(Name, Name), ApiError> {
-    let bad = |e: protocol::InvalidName| {
-        ApiError::new(StatusCode::BAD_REQUEST, codes::INVALID_NAME, e.to_string())
-    };
+    let bad = ApiError::invalid_name;
     Ok((
         Name::parse(model).map_err(bad)?,
         Name::parse(layer).map_err(bad)?,
@@ -155,31 +111,11 @@ fn query_id(headers: &HeaderMap) -> Result<String, ApiError> {
 }
 
 fn record(state: &AppState, route: &str, response: &Response) {
-    let outcome = if response.status().is_success() {
-        "ok".to_string()
-    } else {
-        // The error code is a bounded label: one of a fixed set.
-        response
-            .headers()
-            .get("x-error-code")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("error")
-            .to_string()
-    };
     state
         .metrics
         .requests
-        .with_label_values(&[route, &outcome])
+        .with_label_values(&[route, &outcome(response)])
         .inc();
-}
-
-fn tag(mut response: Response, code: Option<&'static str>) -> Response {
-    if let Some(code) = code {
-        response
-            .headers_mut()
-            .insert("x-error-code", HeaderValue::from_static(code));
-    }
-    response
 }
 
 async fn apply(
@@ -189,13 +125,9 @@ async fn apply(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let response = match apply_inner(&state, &model, &layer, &headers, body).await {
-        Ok(r) => r,
-        Err(e) => {
-            let code = e.code;
-            tag(e.into_response(), Some(code))
-        }
-    };
+    let response = apply_inner(&state, &model, &layer, &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
     state
         .metrics
         .latency
@@ -229,17 +161,7 @@ async fn apply_inner(
         ));
     }
     let query_id = query_id(headers)?;
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                codes::BODY_TOO_LARGE,
-                format!("body over {} bytes", state.config.max_body_bytes),
-            )
-        } else {
-            ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_BODY, e.body_text())
-        }
-    })?;
+    let body = body.map_err(|e| ApiError::body(e, state.config.max_body_bytes))?;
     // Meter from the header only; the ciphertext itself is the worker's business.
     let limits = Limits {
         max_bytes: state.config.max_body_bytes as u64,
@@ -384,20 +306,10 @@ async fn apply_inner(
         }
     }
     state.metrics.bytes_out.inc_by(answer.body.len() as u64);
-    Ok((
-        [
-            (
-                header::CONTENT_TYPE,
-                protocol::CIPHERTEXT_CONTENT_TYPE.to_string(),
-            ),
-            (
-                header::HeaderName::from_static(protocol::COMPUTE_MS_HEADER),
-                format!("{:.3}", answer.compute_ms),
-            ),
-        ],
+    Ok(service_kit::ciphertext_answer(
         answer.body,
-    )
-        .into_response())
+        answer.compute_ms,
+    ))
 }
 
 async fn layers(
@@ -406,9 +318,7 @@ async fn layers(
     headers: HeaderMap,
 ) -> Response {
     let result = async {
-        let model = Name::parse(&model).map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, codes::INVALID_NAME, e.to_string())
-        })?;
+        let model = Name::parse(&model).map_err(ApiError::invalid_name)?;
         let claims = authenticate(&state, &headers).await?;
         if claims.model != model.as_str() {
             return Err(ApiError::new(
@@ -432,10 +342,7 @@ async fn layers(
         }
     }
     .await;
-    let response = result.unwrap_or_else(|e| {
-        let code = e.code;
-        tag(e.into_response(), Some(code))
-    });
+    let response = result.unwrap_or_else(IntoResponse::into_response);
     record(&state, "layers", &response);
     response
 }
@@ -462,10 +369,7 @@ async fn usage(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respon
     .await;
     let response = match result {
         Ok(r) => r.into_response(),
-        Err(e) => {
-            let code = e.code;
-            tag(e.into_response(), Some(code))
-        }
+        Err(e) => e.into_response(),
     };
     record(&state, "usage", &response);
     response

@@ -172,26 +172,14 @@ impl Application {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let (tx, rx) = tokio::sync::watch::channel(());
-        let metrics_app = metrics::router(self.state.clone());
-        let mut metrics_rx = rx.clone();
-        let metrics_server = tokio::spawn(async move {
-            axum::serve(self.metrics, metrics_app)
-                .with_graceful_shutdown(async move {
-                    let _ = metrics_rx.changed().await;
-                })
-                .await
-        });
-        let mut api_rx = rx;
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = tx.send(());
-        });
-        axum::serve(self.api, routes::router(self.state))
-            .with_graceful_shutdown(async move {
-                let _ = api_rx.changed().await;
-            })
-            .await?;
-        metrics_server.await.map_err(std::io::Error::other)?
+        let metrics = service_kit::metrics_router(self.state.metrics.registry.clone());
+        service_kit::serve(
+            self.api,
+            routes::router(self.state),
+            self.metrics,
+            metrics,
+            shutdown,
+        )
+        .await
     }
 }

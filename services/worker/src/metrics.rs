@@ -1,22 +1,11 @@
 //! The worker's Prometheus metrics, served on their own port. Labels are bounded: route and
 //! outcome only (never a model input, a license or a customer).
 
-use std::sync::Arc;
-
-use axum::extract::State;
-use axum::routing::get;
-use axum::Router;
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
-};
-
-use crate::AppState;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
     pub registry: Registry,
-    /// Requests by route (`apply`, `layers`) and outcome (`ok`, `client_error`, `not_found`,
-    /// `overloaded`, `not_ready`, `error`).
+    /// Requests by route (`apply`, `layers`) and outcome (`ok` or the stable error code).
     pub requests: IntCounterVec,
     /// Server compute time of one apply.
     pub apply_seconds: Histogram,
@@ -81,16 +70,4 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
-}
-
-async fn metrics(State(state): State<Arc<AppState>>) -> String {
-    let mut out = Vec::new();
-    let _ = TextEncoder::new().encode(&state.metrics.registry.gather(), &mut out);
-    String::from_utf8(out).unwrap_or_default()
-}
-
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .with_state(state)
 }

@@ -6,65 +6,18 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fhe_linear::{EncryptedBatch, Limits};
-use protocol::{codes, ErrorBody, Name};
+use protocol::{codes, Name};
+use service_kit::{outcome, ApiError};
 
 use crate::AppState;
 
-/// An error answer: status, stable code, message.
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (
-            self.status,
-            Json(ErrorBody {
-                code: self.code.to_string(),
-                message: self.message,
-            }),
-        )
-            .into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        response
-    }
-}
-
-fn outcome(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        200..=299 => "ok",
-        404 => "not_found",
-        400..=499 => "client_error",
-        503 => "overloaded_or_not_ready",
-        _ => "error",
-    }
-}
-
 fn names(model: &str, layer: Option<&str>) -> Result<(Name, Option<Name>), ApiError> {
-    let bad = |e: protocol::InvalidName| {
-        ApiError::new(StatusCode::BAD_REQUEST, codes::INVALID_NAME, e.to_string())
-    };
+    let bad = ApiError::invalid_name;
     let model = Name::parse(model).map_err(bad)?;
     let layer = layer.map(Name::parse).transpose().map_err(bad)?;
     Ok((model, layer))
@@ -112,7 +65,7 @@ async fn layers(State(state): State<Arc<AppState>>, Path(model): Path<String>) -
     state
         .metrics
         .requests
-        .with_label_values(&["layers", outcome(response.status())])
+        .with_label_values(&["layers", &outcome(&response)])
         .inc();
     response
 }
@@ -128,7 +81,7 @@ async fn apply(
     state
         .metrics
         .requests
-        .with_label_values(&["apply", outcome(response.status())])
+        .with_label_values(&["apply", &outcome(&response)])
         .inc();
     response
 }
@@ -160,17 +113,7 @@ async fn apply_inner(
                 format!("no layer `{layer}` in model `{model}`"),
             )
         })?;
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                codes::BODY_TOO_LARGE,
-                format!("body over {} bytes", state.config.max_body_bytes),
-            )
-        } else {
-            ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_BODY, e.body_text())
-        }
-    })?;
+    let body = body.map_err(|e| ApiError::body(e, state.config.max_body_bytes))?;
     state.metrics.request_bytes.inc_by(body.len() as u64);
     let limits = Limits {
         max_bytes: state.config.max_body_bytes as u64,
@@ -217,21 +160,10 @@ async fn apply_inner(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
     state.metrics.apply_seconds.observe(elapsed.as_secs_f64());
     state.metrics.response_bytes.inc_by(bytes.len() as u64);
-    let compute_ms = format!("{:.3}", elapsed.as_secs_f64() * 1e3);
-    Ok((
-        [
-            (
-                header::CONTENT_TYPE,
-                protocol::CIPHERTEXT_CONTENT_TYPE.to_string(),
-            ),
-            (
-                header::HeaderName::from_static(protocol::COMPUTE_MS_HEADER),
-                compute_ms,
-            ),
-        ],
-        bytes,
-    )
-        .into_response())
+    Ok(service_kit::ciphertext_answer(
+        bytes.into(),
+        elapsed.as_secs_f64() * 1e3,
+    ))
 }
 
 pub fn router(state: Arc<AppState>) -> Router {

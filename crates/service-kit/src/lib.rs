@@ -1,0 +1,161 @@
+//! HTTP plumbing shared by the gateway and the workers: the error answer (a JSON
+//! `protocol::ErrorBody` with a stable code), the Prometheus `/metrics` port, and serving an API
+//! and its metrics until a shutdown signal, letting requests in flight finish.
+
+use std::future::Future;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus::{Encoder, Registry, TextEncoder};
+use protocol::{codes, ErrorBody};
+use tokio::net::TcpListener;
+
+/// Header carrying an error answer's code, read back by the metrics middleware of a service.
+pub const ERROR_CODE_HEADER: &str = "x-error-code";
+
+/// An error answer: status, stable code, message, and optionally seconds to wait.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// Adds a `Retry-After` header.
+    pub fn retry(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// 400 for an invalid model or layer name.
+    pub fn invalid_name(e: protocol::InvalidName) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, codes::INVALID_NAME, e.to_string())
+    }
+
+    /// The body could not be read: 413 past `limit` bytes, else 400.
+    pub fn body(rejection: BytesRejection, limit: usize) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::BODY_TOO_LARGE,
+                format!("body over {limit} bytes"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                codes::BAD_BODY,
+                rejection.body_text(),
+            )
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(ErrorBody {
+                code: self.code.to_string(),
+                message: self.message,
+            }),
+        )
+            .into_response();
+        let headers = response.headers_mut();
+        headers.insert(ERROR_CODE_HEADER, HeaderValue::from_static(self.code));
+        if let Some(s) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        response
+    }
+}
+
+/// The outcome label of an answer: `ok`, or its error code (a bounded set of constants).
+pub fn outcome(response: &Response) -> String {
+    if response.status().is_success() {
+        return "ok".into();
+    }
+    response
+        .headers()
+        .get(ERROR_CODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("error")
+        .to_string()
+}
+
+/// An answer carrying ciphertext bytes and the server compute time.
+pub fn ciphertext_answer(bytes: Bytes, compute_ms: f64) -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                protocol::CIPHERTEXT_CONTENT_TYPE.to_string(),
+            ),
+            (
+                header::HeaderName::from_static(protocol::COMPUTE_MS_HEADER),
+                format!("{compute_ms:.3}"),
+            ),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
+/// A router serving `registry` at `/metrics` in the Prometheus text format.
+pub fn metrics_router(registry: Registry) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut out = Vec::new();
+                let _ = TextEncoder::new().encode(&registry.gather(), &mut out);
+                String::from_utf8(out).unwrap_or_default()
+            }
+        }),
+    )
+}
+
+/// Serves `api` and `metrics` until `shutdown` resolves; requests in flight finish first.
+pub async fn serve(
+    api_listener: TcpListener,
+    api: Router,
+    metrics_listener: TcpListener,
+    metrics: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::watch::channel(());
+    let mut metrics_rx = rx.clone();
+    let metrics_server = tokio::spawn(async move {
+        axum::serve(metrics_listener, metrics)
+            .with_graceful_shutdown(async move {
+                let _ = metrics_rx.changed().await;
+            })
+            .await
+    });
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(());
+    });
+    let mut api_rx = rx;
+    axum::serve(api_listener, api)
+        .with_graceful_shutdown(async move {
+            let _ = api_rx.changed().await;
+        })
+        .await?;
+    metrics_server.await.map_err(std::io::Error::other)?
+}
