@@ -36,10 +36,18 @@ fn load_source(model: &str) -> Result<Source> {
             tokenizer: Some(hybrid_model::tiny::tiny_tokenizer()?),
         });
     }
-    let dir = Path::new(model);
-    if !dir.is_dir() {
-        bail!("model `{model}` is neither `tiny` nor a directory (config.json, *.safetensors, tokenizer.json); downloading from the hub is not part of this build");
-    }
+    let downloaded;
+    let dir = if Path::new(model).is_dir() {
+        Path::new(model)
+    } else if model.contains('/') && cfg!(feature = "hf-hub") {
+        downloaded = download(model)?;
+        downloaded.as_path()
+    } else {
+        bail!(
+            "model `{model}` is neither `tiny` nor a directory (config.json, *.safetensors, tokenizer.json){}",
+            if cfg!(feature = "hf-hub") { "" } else { "; hub ids need a build with --features hf-hub" }
+        );
+    };
     let config: PhiConfig =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).context("config.json")?)
             .context("config.json is not a phi configuration")?;
@@ -70,6 +78,39 @@ fn load_source(model: &str) -> Result<Source> {
         tensors,
         tokenizer,
     })
+}
+
+/// Downloads a model from the Hugging Face hub into its cache; returns the snapshot directory.
+#[cfg(feature = "hf-hub")]
+fn download(id: &str) -> Result<PathBuf> {
+    let repo = hf_hub::api::sync::Api::new()?.model(id.to_string());
+    let config = repo.get("config.json")?;
+    let _ = repo.get("tokenizer.json");
+    match repo.get("model.safetensors.index.json") {
+        Ok(index) => {
+            let index: serde_json::Value = serde_json::from_slice(&std::fs::read(index)?)?;
+            let mut shards: Vec<&str> = index["weight_map"]
+                .as_object()
+                .context("index without weight_map")?
+                .values()
+                .filter_map(|v| v.as_str())
+                .collect();
+            shards.sort();
+            shards.dedup();
+            for shard in shards {
+                repo.get(shard)?;
+            }
+        }
+        Err(_) => {
+            repo.get("model.safetensors")?;
+        }
+    }
+    Ok(config.parent().context("snapshot directory")?.to_path_buf())
+}
+
+#[cfg(not(feature = "hf-hub"))]
+fn download(id: &str) -> Result<PathBuf> {
+    bail!("`{id}`: this build cannot download models (build with --features hf-hub)")
 }
 
 fn progress_bar() -> ProgressBar {
