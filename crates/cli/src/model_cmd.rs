@@ -137,6 +137,10 @@ pub struct CompileArgs {
     /// Bits of the quantized weights and activations.
     #[arg(long, default_value_t = 8)]
     n_bits: u32,
+    /// Activation quantization: dynamic (per token), static (calibrated per layer), or auto
+    /// (measure both on the calibration prompts, keep the more accurate).
+    #[arg(long, default_value = "auto")]
+    activations: String,
     /// Output directory: `client/` (for the customer) and `server.safetensors` (for the workers).
     #[arg(long)]
     out: PathBuf,
@@ -176,6 +180,7 @@ pub fn compile_cmd(args: CompileArgs) -> Result<()> {
         protect: args.protect,
         n_bits: args.n_bits,
         calibration,
+        activations: args.activations.parse()?,
     };
     let bar = progress_bar();
     let client_dir = args.out.join("client");
@@ -200,7 +205,9 @@ pub fn compile_cmd(args: CompileArgs) -> Result<()> {
         "server_bundle": server_path,
         "protected": manifest.layers.iter().map(|l| json!({"name": l.name, "d_in": l.d_in, "d_out": l.d_out})).collect::<Vec<_>>(),
         "n_bits": manifest.n_bits,
+        "activation_quantization": manifest.activation_quantization,
         "calibration": manifest.calibration,
+        "alternative": manifest.alternative,
         "server_bundle_sha256": manifest.server_bundle_sha256,
         "compile_ms": started.elapsed().as_secs_f64() * 1e3,
     });

@@ -29,6 +29,26 @@ impl std::fmt::Debug for CompiledLayer {
     }
 }
 
+/// Checks that no row can leave the plaintext window for any input:
+/// `sum_j |w_rj| * 2^(a-1) + |b_r| < 2^(P-1)`.
+pub fn check_window(
+    params: &crate::ParameterSet,
+    d_in: usize,
+    w: &[i8],
+    bias: &[i64],
+) -> Result<(), FheError> {
+    let window = 1i128 << (params.plaintext_bits(d_in) - 1);
+    let a_max = 1i128 << (params.activation_bits - 1);
+    for (r, (row, b)) in w.chunks_exact(d_in).zip(bias).enumerate() {
+        let reach =
+            row.iter().map(|v| (*v as i128).abs()).sum::<i128>() * a_max + (*b as i128).abs();
+        if reach >= window {
+            return Err(FheError::BiasOutOfRange { row: r, bias: *b });
+        }
+    }
+    Ok(())
+}
+
 impl CompiledLayer {
     /// Precomputes everything that depends only on the weights `w` (`d_out x d_in`, row-major)
     /// and the bias `b` (`d_out`). Fails when a row could overflow the plaintext window:
@@ -43,18 +63,7 @@ impl CompiledLayer {
                 spec.shape
             )));
         }
-        let window = 1i128 << (spec.params.plaintext_bits(d_in) - 1);
-        let a_max = 1i128 << (spec.params.activation_bits - 1);
-        for (r, row) in w.chunks_exact(d_in).enumerate() {
-            let reach = row.iter().map(|v| (*v as i128).abs()).sum::<i128>() * a_max
-                + (bias[r] as i128).abs();
-            if reach >= window {
-                return Err(FheError::BiasOutOfRange {
-                    row: r,
-                    bias: bias[r],
-                });
-            }
-        }
+        check_window(spec.params, d_in, w, bias)?;
         let n = spec.polynomial_size();
         let (n_i, n_o) = (spec.layout.n_i, spec.layout.n_o);
         let (in_blocks, out_blocks) = (spec.input_blocks(), spec.output_blocks());

@@ -15,12 +15,13 @@ pub trait ProtectedBackend: Send + Sync {
     fn apply(&self, layer: &str, x: &[i8], tokens: usize) -> Result<Vec<i64>, ModelError>;
 }
 
-/// What the vendor keeps of one protected layer: its quantized weights. (The float bias and the
-/// per-channel scales are applied by the client after decryption.)
+/// What the vendor keeps of one protected layer: its quantized weights and the integer bias
+/// folded into the product (zeros when the client adds the float bias after dequantization).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerLayer {
     pub name: String,
     pub weights: QuantizedWeights,
+    pub bias: Vec<i64>,
 }
 
 impl ServerLayer {
@@ -61,13 +62,12 @@ impl ProtectedBackend for SimulateBackend {
             .get(layer)
             .ok_or_else(|| ModelError::MissingLayer(layer.to_string()))?;
         check_input(l, x, tokens)?;
-        let zero_bias = vec![0i64; l.weights.d_out];
         Ok(fhe_linear::simulate(
             l.shape(),
             x,
             tokens,
             &l.weights.values,
-            &zero_bias,
+            &l.bias,
         ))
     }
 }
@@ -85,12 +85,11 @@ impl ExecuteBackend {
         let mut compiled = HashMap::new();
         for l in layers {
             let spec = LayerSpec::choose(params, l.shape(), 1)?;
-            let zero_bias = vec![0i64; l.weights.d_out];
             compiled.insert(
                 l.name.clone(),
                 (
                     spec,
-                    CompiledLayer::compile(spec, &l.weights.values, &zero_bias)?,
+                    CompiledLayer::compile(spec, &l.weights.values, &l.bias)?,
                 ),
             );
         }

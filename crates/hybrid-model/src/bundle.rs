@@ -11,9 +11,11 @@
 //! Server bundle (one file, `server.safetensors`): the protected layers' quantized weights as
 //! `I8` tensors named after the layers, and a [`ServerManifest`] in the safetensors metadata.
 //!
-//! What the client learns of a protected layer: its name, shape, the per-output-channel weight
-//! scales (`max_j |W_rj| / 127`) and the float bias, which dequantization needs
-//! ([`crate::linear::ClientLayer`]). Never the weights.
+//! What the client learns of a protected layer ([`crate::linear::ClientLayer`]): its name, shape,
+//! the per-output-channel weight scales (`max_j |W_rj| / 127`), and either the float bias (dynamic
+//! per-token activations) or one calibrated activation scale (static activations: the bias is
+//! folded into the server's integer product and the client gets zeros). Never the weights.
+//! `compile` measures both on the calibration prompts and keeps the more accurate by default.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,6 +41,9 @@ const SERVER_METADATA_KEY: &str = "hybrid-fhe";
 /// (teacher-forced, every position).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationReport {
+    /// The activation quantization measured: `dynamic` or `static`.
+    #[serde(default)]
+    pub activations: String,
     pub prompts: usize,
     pub positions: usize,
     /// Share of positions whose most likely next token is the float model's.
@@ -61,6 +66,9 @@ pub struct ClientManifest {
     /// SHA-256 of `model.safetensors`.
     pub client_weights_sha256: String,
     pub calibration: Option<CalibrationReport>,
+    /// The accuracy of the activation quantization that was measured and not chosen.
+    #[serde(default)]
+    pub alternative: Option<CalibrationReport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,17 +113,28 @@ pub fn write_server_bundle(
     manifest: &ServerManifest,
     layers: &[ServerLayer],
 ) -> Result<String, ModelError> {
-    let data: Vec<(String, Vec<u8>, Vec<usize>)> = layers
-        .iter()
-        .map(|l| {
-            let bytes = l.weights.values.iter().map(|v| *v as u8).collect();
-            (l.name.clone(), bytes, vec![l.weights.d_out, l.weights.d_in])
-        })
-        .collect();
+    // Per layer: the int8 weights under its name, the folded integer bias under `NAME.bias`.
+    let mut data: Vec<(String, safetensors::Dtype, Vec<u8>, Vec<usize>)> = Vec::new();
+    for l in layers {
+        let weights = l.weights.values.iter().map(|v| *v as u8).collect();
+        data.push((
+            l.name.clone(),
+            safetensors::Dtype::I8,
+            weights,
+            vec![l.weights.d_out, l.weights.d_in],
+        ));
+        let bias = l.bias.iter().flat_map(|b| b.to_le_bytes()).collect();
+        data.push((
+            format!("{}.bias", l.name),
+            safetensors::Dtype::I64,
+            bias,
+            vec![l.weights.d_out],
+        ));
+    }
     let views = data
         .iter()
-        .map(|(name, bytes, shape)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::I8, shape.clone(), bytes)
+        .map(|(name, dtype, bytes, shape)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
                 .map(|v| (name.clone(), v))
                 .map_err(bundle_err)
         })
@@ -166,6 +185,21 @@ pub fn load_server_bundle(path: &Path) -> Result<ServerBundle, ModelError> {
             )));
         }
         let values: Vec<i8> = view.data().iter().map(|b| *b as i8).collect();
+        let bias_name = format!("{}.bias", info.name);
+        let bias_view = st
+            .tensor(&bias_name)
+            .map_err(|e| bundle_err(format!("{bias_name}: {e}")))?;
+        if bias_view.dtype() != safetensors::Dtype::I64 || bias_view.shape() != [info.d_out] {
+            return Err(bundle_err(format!(
+                "{bias_name}: expected I64 {}",
+                info.d_out
+            )));
+        }
+        let bias: Vec<i64> = bias_view
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
         layers.push(ServerLayer {
             name: info.name.clone(),
             weights: quant::QuantizedWeights {
@@ -175,6 +209,7 @@ pub fn load_server_bundle(path: &Path) -> Result<ServerBundle, ModelError> {
                 scales: vec![],
                 values,
             },
+            bias,
         });
     }
     Ok(ServerBundle {

@@ -12,7 +12,41 @@ use crate::bundle::{
 };
 use crate::config::PhiConfig;
 use crate::model::Phi;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::backend::SimulateBackend;
+use crate::linear::{
+    per_module, HybridProvider, Linear, LinearProvider, LocalLinear, LocalProvider,
+};
 use crate::{build, names, vendor, Mode, ModelError};
+
+/// How protected layers quantize their inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// One scale per token, computed on the fly (the client adds the float bias).
+    Dynamic,
+    /// One scale per layer, calibrated on the prompts (the server folds the bias in).
+    Static,
+    /// Measure both on the calibration prompts and keep the more accurate (dynamic on a tie).
+    Auto,
+}
+
+impl std::str::FromStr for Activations {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        match s {
+            "dynamic" => Ok(Activations::Dynamic),
+            "static" => Ok(Activations::Static),
+            "auto" => Ok(Activations::Auto),
+            other => Err(ModelError::Bundle(format!(
+                "activations `{other}`: dynamic, static or auto"
+            ))),
+        }
+    }
+}
 
 /// How to compile.
 #[derive(Debug, Clone)]
@@ -24,6 +58,127 @@ pub struct CompileOptions {
     pub n_bits: u32,
     /// Token ids of the calibration prompts.
     pub calibration: Vec<Vec<u32>>,
+    pub activations: Activations,
+}
+
+/// A linear that records the largest input magnitude it sees (calibration).
+struct Recording {
+    inner: Box<dyn Linear>,
+    name: String,
+    stats: Arc<Mutex<HashMap<String, f32>>>,
+}
+
+impl Linear for Recording {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let max = x.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let mut stats = self.stats.lock().expect("calibration stats");
+        let e = stats.entry(self.name.clone()).or_insert(0.0);
+        *e = e.max(max);
+        drop(stats);
+        self.inner.forward(x)
+    }
+}
+
+/// The float model, with the inputs of protected layers recorded.
+struct RecordingProvider {
+    protected: Vec<names::ProtectedLayer>,
+    stats: Arc<Mutex<HashMap<String, f32>>>,
+}
+
+impl RecordingProvider {
+    fn wrap(&self, modules: &[names::Module], inner: Box<dyn Linear>) -> Box<dyn Linear> {
+        match self.protected.iter().find(|l| l.parts == modules) {
+            Some(l) => Box::new(Recording {
+                inner,
+                name: l.name.clone(),
+                stats: self.stats.clone(),
+            }),
+            None => inner,
+        }
+    }
+}
+
+impl LinearProvider for RecordingProvider {
+    fn build(
+        &self,
+        modules: &[names::Module],
+        d_in: usize,
+        d_outs: &[usize],
+        vb: &VarBuilder,
+    ) -> candle_core::Result<Box<dyn Linear>> {
+        if self.protected.iter().any(|l| l.parts == modules) {
+            let local = LocalProvider.build(modules, d_in, d_outs, vb)?;
+            return Ok(self.wrap(modules, local));
+        }
+        per_module(modules, d_in, d_outs, vb, |m| {
+            let inner =
+                LocalLinear::load(m, d_in, d_outs[modules.iter().position(|x| *x == m)?], vb)
+                    .ok()?;
+            Some(self.wrap(&[m], Box::new(inner)))
+        })
+    }
+}
+
+/// Calibrated static activation scales (largest magnitude seen / q_max) per protected layer.
+fn calibrate(
+    cfg: &PhiConfig,
+    tensors: &HashMap<String, Tensor>,
+    protected: &[names::ProtectedLayer],
+    prompts: &[Vec<u32>],
+    n_bits: u32,
+) -> Result<HashMap<String, f32>, ModelError> {
+    let stats = Arc::new(Mutex::new(HashMap::new()));
+    let provider = RecordingProvider {
+        protected: protected.to_vec(),
+        stats: stats.clone(),
+    };
+    let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+    let mut model = Phi::load(cfg, vb, &provider)?;
+    for p in prompts.iter().filter(|p| !p.is_empty()) {
+        model.clear_kv_cache();
+        model.forward_all(p)?;
+    }
+    let q_max = quant::q_max(n_bits)? as f32;
+    let stats = stats.lock().expect("calibration stats");
+    Ok(protected
+        .iter()
+        .map(|l| {
+            (
+                l.name.clone(),
+                stats
+                    .get(&l.name)
+                    .copied()
+                    .filter(|m| *m > 0.0)
+                    .unwrap_or(1.0)
+                    / q_max,
+            )
+        })
+        .collect())
+}
+
+/// A simulate-mode model from split layers (the client part built without protected tensors).
+fn simulated(
+    cfg: &PhiConfig,
+    tensors: &HashMap<String, Tensor>,
+    protected: &[names::ProtectedLayer],
+    split: &[vendor::SplitLayer],
+) -> Result<Phi, ModelError> {
+    let backend = Arc::new(SimulateBackend::new(
+        split.iter().map(|s| s.server.clone()).collect(),
+    ));
+    let provider = HybridProvider::new(
+        split
+            .iter()
+            .map(|s| (s.modules.clone(), s.client.clone()))
+            .collect(),
+        backend,
+    );
+    let vb = VarBuilder::from_tensors(
+        vendor::client_tensors(tensors, protected),
+        DType::F32,
+        &Device::Cpu,
+    );
+    Ok(Phi::load(cfg, vb, &provider)?)
 }
 
 /// Teacher-forced comparison of two models over `prompts`: share of identical argmax next-token
@@ -51,6 +206,7 @@ pub fn compare(
         }
     }
     Ok(CalibrationReport {
+        activations: String::new(),
         prompts: prompts.len(),
         positions,
         top1_agreement: if positions == 0 {
@@ -77,33 +233,82 @@ pub fn compile(
     if protected.is_empty() {
         return Err(ModelError::Bundle("no layer to protect".into()));
     }
-    let mut split = Vec::new();
-    for (i, layer) in protected.iter().enumerate() {
-        progress("quantize", i, protected.len());
-        split.extend(vendor::split_layers(
-            tensors,
-            std::slice::from_ref(layer),
-            options.n_bits,
-        )?);
-    }
-    progress("quantize", protected.len(), protected.len());
-
-    let calibration = if options.calibration.is_empty() {
-        None
-    } else {
-        progress("calibrate", 0, 1);
-        let mut float = build(cfg, tensors, &[], Mode::Disable, options.n_bits)?;
-        let mut quantized = build(
+    let prompts: Vec<Vec<u32>> = options
+        .calibration
+        .iter()
+        .filter(|p| !p.is_empty())
+        .cloned()
+        .collect();
+    let choice = match (options.activations, prompts.is_empty()) {
+        (Activations::Static, true) => {
+            return Err(ModelError::Bundle(
+                "static activations need calibration prompts".into(),
+            ))
+        }
+        (Activations::Auto, true) => Activations::Dynamic,
+        (choice, _) => choice,
+    };
+    progress("quantize", 0, 2);
+    let dynamic = vendor::split_layers(tensors, &protected, options.n_bits, None)?;
+    let scales = match choice {
+        Activations::Dynamic => None,
+        _ => Some(calibrate(
             cfg,
             tensors,
-            &options.protect,
-            Mode::Simulate,
+            &protected,
+            &prompts,
             options.n_bits,
-        )?;
-        let report = compare(&mut float, &mut quantized, &options.calibration)?;
-        progress("calibrate", 1, 1);
-        Some(report)
+        )?),
     };
+    // A static split can fail when a folded bias leaves the plaintext window; auto then keeps dynamic.
+    let static_split = match &scales {
+        None => None,
+        Some(scales) => {
+            match vendor::split_layers(tensors, &protected, options.n_bits, Some(scales)) {
+                Ok(split) => Some(split),
+                Err(e) if choice == Activations::Auto => {
+                    eprintln!("static activations not applicable ({e}); keeping dynamic");
+                    None
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    progress("quantize", 2, 2);
+
+    let mut reports = Vec::new();
+    if !prompts.is_empty() {
+        let mut float = build(cfg, tensors, &[], Mode::Disable, options.n_bits)?;
+        let candidates: Vec<(&str, &Vec<vendor::SplitLayer>)> = match (choice, &static_split) {
+            (Activations::Dynamic, _) => vec![("dynamic", &dynamic)],
+            (Activations::Static, Some(st)) => vec![("static", st)],
+            (_, Some(st)) => vec![("dynamic", &dynamic), ("static", st)],
+            (_, None) => vec![("dynamic", &dynamic)],
+        };
+        for (i, (name, split)) in candidates.iter().enumerate() {
+            progress("calibrate", i, candidates.len());
+            let mut model = simulated(cfg, tensors, &protected, split)?;
+            let mut report = compare(&mut float, &mut model, &prompts)?;
+            report.activations = name.to_string();
+            reports.push(report);
+        }
+        progress("calibrate", candidates.len(), candidates.len());
+    }
+    // The chosen report first; on a tie, dynamic (it clips nothing).
+    reports.sort_by(|a, b| {
+        b.top1_agreement
+            .total_cmp(&a.top1_agreement)
+            .then(a.activations.cmp(&b.activations))
+    });
+    let chosen_static = reports.first().is_some_and(|r| r.activations == "static");
+    let split = if chosen_static {
+        static_split.expect("measured")
+    } else {
+        dynamic
+    };
+    let mut reports = reports.into_iter();
+    let calibration = reports.next();
+    let alternative = reports.next();
 
     let parameter_set = fhe_linear::HFHE_GLWE_2048_V1.name.to_string();
     let server_manifest = ServerManifest {
@@ -132,11 +337,16 @@ pub fn compile(
         model: options.model_name.clone(),
         parameter_set,
         n_bits: options.n_bits,
-        activation_quantization: "per-token symmetric, dynamic".into(),
+        activation_quantization: if chosen_static {
+            "per-layer symmetric, static (calibrated); bias folded into the server's product".into()
+        } else {
+            "per-token symmetric, dynamic".into()
+        },
         layers: split.into_iter().map(|s| s.client).collect(),
         server_bundle_sha256: server_sha,
         client_weights_sha256: String::new(),
         calibration,
+        alternative,
     };
     let client_tensors = vendor::client_tensors(tensors, &protected);
     bundle::write_client_bundle(

@@ -61,7 +61,7 @@ impl Linear for Concat {
 }
 
 /// One linear per module (each from `make`, or loaded locally), concatenated when several.
-fn per_module(
+pub(crate) fn per_module(
     modules: &[Module],
     d_in: usize,
     d_outs: &[usize],
@@ -107,7 +107,11 @@ pub struct ClientLayer {
     pub d_out: usize,
     pub n_bits: u32,
     pub weight_scales: Vec<f32>,
+    /// The float bias added after dequantization (zeros when the server folded it in).
     pub bias: Vec<f32>,
+    /// `None`: activations quantized per token (dynamic). `Some(s)`: one calibrated scale.
+    #[serde(default)]
+    pub activation_scale: Option<f32>,
 }
 
 /// A protected linear: quantize the input per token, have the backend compute the integer
@@ -129,8 +133,13 @@ impl Linear for ProtectedLinear {
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1()?;
-        let q = quant::quantize_activations(&flat, tokens, d_in, self.layer.n_bits)
-            .map_err(candle_core::Error::wrap)?;
+        let q = match self.layer.activation_scale {
+            None => quant::quantize_activations(&flat, tokens, d_in, self.layer.n_bits),
+            Some(scale) => {
+                quant::quantize_activations_static(&flat, tokens, d_in, self.layer.n_bits, scale)
+            }
+        }
+        .map_err(candle_core::Error::wrap)?;
         let y_int = self
             .backend
             .apply(&self.layer.name, &q.values, tokens)

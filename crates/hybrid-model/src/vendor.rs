@@ -25,10 +25,15 @@ fn tensor(tensors: &HashMap<String, Tensor>, name: &str) -> Result<Tensor, Model
 }
 
 /// Quantizes each protected layer (its modules' rows stacked) per output channel.
+///
+/// With `static_scales` (a calibrated activation scale per layer name), the bias is folded into
+/// the server's integer product (`round(b_r / (s_x s_w[r]))`) and the client keeps no bias;
+/// otherwise activations are quantized per token and the client adds the float bias.
 pub fn split_layers(
     tensors: &HashMap<String, Tensor>,
     protected: &[ProtectedLayer],
     n_bits: u32,
+    static_scales: Option<&HashMap<String, f32>>,
 ) -> Result<Vec<SplitLayer>, ModelError> {
     let mut out = Vec::with_capacity(protected.len());
     for layer in protected {
@@ -57,6 +62,29 @@ pub fn split_layers(
         let d_in = d_in.unwrap_or(0);
         let d_out = bias.len();
         let q = quant::quantize_weights(&weights, d_out, d_in, n_bits)?;
+        let activation_scale = match static_scales {
+            None => None,
+            Some(scales) => Some(*scales.get(&layer.name).ok_or_else(|| {
+                ModelError::Bundle(format!("no calibrated activation scale for {}", layer.name))
+            })?),
+        };
+        let (client_bias, server_bias) = match activation_scale {
+            None => (bias, vec![0i64; d_out]),
+            Some(sx) => {
+                let folded: Vec<i64> = bias
+                    .iter()
+                    .zip(&q.scales)
+                    .map(|(b, sw)| (*b as f64 / (sx as f64 * *sw as f64)).round() as i64)
+                    .collect();
+                fhe_linear::server::check_window(
+                    &fhe_linear::HFHE_GLWE_2048_V1,
+                    d_in,
+                    &q.values,
+                    &folded,
+                )?;
+                (vec![0f32; d_out], folded)
+            }
+        };
         out.push(SplitLayer {
             modules: layer.parts.clone(),
             client: ClientLayer {
@@ -66,11 +94,13 @@ pub fn split_layers(
                 d_out,
                 n_bits,
                 weight_scales: q.scales.clone(),
-                bias,
+                bias: client_bias,
+                activation_scale,
             },
             server: ServerLayer {
                 name: layer.name.clone(),
                 weights: q,
+                bias: server_bias,
             },
         });
     }

@@ -19,6 +19,7 @@ fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
         protect: protect.iter().map(|s| s.to_string()).collect(),
         n_bits: 8,
         calibration,
+        activations: hybrid_model::compile::Activations::Auto,
     };
     let mut stages = Vec::new();
     let manifest = compile(
@@ -142,4 +143,83 @@ fn tampered_or_mismatched_bundles_are_refused() {
     // Not a bundle at all.
     std::fs::write(&server_path, b"garbage").unwrap();
     assert!(load_server_bundle(&server_path).is_err());
+}
+
+#[test]
+fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client_dir, server_path) = (
+        dir.path().join("client"),
+        dir.path().join("server.safetensors"),
+    );
+    let options = CompileOptions {
+        model_name: "tiny".into(),
+        protect: vec![
+            "layers.1.mixer.Wqkv".into(),
+            "model.layers.1.mlp.fc2".into(),
+        ],
+        n_bits: 8,
+        calibration: vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]],
+        activations: hybrid_model::compile::Activations::Static,
+    };
+    let manifest = compile(
+        &tiny_config(),
+        &tiny_weights().unwrap(),
+        Some(&tiny_tokenizer().unwrap()),
+        &options,
+        &client_dir,
+        &server_path,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert!(manifest.activation_quantization.contains("static"));
+    for layer in &manifest.layers {
+        assert!(layer.activation_scale.is_some_and(|s| s > 0.0));
+        assert!(
+            layer.bias.iter().all(|b| *b == 0.0),
+            "the client must not learn the bias"
+        );
+    }
+    let client = load_client_bundle(&client_dir).unwrap();
+    let server = load_server_bundle(&server_path).unwrap();
+    assert!(
+        server.layers.iter().any(|l| l.bias.iter().any(|b| *b != 0)),
+        "bias folded on the server"
+    );
+    let mut simulate = build_from_bundles(&client, Some(&server), Mode::Simulate).unwrap();
+    let mut execute = build_from_bundles(&client, Some(&server), Mode::Execute).unwrap();
+    assert_eq!(last_logits(&mut simulate), last_logits(&mut execute));
+    let mut float = build(
+        &tiny_config(),
+        &tiny_weights().unwrap(),
+        &[],
+        Mode::Disable,
+        8,
+    )
+    .unwrap();
+    let diff = last_logits(&mut simulate)
+        .iter()
+        .zip(last_logits(&mut float))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 0.2, "static quantization moved logits by {diff}");
+
+    // Auto measures both and records the one it did not keep.
+    let auto = CompileOptions {
+        activations: hybrid_model::compile::Activations::Auto,
+        ..options
+    };
+    let manifest = compile(
+        &tiny_config(),
+        &tiny_weights().unwrap(),
+        None,
+        &auto,
+        &dir.path().join("c2"),
+        &dir.path().join("s2"),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let (chosen, other) = (manifest.calibration.unwrap(), manifest.alternative.unwrap());
+    assert_ne!(chosen.activations, other.activations);
+    assert!(chosen.top1_agreement >= other.top1_agreement);
 }

@@ -11,6 +11,11 @@
 //! needs the per-channel weight scales `s_w` and the bias `b` to dequantize. Symmetric activations
 //! need no zero point, so the client never needs the weights' per-channel sums (which an
 //! asymmetric zero-point correction would require).
+//!
+//! Alternatively activations use one *static* scale per layer, calibrated on sample prompts
+//! ([`quantize_activations_static`]): the server can then fold the bias into the integer product
+//! and the client needs only `s_x * s_w[r]`, at the cost of clipping tokens outside the
+//! calibrated range.
 
 /// Errors of quantization.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -118,6 +123,30 @@ pub fn quantize_activations(
     check("activations", x, tokens, d_in)?;
     let (values, scales) = quantize_rows(x, d_in, q_max);
     Ok(QuantizedActivations { values, scales })
+}
+
+/// Quantizes `x` (`tokens x d_in`) with one fixed, calibrated `scale` for every token; values
+/// beyond the calibrated range are clipped.
+pub fn quantize_activations_static(
+    x: &[f32],
+    tokens: usize,
+    d_in: usize,
+    n_bits: u32,
+    scale: f32,
+) -> Result<QuantizedActivations, QuantError> {
+    let q_max = q_max(n_bits)? as f32;
+    check("activations", x, tokens, d_in)?;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(QuantError::NotFinite("activation scale"));
+    }
+    let values = x
+        .iter()
+        .map(|v| (v / scale).round().clamp(-q_max, q_max) as i8)
+        .collect();
+    Ok(QuantizedActivations {
+        values,
+        scales: vec![scale; tokens],
+    })
 }
 
 /// `y[t][r] = y_int[t][r] * s_x[t] * s_w[r] + b[r]` for a `tokens x d_out` integer product.

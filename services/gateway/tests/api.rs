@@ -22,6 +22,7 @@ fn compile_tiny(dir: &Path) -> (PathBuf, PathBuf) {
         protect: vec![LAYER.into()],
         n_bits: 8,
         calibration: vec![],
+        activations: hybrid_model::compile::Activations::Dynamic,
     };
     compile(
         &tiny_config(),

@@ -104,8 +104,7 @@ pub fn load_bundles(paths: &[PathBuf]) -> Result<Loaded, WorkerError> {
             let name = Name::parse(&layer.name).map_err(|e| invalid(e.to_string()))?;
             let spec = LayerSpec::choose(&fhe_linear::HFHE_GLWE_2048_V1, layer.shape(), 1)
                 .map_err(|e| invalid(e.to_string()))?;
-            let zero_bias = vec![0i64; layer.weights.d_out];
-            let compiled = CompiledLayer::compile(spec, &layer.weights.values, &zero_bias)
+            let compiled = CompiledLayer::compile(spec, &layer.weights.values, &layer.bias)
                 .map_err(|e| invalid(e.to_string()))?;
             infos.push(LayerInfo::from_spec(name.clone(), &spec));
             loaded.layers.insert(

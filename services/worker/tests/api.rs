@@ -18,6 +18,7 @@ fn compile_tiny(dir: &Path) -> (PathBuf, PathBuf) {
         protect: vec!["layers.1.mixer.Wqkv".into(), "layers.2.mlp.fc2".into()],
         n_bits: 8,
         calibration: vec![],
+        activations: hybrid_model::compile::Activations::Dynamic,
     };
     compile(
         &tiny_config(),
