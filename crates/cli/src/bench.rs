@@ -13,6 +13,8 @@ use serde_json::json;
 pub enum BenchCommand {
     /// One encrypted linear layer: client encryption, server product, client decryption.
     Fhe(FheArgs),
+    /// The gateway's metering overhead and request rate, in front of a tiny-layer worker.
+    Gateway(crate::bench_gateway::GatewayArgs),
 }
 
 #[derive(Args)]
@@ -40,6 +42,7 @@ pub struct FheArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Fhe(args) => fhe(args),
+        BenchCommand::Gateway(args) => crate::bench_gateway::run(args),
     }
 }
 

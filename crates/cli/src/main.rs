@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_gateway;
 mod license_cmd;
 mod model_cmd;
 

@@ -1,0 +1,225 @@
+//! `hybrid bench gateway`: the metering overhead of the gateway and its sustained request rate,
+//! in front of a worker serving a tiny layer (so that the worker's own time is small).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use fhe_linear::{ClientKey, LayerShape, LayerSpec, HFHE_GLWE_2048_V1};
+use hybrid_model::compile::{compile, Activations, CompileOptions};
+use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
+use serde_json::json;
+
+#[derive(Args)]
+pub struct GatewayArgs {
+    /// Ledger: postgres://... (an existing database; tables are created) or sqlite (a temporary file).
+    #[arg(long, default_value = "sqlite")]
+    database_url: String,
+    /// Requests for the latency measurement (one at a time).
+    #[arg(long, default_value_t = 300)]
+    requests: usize,
+    /// Requests for the throughput measurement.
+    #[arg(long, default_value_t = 2000)]
+    load_requests: usize,
+    /// Requests in flight during the throughput measurement.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+pub fn run(args: GatewayArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(bench(args))
+}
+
+async fn bench(args: GatewayArgs) -> Result<()> {
+    let dir = tempfile_dir()?;
+    let (client_dir, server) = (dir.join("client"), dir.join("server.safetensors"));
+    let options = CompileOptions {
+        model_name: "tiny".into(),
+        protect: vec!["layers.1.mixer.Wqkv".into()],
+        n_bits: 8,
+        calibration: vec![],
+        activations: Activations::Dynamic,
+    };
+    let tiny = hybrid_model::tiny::tiny_config();
+    compile(
+        &tiny,
+        &hybrid_model::tiny::tiny_weights()?,
+        None,
+        &options,
+        &client_dir,
+        &server,
+        &mut |_, _, _| {},
+    )?;
+
+    let worker = worker::Application::build(worker::WorkerConfig::local(vec![server])).await?;
+    let worker_url = format!("http://127.0.0.1:{}", worker.port());
+    tokio::spawn(worker.run_until_stopped(std::future::pending()));
+    let client = reqwest::Client::new();
+    for _ in 0..500 {
+        if client
+            .get(format!("{worker_url}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let database_url = if args.database_url == "sqlite" {
+        format!("sqlite:{}?mode=rwc", dir.join("ledger.db").display())
+    } else {
+        args.database_url.clone()
+    };
+    let key = SigningKey::generate("bench");
+    let keyset = KeySet::new(&[key.public()?])?;
+    let config = gateway::GatewayConfig::local(
+        &database_url,
+        keyset,
+        "hybrid-gateway",
+        vec![worker_url.clone()],
+    );
+    let gateway = gateway::Application::build(config).await?;
+    let gateway_url = format!("http://127.0.0.1:{}", gateway.port());
+    tokio::spawn(gateway.run_until_stopped(std::future::pending()));
+
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let license_id = format!("bench-{}", uuid::Uuid::new_v4());
+    let license = key.issue(&LicenseClaims {
+        jti: license_id.clone(),
+        sub: "bench".into(),
+        iss: "vendor".into(),
+        aud: "hybrid-gateway".into(),
+        model: "tiny".into(),
+        layers: vec!["*".into()],
+        quota_tokens: u64::MAX / 4,
+        quota_period: QuotaPeriod::Total,
+        rate_limit_per_minute: u32::MAX,
+        max_in_flight: 1024,
+        iat: now,
+        nbf: now,
+        exp: now + 3600,
+    })?;
+    let spec = LayerSpec::choose(
+        &HFHE_GLWE_2048_V1,
+        LayerShape::new(tiny.hidden_size, 3 * tiny.hidden_size),
+        1,
+    )?;
+    let body: Vec<u8> = ClientKey::generate(&HFHE_GLWE_2048_V1)
+        .encrypt(&spec, &vec![5i8; tiny.hidden_size], 1)?
+        .to_bytes();
+    let path = "/v1/models/tiny/layers/layers.1.mixer.Wqkv/apply";
+
+    // Latency, one request at a time: straight to the worker, then through the gateway.
+    let (upload_bytes, shared) = (
+        body.len(),
+        (client.clone(), Arc::new(body), license.clone()),
+    );
+    let send = move |url: String, query: String| {
+        let (client, body, license) = (shared.0.clone(), shared.1.clone(), shared.2.clone());
+        async move {
+            let started = Instant::now();
+            let answer = client
+                .post(url)
+                .bearer_auth(license)
+                .header(protocol::QUERY_ID_HEADER, query)
+                .body(body.to_vec())
+                .send()
+                .await?;
+            let ok = answer.status() == 200;
+            answer.bytes().await?;
+            anyhow::ensure!(ok, "request refused");
+            anyhow::Ok(started.elapsed().as_secs_f64() * 1e3)
+        }
+    };
+    let mut direct = Vec::new();
+    let mut through = Vec::new();
+    for i in 0..args.requests + 20 {
+        let d = send(format!("{worker_url}{path}"), format!("d{i}")).await?;
+        let g = send(format!("{gateway_url}{path}"), format!("g{i}")).await?;
+        if i >= 20 {
+            direct.push(d);
+            through.push(g);
+        }
+    }
+    let overhead: Vec<f64> = through.iter().zip(&direct).map(|(g, d)| g - d).collect();
+
+    // Throughput: `concurrency` requests in flight through the gateway.
+    let started = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let (next, send, url, total) = (
+            next.clone(),
+            send.clone(),
+            format!("{gateway_url}{path}"),
+            args.load_requests,
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return anyhow::Ok(());
+                }
+                send(url.clone(), format!("load{i}")).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ledger = ledger::Ledger::connect(&database_url).await?;
+    let billed = ledger.billable_tokens(&license_id, 0).await?;
+    let expected = (args.requests + 20 + args.load_requests) as i64;
+
+    let report = json!({
+        "bench": "gateway",
+        "database": if database_url.starts_with("postgres") { "postgres" } else { "sqlite" },
+        "requests": args.requests,
+        "worker_direct_median_ms": median(direct.clone()),
+        "gateway_median_ms": median(through.clone()),
+        "gateway_p99_ms": percentile(through, 0.99),
+        "overhead_median_ms": median(overhead.clone()),
+        "overhead_p99_ms": percentile(overhead, 0.99),
+        "load_requests": args.load_requests,
+        "concurrency": args.concurrency,
+        "requests_per_second": args.load_requests as f64 / elapsed,
+        "upload_bytes": upload_bytes,
+        "billed_tokens": billed,
+        "billed_exactly": billed == expected,
+        "threads": std::thread::available_parallelism().map_or(0, |n| n.get()),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        for (k, v) in report.as_object().context("object")? {
+            println!("  {k:<26} {v}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("hybrid-bench-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
