@@ -7,6 +7,7 @@ mod bench;
 mod bench_gateway;
 mod license_cmd;
 mod model_cmd;
+mod usage_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +31,11 @@ enum Command {
         #[command(subcommand)]
         what: license_cmd::LicenseCommand,
     },
+    /// Usage ledger maintenance.
+    Usage {
+        #[command(subcommand)]
+        what: usage_cmd::UsageCommand,
+    },
     /// Benchmarks (with --json, the last line of output is one JSON object).
     Bench {
         #[command(subcommand)]
@@ -42,6 +48,7 @@ fn main() -> Result<()> {
         Command::Compile(args) => model_cmd::compile_cmd(args),
         Command::Generate(args) => model_cmd::generate_cmd(args),
         Command::License { what } => license_cmd::run(what),
+        Command::Usage { what } => usage_cmd::run(what),
         Command::Bench { what } => bench::run(what),
     }
 }
