@@ -1,6 +1,6 @@
 //! HTTP plumbing shared by the gateway and the workers: the error answer (a JSON
 //! `protocol::ErrorBody` with a stable code), the Prometheus `/metrics` port, and serving an API
-//! and its metrics until a shutdown signal, letting requests in flight finish.
+//! and its metrics until a shutdown signal, letting requests in flight finish; log set-up.
 
 use std::future::Future;
 
@@ -158,4 +158,34 @@ pub async fn serve(
         })
         .await?;
     metrics_server.await.map_err(std::io::Error::other)?
+}
+
+/// Structured logs on stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what Kubernetes and systemd send to stop a service).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down after requests in flight");
 }

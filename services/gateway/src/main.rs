@@ -44,11 +44,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    service_kit::init_tracing();
     let args = Args::parse();
     let keyset = license::KeySet::from_json(&std::fs::read_to_string(&args.keyset)?)?;
     let mut config = GatewayConfig::local(&args.database_url, keyset, &args.audience, args.workers);
@@ -62,10 +58,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_port = app.metrics_port(),
         "gateway listening"
     );
-    app.run_until_stopped(async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down after requests in flight");
-    })
-    .await?;
+    app.run_until_stopped(service_kit::shutdown_signal())
+        .await?;
     Ok(())
 }

@@ -34,11 +34,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    service_kit::init_tracing();
     let args = Args::parse();
     let mut config = WorkerConfig::local(args.bundles);
     config.listen = args.listen;
@@ -54,26 +50,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_port = app.metrics_port(),
         "worker listening"
     );
-    app.run_until_stopped(shutdown_signal()).await?;
+    app.run_until_stopped(service_kit::shutdown_signal())
+        .await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down after requests in flight");
 }
