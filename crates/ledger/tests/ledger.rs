@@ -7,34 +7,11 @@ use ledger::*;
 
 const NOW: i64 = 1_795_657_977_000; // 2026-11-26
 
-/// A fresh, empty Postgres database. Databases of earlier runs that nobody uses any more are
-/// dropped first (those of tests running now are in use, and their drop fails harmlessly).
+/// A ledger on a fresh, empty Postgres database.
 async fn postgres() -> Ledger {
-    let admin_url = std::env::var("LEDGER_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    sqlx::any::install_default_drivers();
-    let admin = sqlx::AnyPool::connect(&admin_url)
+    Ledger::connect(&test_support::fresh_postgres_database("ledger_test").await)
         .await
-        .expect("a Postgres server for the tests (see .ci/run)");
-    let stale = sqlx::query(
-        "SELECT CAST(datname AS TEXT) FROM pg_database WHERE datname LIKE 'ledger_test_%'",
-    )
-    .fetch_all(&admin)
-    .await
-    .unwrap();
-    for row in stale {
-        let name: String = sqlx::Row::get(&row, 0);
-        let _ = sqlx::query(&format!("DROP DATABASE {name}"))
-            .execute(&admin)
-            .await;
-    }
-    let name = format!("ledger_test_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let base = admin_url.rsplit_once('/').unwrap().0;
-    Ledger::connect(&format!("{base}/{name}")).await.unwrap()
+        .unwrap()
 }
 
 async fn sqlite(dir: &tempfile::TempDir) -> Ledger {

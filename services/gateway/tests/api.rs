@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use fhe_linear::{ClientKey, LayerShape, LayerSpec, HFHE_GLWE_2048_V1};
 use gateway::{Application, GatewayConfig};
-use hybrid_model::compile::{compile, CompileOptions};
-use hybrid_model::tiny::{tiny_config, tiny_tokenizer, tiny_weights};
 use ledger::Ledger;
 use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
 
@@ -16,40 +14,11 @@ const AUD: &str = "hybrid-gateway";
 const LAYER: &str = "layers.1.mixer.Wqkv";
 
 fn compile_tiny(dir: &Path) -> (PathBuf, PathBuf) {
-    let (client, server) = (dir.join("client"), dir.join("server.safetensors"));
-    let options = CompileOptions {
-        model_name: "tiny".into(),
-        protect: vec![LAYER.into()],
-        n_bits: 8,
-        calibration: vec![],
-        activations: hybrid_model::compile::Activations::Dynamic,
-    };
-    compile(
-        &tiny_config(),
-        &tiny_weights().unwrap(),
-        Some(&tiny_tokenizer().unwrap()),
-        &options,
-        &client,
-        &server,
-        &mut |_, _, _| {},
-    )
-    .unwrap();
-    (client, server)
+    test_support::compile_tiny(dir, &[LAYER])
 }
 
 async fn postgres_url() -> String {
-    let admin_url = std::env::var("LEDGER_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    sqlx::any::install_default_drivers();
-    let admin = sqlx::AnyPool::connect(&admin_url)
-        .await
-        .expect("a Postgres server for the tests (see .ci/run)");
-    let name = format!("gateway_test_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0)
+    test_support::fresh_postgres_database("gateway_test").await
 }
 
 fn now() -> u64 {

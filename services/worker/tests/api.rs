@@ -5,32 +5,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hybrid_model::bundle::{load_client_bundle, load_server_bundle};
-use hybrid_model::compile::{compile, CompileOptions};
 use hybrid_model::remote::RemoteConfig;
-use hybrid_model::tiny::{tiny_config, tiny_tokenizer, tiny_weights};
 use hybrid_model::{build_from_bundles, build_remote, generate, GenerateOptions, Mode};
 use worker::{Application, WorkerConfig};
 
 fn compile_tiny(dir: &Path) -> (PathBuf, PathBuf) {
-    let (client, server) = (dir.join("client"), dir.join("server.safetensors"));
-    let options = CompileOptions {
-        model_name: "tiny".into(),
-        protect: vec!["layers.1.mixer.Wqkv".into(), "layers.2.mlp.fc2".into()],
-        n_bits: 8,
-        calibration: vec![],
-        activations: hybrid_model::compile::Activations::Dynamic,
-    };
-    compile(
-        &tiny_config(),
-        &tiny_weights().unwrap(),
-        Some(&tiny_tokenizer().unwrap()),
-        &options,
-        &client,
-        &server,
-        &mut |_, _, _| {},
-    )
-    .unwrap();
-    (client, server)
+    test_support::compile_tiny(dir, &["layers.1.mixer.Wqkv", "layers.2.mlp.fc2"])
 }
 
 struct Worker {

@@ -1,0 +1,61 @@
+//! Fixtures shared by the integration tests of several crates.
+
+use std::path::{Path, PathBuf};
+
+use hybrid_model::compile::{compile, Activations, CompileOptions};
+use hybrid_model::tiny::{tiny_config, tiny_tokenizer, tiny_weights};
+
+/// Compiles the tiny model with `protect` (dynamic activations, no calibration) into
+/// `dir/client` and `dir/server.safetensors`; returns both paths.
+pub fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
+    let (client, server) = (dir.join("client"), dir.join("server.safetensors"));
+    let options = CompileOptions {
+        model_name: "tiny".into(),
+        protect: protect.iter().map(|s| s.to_string()).collect(),
+        n_bits: 8,
+        calibration: vec![],
+        activations: Activations::Dynamic,
+    };
+    compile(
+        &tiny_config(),
+        &tiny_weights().unwrap(),
+        Some(&tiny_tokenizer().unwrap()),
+        &options,
+        &client,
+        &server,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    (client, server)
+}
+
+/// The URL of a fresh, empty Postgres database named `{prefix}_<uuid>` on the server at
+/// `$LEDGER_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/postgres`). Databases of
+/// earlier runs with the same prefix that nobody uses any more are dropped first (those of tests
+/// running now are in use, and their drop fails harmlessly).
+pub async fn fresh_postgres_database(prefix: &str) -> String {
+    let admin_url = std::env::var("LEDGER_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&admin_url)
+        .await
+        .expect("a Postgres server for the tests (see .ci/test)");
+    let stale = sqlx::query(&format!(
+        "SELECT CAST(datname AS TEXT) FROM pg_database WHERE datname LIKE '{prefix}_%'"
+    ))
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    for row in stale {
+        let name: String = sqlx::Row::get(&row, 0);
+        let _ = sqlx::query(&format!("DROP DATABASE {name}"))
+            .execute(&admin)
+            .await;
+    }
+    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0)
+}
