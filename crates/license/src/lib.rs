@@ -164,6 +164,10 @@ impl SigningKey {
 
     /// Signs `claims` into a license token.
     pub fn issue(&self, claims: &LicenseClaims) -> Result<String, LicenseError> {
+        self.sign(claims)
+    }
+
+    fn sign(&self, claims: &impl Serialize) -> Result<String, LicenseError> {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());
         let der = self
@@ -220,13 +224,32 @@ impl KeySet {
         Ok(())
     }
 
-    /// Verifies a token for `audience` at time `now` (seconds since the epoch).
+    /// Verifies a license for `audience` at time `now` (seconds since the epoch).
     pub fn verify(
         &self,
         token: &str,
         audience: &str,
         now: u64,
     ) -> Result<LicenseClaims, LicenseError> {
+        self.verify_token(token, audience, now)
+    }
+
+    /// Verifies an admin token for `audience` (see [`admin_audience`]) at time `now`.
+    pub fn verify_admin(
+        &self,
+        token: &str,
+        audience: &str,
+        now: u64,
+    ) -> Result<AdminClaims, LicenseError> {
+        self.verify_token(token, audience, now)
+    }
+
+    fn verify_token<C: serde::de::DeserializeOwned + Validity>(
+        &self,
+        token: &str,
+        audience: &str,
+        now: u64,
+    ) -> Result<C, LicenseError> {
         let (alg, kid) = raw_header(token)?;
         if alg != "EdDSA" {
             return Err(LicenseError::UnsupportedAlgorithm(alg));
@@ -242,7 +265,7 @@ impl KeySet {
         // Time is checked below against `now`, so that callers (and tests) control the clock.
         validation.validate_exp = false;
         validation.validate_nbf = false;
-        let data = jsonwebtoken::decode::<LicenseClaims>(token, key, &validation).map_err(|e| {
+        let data = jsonwebtoken::decode::<C>(token, key, &validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::InvalidSignature => LicenseError::BadSignature,
@@ -252,13 +275,91 @@ impl KeySet {
             }
         })?;
         let claims = data.claims;
-        if now > claims.exp + LEEWAY_SECONDS {
+        let (nbf, exp) = claims.window();
+        if now > exp + LEEWAY_SECONDS {
             return Err(LicenseError::Expired);
         }
-        if now + LEEWAY_SECONDS < claims.nbf {
+        if now + LEEWAY_SECONDS < nbf {
             return Err(LicenseError::NotYetValid);
         }
         Ok(claims)
+    }
+}
+
+/// Claims with a validity window.
+trait Validity {
+    /// (`nbf`, `exp`) in seconds since the epoch.
+    fn window(&self) -> (u64, u64);
+}
+
+impl Validity for LicenseClaims {
+    fn window(&self) -> (u64, u64) {
+        (self.nbf, self.exp)
+    }
+}
+
+impl Validity for AdminClaims {
+    fn window(&self) -> (u64, u64) {
+        (self.nbf, self.exp)
+    }
+}
+
+/// What an admin token may do on the gateway's admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read usage, exports, licenses and the audit log.
+    Compliance,
+    /// Everything compliance may, plus issuing and revoking licenses.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Compliance => "compliance",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "compliance" => Ok(Role::Compliance),
+            "admin" => Ok(Role::Admin),
+            _ => Err(format!("unknown role `{s}` (compliance | admin)")),
+        }
+    }
+}
+
+/// The claims of an admin token: a short-lived, role-scoped JWT for the vendor's staff. Its
+/// audience is the gateway's admin audience ([`admin_audience`]), never a license audience, so
+/// neither kind of token passes for the other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminClaims {
+    /// Token id (revocable like a license id).
+    pub jti: String,
+    /// Who acts (written to the audit log).
+    pub sub: String,
+    pub iss: String,
+    pub aud: String,
+    pub role: Role,
+    pub iat: u64,
+    pub nbf: u64,
+    pub exp: u64,
+}
+
+/// The audience of admin tokens for a gateway whose licenses name `audience`.
+pub fn admin_audience(audience: &str) -> String {
+    format!("{audience}/admin")
+}
+
+impl SigningKey {
+    /// Signs admin claims into an admin token.
+    pub fn issue_admin(&self, claims: &AdminClaims) -> Result<String, LicenseError> {
+        self.sign(claims)
     }
 }
 

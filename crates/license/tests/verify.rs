@@ -128,3 +128,56 @@ fn forged_and_misused_licenses_are_refused() {
         assert_eq!(code(&set, junk), "license_malformed", "{junk}");
     }
 }
+
+fn admin(role: Role) -> AdminClaims {
+    AdminClaims {
+        jti: "adm-1".into(),
+        sub: "alice@vendor".into(),
+        iss: "vendor".into(),
+        aud: admin_audience(AUD),
+        role,
+        iat: NOW - 10,
+        nbf: NOW - 10,
+        exp: NOW + 600,
+    }
+}
+
+#[test]
+fn admin_tokens_and_licenses_never_pass_for_each_other() {
+    let key = SigningKey::generate("k1");
+    let set = KeySet::new(&[key.public().unwrap()]).unwrap();
+    let admin_aud = admin_audience(AUD);
+    let token = key.issue_admin(&admin(Role::Compliance)).unwrap();
+    let verified = set.verify_admin(&token, &admin_aud, NOW).unwrap();
+    assert_eq!(verified.role, Role::Compliance);
+    assert_eq!(verified.sub, "alice@vendor");
+    // An admin token is not a license, and a license is not an admin token, whatever the
+    // audience they are checked against.
+    for aud in [AUD, admin_aud.as_str()] {
+        assert!(set.verify(&token, aud, NOW).is_err());
+    }
+    let license = key.issue(&claims()).unwrap();
+    for aud in [AUD, admin_aud.as_str()] {
+        assert!(set.verify_admin(&license, aud, NOW).is_err());
+    }
+    // A license re-labelled with the admin audience still lacks a role.
+    let mut relabelled = claims();
+    relabelled.aud = admin_aud.clone();
+    let relabelled = key.issue(&relabelled).unwrap();
+    assert_eq!(
+        set.verify_admin(&relabelled, &admin_aud, NOW)
+            .unwrap_err()
+            .code(),
+        "license_malformed"
+    );
+    // Admin tokens expire like licenses; roles order by power.
+    assert_eq!(
+        set.verify_admin(&token, &admin_aud, NOW + 3600)
+            .unwrap_err()
+            .code(),
+        "license_expired"
+    );
+    assert!(Role::Admin > Role::Compliance);
+    assert_eq!("admin".parse::<Role>().unwrap(), Role::Admin);
+    assert!("root".parse::<Role>().is_err());
+}
