@@ -29,30 +29,42 @@ pub fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
     (client, server)
 }
 
-/// The URL of a fresh, empty Postgres database named `{prefix}_<uuid>` on the server at
-/// `$LEDGER_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/postgres`). Databases of
-/// earlier runs with the same prefix that nobody uses any more are dropped first (those of tests
-/// running now are in use, and their drop fails harmlessly).
+/// The URL of a fresh, empty Postgres database named `{prefix}_<created unix seconds>_<uuid>` on
+/// the server at `$LEDGER_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/postgres`).
+/// Databases with the same prefix created over an hour ago (left by killed runs) are dropped
+/// first; younger ones may belong to tests running now, even before they connect.
 pub async fn fresh_postgres_database(prefix: &str) -> String {
+    const STALE_AFTER_SECONDS: u64 = 3600;
     let admin_url = std::env::var("LEDGER_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     sqlx::any::install_default_drivers();
     let admin = sqlx::AnyPool::connect(&admin_url)
         .await
         .expect("a Postgres server for the tests (see .ci/test)");
-    let stale = sqlx::query(&format!(
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let existing = sqlx::query(&format!(
         "SELECT CAST(datname AS TEXT) FROM pg_database WHERE datname LIKE '{prefix}_%'"
     ))
     .fetch_all(&admin)
     .await
     .unwrap();
-    for row in stale {
+    for row in existing {
         let name: String = sqlx::Row::get(&row, 0);
-        let _ = sqlx::query(&format!("DROP DATABASE {name}"))
-            .execute(&admin)
-            .await;
+        let created = name[prefix.len() + 1..]
+            .split('_')
+            .next()
+            .and_then(|t| t.parse::<u64>().ok());
+        // Names without a time come from older versions of this helper: stale too.
+        if created.is_none_or(|t| t + STALE_AFTER_SECONDS < now) {
+            let _ = sqlx::query(&format!("DROP DATABASE {name}"))
+                .execute(&admin)
+                .await;
+        }
     }
-    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    let name = format!("{prefix}_{now}_{}", uuid::Uuid::new_v4().simple());
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&admin)
         .await
