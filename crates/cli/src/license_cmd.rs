@@ -1,11 +1,11 @@
-//! `hybrid license keygen | issue | inspect`: the vendor's license tooling.
+//! `hybrid license keygen | issue | admin-token | inspect | revoke`: the vendor's license tooling.
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
+use license::{AdminClaims, KeySet, LicenseClaims, QuotaPeriod, Role, SigningKey};
 use serde_json::json;
 
 #[derive(Subcommand)]
@@ -53,6 +53,33 @@ pub enum LicenseCommand {
         /// License id (default: a random one).
         #[arg(long)]
         id: Option<String>,
+        /// Also record the license (and an audit event) in this ledger, so that it shows in
+        /// the admin API's license list.
+        #[arg(long, hide_env_values = true)]
+        database_url: Option<String>,
+        /// Who issues (written to the audit log).
+        #[arg(long, default_value = "cli")]
+        actor: String,
+    },
+    /// Sign a short-lived admin token for the gateway's admin API and print it.
+    AdminToken {
+        /// The signing key (PEM); its public half must be in the gateway's admin key set.
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        kid: String,
+        /// compliance (read usage, exports, licenses, audit) | admin (also issue and revoke)
+        #[arg(long)]
+        role: Role,
+        /// Who acts with it (written to the audit log).
+        #[arg(long)]
+        actor: String,
+        /// Validity in hours from now.
+        #[arg(long, default_value_t = 8)]
+        hours: u64,
+        /// The gateway's (license) audience; admin tokens name its admin audience.
+        #[arg(long, default_value = "hybrid-gateway")]
+        aud: String,
     },
     /// Revoke a license: every gateway on this ledger refuses it within seconds.
     Revoke {
@@ -118,6 +145,8 @@ pub fn run(cmd: LicenseCommand) -> Result<()> {
             aud,
             issuer,
             id,
+            database_url,
+            actor,
         } => {
             let pem = std::fs::read_to_string(&key).with_context(|| key.display().to_string())?;
             let signing = SigningKey::from_pem(&kid, &pem)?;
@@ -139,7 +168,34 @@ pub fn run(cmd: LicenseCommand) -> Result<()> {
                 nbf: now,
                 exp: now + days * 86_400,
             };
-            println!("{}", signing.issue(&claims)?);
+            let token = signing.issue(&claims)?;
+            if let Some(url) = database_url {
+                record(&url, &claims, &actor)?;
+            }
+            println!("{token}");
+        }
+        LicenseCommand::AdminToken {
+            key,
+            kid,
+            role,
+            actor,
+            hours,
+            aud,
+        } => {
+            let pem = std::fs::read_to_string(&key).with_context(|| key.display().to_string())?;
+            let signing = SigningKey::from_pem(&kid, &pem)?;
+            let now = now();
+            let claims = AdminClaims {
+                jti: format!("adm-{}", uuid::Uuid::new_v4()),
+                sub: actor,
+                iss: "vendor".into(),
+                aud: license::admin_audience(&aud),
+                role,
+                iat: now,
+                nbf: now,
+                exp: now + hours * 3600,
+            };
+            println!("{}", signing.issue_admin(&claims)?);
         }
         LicenseCommand::Revoke {
             id,
@@ -182,6 +238,35 @@ pub fn run(cmd: LicenseCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Records an issued license in a ledger (audited as `license.issue`).
+fn record(database_url: &str, claims: &LicenseClaims, actor: &str) -> Result<()> {
+    let period = serde_json::to_value(claims.quota_period)?
+        .as_str()
+        .unwrap_or("month")
+        .to_string();
+    let record = ledger::LicenseRecord {
+        id: claims.jti.clone(),
+        customer_id: claims.sub.clone(),
+        model: claims.model.clone(),
+        quota_tokens: claims.quota_tokens.min(i64::MAX as u64) as i64,
+        quota_period: period,
+        issued_at: (claims.iat * 1000) as i64,
+        expires_at: (claims.exp * 1000) as i64,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let ledger = ledger::Ledger::connect(database_url).await?;
+        let now = record.issued_at;
+        ledger
+            .upsert_customer(&record.customer_id, &record.customer_id, now)
+            .await?;
+        ledger.record_license(&record, actor, now).await?;
+        anyhow::Ok(())
+    })
 }
 
 /// Writes a file readable by its owner only.

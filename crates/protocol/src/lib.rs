@@ -7,12 +7,17 @@
 //! | POST | `/v1/models/{model}/layers/{layer}/apply` | encrypted batch | encrypted result |
 //! | GET | `/healthz`, `/readyz` | - | 200, or 503 while not ready |
 //!
+//! The gateway adds usage and administration routes: see [`admin`].
+//!
 //! Requests to apply carry a [`QUERY_ID_HEADER`] (a retry reuses it: it is billed once) and, at
 //! the gateway, `Authorization: Bearer <license JWT>`. Every error answer is an [`ErrorBody`] with
 //! a stable code from [`codes`].
 
 use fhe_linear::{BlockLayout, LayerShape, LayerSpec, ParameterSet};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub mod admin;
 
 pub const API_VERSION: &str = "v1";
 /// Identifies one query; a retried request reuses it.
@@ -36,7 +41,7 @@ pub mod codes {
 }
 
 /// The JSON body of every error answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
@@ -98,8 +103,9 @@ pub fn apply_path(model: &Name, layer: &Name) -> String {
 }
 
 /// Public description of a served layer: everything a client needs to encrypt for it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LayerInfo {
+    #[schema(value_type = String)]
     pub name: Name,
     pub d_in: usize,
     pub d_out: usize,
@@ -112,8 +118,9 @@ pub struct LayerInfo {
 }
 
 /// The layers a server offers for one model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ModelLayers {
+    #[schema(value_type = String)]
     pub model: Name,
     pub layers: Vec<LayerInfo>,
 }

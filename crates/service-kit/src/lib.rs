@@ -14,6 +14,41 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use protocol::{codes, ErrorBody};
 use tokio::net::TcpListener;
 
+/// A config file that could not be read or parsed.
+#[derive(Debug, thiserror::Error)]
+#[error("config file {path}: {reason}")]
+pub struct ConfigFileError {
+    pub path: std::path::PathBuf,
+    pub reason: String,
+}
+
+/// Reads a TOML config file into `T` (whose unknown keys should be refused with
+/// `#[serde(deny_unknown_fields)]`, so that a typo never passes silently).
+pub fn read_config_file<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> Result<T, ConfigFileError> {
+    let fail = |reason: String| ConfigFileError {
+        path: path.into(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| fail(e.to_string()))
+}
+
+/// Registers `collectors` in `registry`; returns the metric names they declare (so that tests can
+/// check that dashboards and alerts only use metrics that exist, even before any is observed).
+pub fn register_metrics(
+    registry: &Registry,
+    collectors: Vec<Box<dyn prometheus::core::Collector>>,
+) -> Vec<String> {
+    let mut names = Vec::new();
+    for c in collectors {
+        names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
+        registry.register(c).expect("unique metric names");
+    }
+    names
+}
+
 /// Header carrying an error answer's code, read back by the metrics middleware of a service.
 pub const ERROR_CODE_HEADER: &str = "x-error-code";
 

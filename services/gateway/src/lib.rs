@@ -7,8 +7,11 @@
 //! rollups, quota) -> answer. It fails closed: when the ledger cannot record usage, nothing is
 //! forwarded and the client gets 503. It reads only the header of a ciphertext (to meter it).
 
+mod admin;
 mod admission;
+pub mod config;
 mod metrics;
+mod openapi;
 mod routes;
 mod workers;
 
@@ -17,10 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ledger::Ledger;
-use license::KeySet;
+use license::{KeySet, SigningKey};
 use tokio::net::TcpListener;
 
 pub use metrics::Metrics;
+pub use openapi::openapi_json;
 
 /// Gateway settings.
 #[derive(Clone)]
@@ -31,6 +35,10 @@ pub struct GatewayConfig {
     pub database_url: String,
     /// Public keys that sign licenses.
     pub keyset: KeySet,
+    /// Public keys that sign admin tokens.
+    pub admin_keyset: KeySet,
+    /// The key with which the admin API issues licenses (none: issuing over HTTP is off).
+    pub signing_key: Option<Arc<SigningKey>>,
     /// The audience licenses must name.
     pub audience: String,
     /// Worker base URLs.
@@ -50,6 +58,8 @@ impl GatewayConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             metrics_listen: ([127, 0, 0, 1], 0).into(),
             database_url: database_url.to_string(),
+            admin_keyset: keyset.clone(),
+            signing_key: None,
             keyset,
             audience: audience.to_string(),
             workers,
@@ -70,6 +80,8 @@ pub enum GatewayError {
     Io(#[from] std::io::Error),
     #[error("http client: {0}")]
     Client(String),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
 }
 
 /// Shared state of the handlers.
@@ -92,19 +104,26 @@ impl Application {
     /// Connects the ledger (running its migrations) and binds the ports.
     pub async fn build(config: GatewayConfig) -> Result<Self, GatewayError> {
         let ledger = Arc::new(Ledger::connect(&config.database_url).await?);
+        if config.workers.is_empty() {
+            return Err(GatewayError::Config(config::ConfigError::Missing(
+                "workers",
+            )));
+        }
         let api = TcpListener::bind(config.listen).await?;
-        let metrics = TcpListener::bind(config.metrics_listen).await?;
+        let metrics_listener = TcpListener::bind(config.metrics_listen).await?;
         let workers = workers::WorkerPool::new(&config.workers, config.worker_timeout)?;
+        let metrics = Metrics::new();
+        metrics.workers_configured.set(config.workers.len() as i64);
         let state = Arc::new(AppState {
             admission: admission::Admission::new(config.revocation_refresh),
-            metrics: Metrics::new(),
+            metrics,
             workers,
             ledger,
             config,
         });
         Ok(Application {
             api,
-            metrics,
+            metrics: metrics_listener,
             state,
         })
     }

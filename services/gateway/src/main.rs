@@ -4,54 +4,99 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use gateway::{Application, GatewayConfig};
+use gateway::config::Settings;
+use gateway::Application;
 
-/// Settings come from flags or the environment (`GATEWAY_*`).
+/// Settings come from flags, else the environment (`GATEWAY_*`), else the config file (TOML,
+/// same keys as the flags with `_`), else built-in defaults.
 #[derive(Parser)]
 #[command(name = "hybrid-gateway", version)]
 struct Args {
-    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    #[arg(long, env = "GATEWAY_METRICS_LISTEN", default_value = "127.0.0.1:9180")]
-    metrics_listen: SocketAddr,
-    /// Ledger database: postgres://... or sqlite:PATH?mode=rwc (embedded).
-    #[arg(
-        long,
-        env = "GATEWAY_DATABASE_URL",
-        default_value = "sqlite:hybrid-ledger.db?mode=rwc",
-        hide_env_values = true
-    )]
-    database_url: String,
+    /// Config file (TOML).
+    #[arg(long, env = "GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the OpenAPI document of the API and exit.
+    #[arg(long)]
+    print_openapi: bool,
+    /// [default: 127.0.0.1:8080]
+    #[arg(long, env = "GATEWAY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// [default: 127.0.0.1:9180]
+    #[arg(long, env = "GATEWAY_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Ledger database: postgres://... or sqlite:PATH?mode=rwc (embedded)
+    /// [default: sqlite:hybrid-ledger.db?mode=rwc]
+    #[arg(long, env = "GATEWAY_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
     /// Key set file (public keys that sign licenses), from `hybrid license keygen`.
     #[arg(long, env = "GATEWAY_KEYSET")]
-    keyset: PathBuf,
-    #[arg(long, env = "GATEWAY_AUDIENCE", default_value = "hybrid-gateway")]
-    audience: String,
+    keyset: Option<PathBuf>,
+    /// Key set verifying admin tokens [default: --keyset].
+    #[arg(long, env = "GATEWAY_ADMIN_KEYSET")]
+    admin_keyset: Option<PathBuf>,
+    /// Signing key (PEM) for issuing licenses over the admin API [default: issuing off].
+    #[arg(long, env = "GATEWAY_SIGNING_KEY")]
+    signing_key: Option<PathBuf>,
+    /// Key id of --signing-key [default: its file name without .key.pem].
+    #[arg(long, env = "GATEWAY_SIGNING_KID")]
+    signing_kid: Option<String>,
+    /// The audience licenses must name [default: hybrid-gateway].
+    #[arg(long, env = "GATEWAY_AUDIENCE")]
+    audience: Option<String>,
     /// Worker base URLs (comma-separated in the environment).
-    #[arg(
-        long = "worker",
-        env = "GATEWAY_WORKERS",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long = "worker", env = "GATEWAY_WORKERS", value_delimiter = ',')]
     workers: Vec<String>,
-    #[arg(long, env = "GATEWAY_MAX_BODY_BYTES", default_value_t = 64 << 20)]
-    max_body_bytes: usize,
-    /// Rows per request at most (the model's context length).
-    #[arg(long, env = "GATEWAY_MAX_ROWS", default_value_t = 2048)]
-    max_rows_per_request: usize,
+    /// [default: 67108864]
+    #[arg(long, env = "GATEWAY_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Rows per request at most (the model's context length) [default: 2048].
+    #[arg(long, env = "GATEWAY_MAX_ROWS")]
+    max_rows_per_request: Option<usize>,
+    /// How long a revocation may take to reach this replica [default: 2000].
+    #[arg(long, env = "GATEWAY_REVOCATION_REFRESH_MS")]
+    revocation_refresh_ms: Option<u64>,
+    /// [default: 60000]
+    #[arg(long, env = "GATEWAY_WORKER_TIMEOUT_MS")]
+    worker_timeout_ms: Option<u64>,
+    /// [default: 2000]
+    #[arg(long, env = "GATEWAY_HEALTH_INTERVAL_MS")]
+    health_interval_ms: Option<u64>,
+}
+
+impl Args {
+    fn settings(self) -> Settings {
+        Settings {
+            listen: self.listen,
+            metrics_listen: self.metrics_listen,
+            database_url: self.database_url,
+            keyset: self.keyset,
+            admin_keyset: self.admin_keyset,
+            signing_key: self.signing_key,
+            signing_kid: self.signing_kid,
+            audience: self.audience,
+            workers: (!self.workers.is_empty()).then_some(self.workers),
+            max_body_bytes: self.max_body_bytes,
+            max_rows_per_request: self.max_rows_per_request,
+            revocation_refresh_ms: self.revocation_refresh_ms,
+            worker_timeout_ms: self.worker_timeout_ms,
+            health_interval_ms: self.health_interval_ms,
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    service_kit::init_tracing();
     let args = Args::parse();
-    let keyset = license::KeySet::from_json(&std::fs::read_to_string(&args.keyset)?)?;
-    let mut config = GatewayConfig::local(&args.database_url, keyset, &args.audience, args.workers);
-    config.listen = args.listen;
-    config.metrics_listen = args.metrics_listen;
-    config.max_body_bytes = args.max_body_bytes;
-    config.max_rows_per_request = args.max_rows_per_request;
+    if args.print_openapi {
+        println!("{}", gateway::openapi_json());
+        return Ok(());
+    }
+    service_kit::init_tracing();
+    let file = match &args.config {
+        Some(path) => Settings::from_file(path)?,
+        None => Settings::default(),
+    };
+    let config = args.settings().over(file).resolve()?;
     let app = Application::build(config).await?;
     tracing::info!(
         port = app.port(),

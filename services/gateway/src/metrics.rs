@@ -7,6 +7,8 @@ use prometheus::{
 
 pub struct Metrics {
     pub registry: Registry,
+    /// Names of every metric registered.
+    pub names: Vec<String>,
     /// Requests by route and outcome (`ok` or the error code).
     pub requests: IntCounterVec,
     /// Latency by part: `total` (whole request) and `worker` (forwarding to the worker).
@@ -19,6 +21,7 @@ pub struct Metrics {
     /// (enough to solve for the layer's weights): alerts, not a guarantee.
     pub extraction_alerts: IntCounter,
     pub workers_healthy: IntGauge,
+    pub workers_configured: IntGauge,
 }
 
 impl Metrics {
@@ -32,7 +35,7 @@ impl Metrics {
         let latency = HistogramVec::new(
             HistogramOpts::new(
                 "gateway_request_seconds",
-                "Latency of apply requests: total, and the part spent in the worker",
+                "Latency of apply requests: total, the part spent in the worker, and the rest (overhead)",
             )
             .buckets(vec![
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -58,20 +61,25 @@ impl Metrics {
         .expect("metric");
         let workers_healthy =
             IntGauge::new("gateway_workers_healthy", "Workers answering /readyz").expect("metric");
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(latency.clone()),
-            Box::new(bytes_in.clone()),
-            Box::new(bytes_out.clone()),
-            Box::new(tokens_metered.clone()),
-            Box::new(quota_rejections.clone()),
-            Box::new(extraction_alerts.clone()),
-            Box::new(workers_healthy.clone()),
-        ] {
-            registry.register(c).expect("unique metric names");
-        }
+        let workers_configured =
+            IntGauge::new("gateway_workers_configured", "Workers configured").expect("metric");
+        let names = service_kit::register_metrics(
+            &registry,
+            vec![
+                Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(latency.clone()),
+                Box::new(bytes_in.clone()),
+                Box::new(bytes_out.clone()),
+                Box::new(tokens_metered.clone()),
+                Box::new(quota_rejections.clone()),
+                Box::new(extraction_alerts.clone()),
+                Box::new(workers_healthy.clone()),
+                Box::new(workers_configured.clone()),
+            ],
+        );
         Metrics {
             registry,
+            names,
             requests,
             latency,
             bytes_in,
@@ -80,6 +88,7 @@ impl Metrics {
             quota_rejections,
             extraction_alerts,
             workers_healthy,
+            workers_configured,
         }
     }
 }

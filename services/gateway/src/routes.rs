@@ -9,18 +9,17 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use fhe_linear::Limits;
 use ledger::{LedgerError, UsageEvent};
 use license::{LicenseClaims, QuotaPeriod};
-use protocol::{codes, Name};
-use serde_json::json;
+use protocol::{codes, ErrorBody, ModelLayers, Name};
 use service_kit::{outcome, ApiError};
 
 use crate::workers::ForwardError;
-use crate::AppState;
+use crate::{admin, AppState};
 
-fn ledger_down(e: LedgerError) -> ApiError {
+pub(crate) fn ledger_down(e: LedgerError) -> ApiError {
     tracing::error!(error = %e, "ledger unavailable: refusing the request");
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -30,31 +29,39 @@ fn ledger_down(e: LedgerError) -> ApiError {
     .retry(1)
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
 
-/// Verifies the bearer license, including revocation.
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<LicenseClaims, ApiError> {
-    let token = headers
+/// The bearer token of a request, if any.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "license_missing",
-                "send Authorization: Bearer <license>",
-            )
-        })?;
+        .map(str::trim)
+}
+
+/// Verifies the bearer license, including revocation.
+pub(crate) async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<LicenseClaims, ApiError> {
+    let token = bearer(headers).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "license_missing",
+            "send Authorization: Bearer <license>",
+        )
+    })?;
     let now = (now_ms() / 1000) as u64;
     let claims = state
         .config
         .keyset
-        .verify(token.trim(), &state.config.audience, now)
+        .verify(token, &state.config.audience, now)
         .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
     if state
         .admission
@@ -71,7 +78,7 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<LicenseCl
     Ok(claims)
 }
 
-fn period_start(claims: &LicenseClaims, now: i64) -> i64 {
+pub(crate) fn period_start(claims: &LicenseClaims, now: i64) -> i64 {
     match claims.quota_period {
         QuotaPeriod::Day => ledger::day_start(now),
         QuotaPeriod::Month => ledger::month_start(now),
@@ -110,7 +117,7 @@ fn query_id(headers: &HeaderMap) -> Result<String, ApiError> {
     }
 }
 
-fn record(state: &AppState, route: &str, response: &Response) {
+pub(crate) fn record(state: &AppState, route: &str, response: &Response) {
     state
         .metrics
         .requests
@@ -118,21 +125,43 @@ fn record(state: &AppState, route: &str, response: &Response) {
         .inc();
 }
 
-async fn apply(
+/// Applies a protected layer to an encrypted batch (the body: `fhe_linear`'s wire format).
+/// Metered: the batch's rows are reserved against the license's quota and billed once per
+/// query id.
+#[utoipa::path(post, path = "/v1/models/{model}/layers/{layer}/apply", tag = "inference",
+    params(("model" = String, Path), ("layer" = String, Path),
+        ("x-query-id" = String, Header, description = "1 to 128 of A-Z a-z 0-9 - _; a retry reuses it")),
+    request_body(content = Vec<u8>, content_type = "application/vnd.hybrid-fhe.ciphertext"),
+    security(("license" = [])),
+    responses(
+        (status = 200, description = "encrypted result", content_type = "application/vnd.hybrid-fhe.ciphertext", body = Vec<u8>),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn apply(
     State(state): State<Arc<AppState>>,
     Path((model, layer)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let response = apply_inner(&state, &model, &layer, &headers, body)
+    let mut in_worker = None;
+    let response = apply_inner(&state, &model, &layer, &headers, body, &mut in_worker)
         .await
         .unwrap_or_else(IntoResponse::into_response);
-    state
-        .metrics
-        .latency
+    let total = started.elapsed();
+    let latency = &state.metrics.latency;
+    latency
         .with_label_values(&["total"])
-        .observe(started.elapsed().as_secs_f64());
+        .observe(total.as_secs_f64());
+    if let Some(w) = in_worker {
+        latency
+            .with_label_values(&["worker"])
+            .observe(w.as_secs_f64());
+        latency
+            .with_label_values(&["overhead"])
+            .observe(total.saturating_sub(w).as_secs_f64());
+    }
     record(&state, "apply", &response);
     response
 }
@@ -143,6 +172,7 @@ async fn apply_inner(
     layer: &str,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    in_worker: &mut Option<std::time::Duration>,
 ) -> Result<Response, ApiError> {
     let (model, layer) = names(model, layer)?;
     let claims = authenticate(state, headers).await?;
@@ -241,11 +271,7 @@ async fn apply_inner(
             Some(body.clone()),
         )
         .await;
-    state
-        .metrics
-        .latency
-        .with_label_values(&["worker"])
-        .observe(forward_started.elapsed().as_secs_f64());
+    *in_worker = Some(forward_started.elapsed());
     let answer = match sent {
         Ok(a) if a.status == 200 => a,
         Ok(a) => {
@@ -312,7 +338,12 @@ async fn apply_inner(
     ))
 }
 
-async fn layers(
+/// The protected layers a model serves, with what a client needs to encrypt for them.
+#[utoipa::path(get, path = "/v1/models/{model}/layers", tag = "inference",
+    params(("model" = String, Path)), security(("license" = [])),
+    responses((status = 200, body = ModelLayers), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn layers(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
     headers: HeaderMap,
@@ -347,40 +378,16 @@ async fn layers(
     response
 }
 
-/// A customer's own usage in the current quota period (license token).
-async fn usage(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let result = async {
-        let claims = authenticate(&state, &headers).await?;
-        let period = period_start(&claims, now_ms());
-        let billed = state
-            .ledger
-            .billable_tokens(&claims.jti, period)
-            .await
-            .map_err(ledger_down)?;
-        Ok::<_, ApiError>(Json(json!({
-            "license_id": claims.jti,
-            "customer": claims.sub,
-            "model": claims.model,
-            "period_start_ms": period,
-            "quota_tokens": claims.quota_tokens,
-            "billable_tokens": billed,
-        })))
-    }
-    .await;
-    let response = match result {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    };
-    record(&state, "usage", &response);
-    response
-}
-
-async fn healthz() -> &'static str {
+/// Alive.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = String)))]
+pub(crate) async fn healthz() -> &'static str {
     "ok"
 }
 
 /// Ready when the ledger answers and at least one worker is healthy.
-async fn readyz(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, body = String), (status = 503, body = ErrorBody)))]
+pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
     state.ledger.ping().await.map_err(ledger_down)?;
     if state.workers.healthy_count() == 0 {
         return Err(ApiError::new(
@@ -398,7 +405,18 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/v1/usage", get(usage))
+        .route("/v1/usage", get(admin::customer_usage))
+        .route("/v1/admin/usage", get(admin::usage_report))
+        .route("/v1/admin/usage/export.csv", get(admin::usage_export))
+        .route(
+            "/v1/admin/licenses",
+            get(admin::list_licenses).post(admin::issue_license),
+        )
+        .route(
+            "/v1/admin/licenses/{id}/revoke",
+            post(admin::revoke_license),
+        )
+        .route("/v1/admin/audit", get(admin::audit_log))
         .route("/v1/models/{model}/layers", get(layers))
         .route("/v1/models/{model}/layers/{layer}/apply", post(apply))
         .layer(DefaultBodyLimit::max(limit))

@@ -1,186 +1,13 @@
 //! The gateway as a real service on loopback, with real workers and a real ledger database
 //! (a throw-away Postgres database, or a SQLite file).
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::Arc;
-use std::time::Duration;
 
+use common::*;
 use fhe_linear::{ClientKey, LayerShape, LayerSpec, HFHE_GLWE_2048_V1};
-use gateway::{Application, GatewayConfig};
-use ledger::Ledger;
-use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
-
-const AUD: &str = "hybrid-gateway";
-const LAYER: &str = "layers.1.mixer.Wqkv";
-
-fn compile_tiny(dir: &Path) -> (PathBuf, PathBuf) {
-    test_support::compile_tiny(dir, &[LAYER])
-}
-
-async fn postgres_url() -> String {
-    test_support::fresh_postgres_database("gateway_test").await
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn claims(id: &str, quota: u64) -> LicenseClaims {
-    LicenseClaims {
-        jti: id.into(),
-        sub: "acme".into(),
-        iss: "vendor".into(),
-        aud: AUD.into(),
-        model: "tiny".into(),
-        layers: vec![LAYER.into()],
-        quota_tokens: quota,
-        quota_period: QuotaPeriod::Month,
-        rate_limit_per_minute: 100_000,
-        max_in_flight: 64,
-        iat: now(),
-        nbf: now() - 5,
-        exp: now() + 3600,
-    }
-}
-
-struct Stack {
-    url: String,
-    metrics_url: String,
-    worker_metrics: Vec<String>,
-    ledger: Arc<Ledger>,
-    key: SigningKey,
-    _dir: tempfile::TempDir,
-    client_dir: PathBuf,
-    _stops: Vec<tokio::sync::oneshot::Sender<()>>,
-}
-
-async fn wait_ready(url: &str) {
-    for _ in 0..300 {
-        if reqwest::get(format!("{url}/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{url} never became ready");
-}
-
-/// Workers (plus `dead` unreachable addresses listed first) and a gateway over `database_url`.
-async fn stack(database_url: String, workers: usize, dead: usize) -> Stack {
-    let dir = tempfile::tempdir().unwrap();
-    let (client_dir, server) = compile_tiny(dir.path());
-    let mut urls = Vec::new();
-    let mut stops = Vec::new();
-    for _ in 0..dead {
-        // A port that was bound and released: nothing listens there.
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        urls.push(format!("http://{}", l.local_addr().unwrap()));
-    }
-    let mut worker_metrics = Vec::new();
-    for _ in 0..workers {
-        let app = worker::Application::build(worker::WorkerConfig::local(vec![server.clone()]))
-            .await
-            .unwrap();
-        let url = format!("http://127.0.0.1:{}", app.port());
-        worker_metrics.push(format!("http://127.0.0.1:{}/metrics", app.metrics_port()));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(app.run_until_stopped(async move {
-            let _ = rx.await;
-        }));
-        wait_ready(&url).await;
-        urls.push(url);
-        stops.push(tx);
-    }
-    let key = SigningKey::generate("k1");
-    let keyset = KeySet::new(&[key.public().unwrap()]).unwrap();
-    let mut config = GatewayConfig::local(&database_url, keyset, AUD, urls);
-    config.revocation_refresh = Duration::ZERO;
-    config.max_body_bytes = 1 << 20;
-    config.max_rows_per_request = 8;
-    let app = Application::build(config).await.unwrap();
-    let url = format!("http://127.0.0.1:{}", app.port());
-    let metrics_url = format!("http://127.0.0.1:{}/metrics", app.metrics_port());
-    let ledger = app.ledger();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until_stopped(async move {
-        let _ = rx.await;
-    }));
-    stops.push(tx);
-    Stack {
-        url,
-        metrics_url,
-        worker_metrics,
-        ledger,
-        key,
-        _dir: dir,
-        client_dir,
-        _stops: stops,
-    }
-}
-
-fn batch(tokens: usize) -> Vec<u8> {
-    let spec = LayerSpec::choose(&HFHE_GLWE_2048_V1, LayerShape::new(64, 192), 1).unwrap();
-    let key = ClientKey::generate(&HFHE_GLWE_2048_V1);
-    key.encrypt(&spec, &vec![3i8; 64 * tokens], tokens)
-        .unwrap()
-        .to_bytes()
-}
-
-impl Stack {
-    fn apply_url(&self, layer: &str) -> String {
-        format!("{}/v1/models/tiny/layers/{layer}/apply", self.url)
-    }
-
-    async fn post(
-        &self,
-        token: Option<&str>,
-        query_id: Option<&str>,
-        body: Vec<u8>,
-    ) -> (u16, String) {
-        let mut request = reqwest::Client::new()
-            .post(self.apply_url(LAYER))
-            .body(body);
-        if let Some(t) = token {
-            request = request.bearer_auth(t);
-        }
-        if let Some(q) = query_id {
-            request = request.header(protocol::QUERY_ID_HEADER, q);
-        }
-        let answer = request.send().await.unwrap();
-        let status = answer.status().as_u16();
-        let bytes = answer.bytes().await.unwrap();
-        let code = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v["code"].as_str().map(String::from))
-            .unwrap_or_default();
-        (status, code)
-    }
-
-    async fn billable(&self, license: &str) -> i64 {
-        self.ledger
-            .billable_tokens(license, ledger::month_start(now() as i64 * 1000))
-            .await
-            .unwrap()
-    }
-
-    async fn worker_applies(&self) -> u64 {
-        let mut total = 0;
-        for url in &self.worker_metrics {
-            let text = reqwest::get(url).await.unwrap().text().await.unwrap();
-            total += text
-                .lines()
-                .filter(|l| l.starts_with("worker_apply_seconds_count"))
-                .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
-                .sum::<u64>();
-        }
-        total
-    }
-}
+use license::SigningKey;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_generation_through_the_gateway_is_exact_and_billed() {
@@ -474,4 +301,20 @@ async fn ledger_down_refuses_and_forwards_nothing() {
         1,
         "nothing forwarded while usage cannot be recorded"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_mid_request_is_retried_elsewhere_and_billed_once() {
+    let dying = dying_worker().await;
+    let s = stack_with(postgres_url().await, 1, vec![dying]).await;
+    let license = s.key.issue(&claims("lic-k", 100)).unwrap();
+    // Round-robin starts on the dying worker for one of the first two requests.
+    for q in ["k1", "k2"] {
+        assert_eq!(s.post(Some(&license), Some(q), batch(2)).await.0, 200);
+    }
+    assert_eq!(s.billable("lic-k").await, 4);
+    let events = s.ledger.usage_events("lic-k").await.unwrap();
+    assert_eq!(events.len(), 2, "one usage row per query");
+    assert!(events.iter().all(|e| !e.worker.is_empty()));
+    assert_eq!(s.worker_applies().await, 2);
 }

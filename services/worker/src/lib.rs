@@ -4,6 +4,7 @@
 //! `Application::build` binds its ports (0 picks free ones), then loads the bundles in the
 //! background: `/readyz` answers 503 until every layer is compiled.
 
+pub mod config;
 mod metrics;
 mod routes;
 
@@ -164,6 +165,12 @@ impl Application {
 
     pub fn metrics_port(&self) -> u16 {
         self.metrics.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The compute slots (`max_concurrency` permits). Holding them all saturates the worker:
+    /// operators' load tests and the overload test use this to make saturation deterministic.
+    pub fn compute_slots(&self) -> Arc<Semaphore> {
+        self.state.permits.clone()
     }
 
     /// Serves until `shutdown` resolves; requests in flight then finish before it returns.

@@ -2,49 +2,56 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
-use worker::{Application, WorkerConfig};
+use worker::config::Settings;
+use worker::Application;
 
-/// Settings come from flags or the environment (`WORKER_*`).
+/// Settings come from flags, else the environment (`WORKER_*`), else the config file (TOML,
+/// same keys as the flags with `_`), else built-in defaults.
 #[derive(Parser)]
 #[command(name = "hybrid-worker", version)]
 struct Args {
-    #[arg(long, env = "WORKER_LISTEN", default_value = "127.0.0.1:8081")]
-    listen: SocketAddr,
-    #[arg(long, env = "WORKER_METRICS_LISTEN", default_value = "127.0.0.1:9181")]
-    metrics_listen: SocketAddr,
+    /// Config file (TOML).
+    #[arg(long, env = "WORKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// [default: 127.0.0.1:8081]
+    #[arg(long, env = "WORKER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// [default: 127.0.0.1:9181]
+    #[arg(long, env = "WORKER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Server bundles (comma-separated in the environment).
-    #[arg(
-        long = "bundle",
-        env = "WORKER_BUNDLES",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long = "bundle", env = "WORKER_BUNDLES", value_delimiter = ',')]
     bundles: Vec<PathBuf>,
-    #[arg(long, env = "WORKER_MAX_BODY_BYTES", default_value_t = 64 << 20)]
-    max_body_bytes: usize,
-    /// Requests computed at once (default: the number of cores).
+    /// [default: 67108864]
+    #[arg(long, env = "WORKER_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Requests computed at once [default: the number of cores].
     #[arg(long, env = "WORKER_MAX_CONCURRENCY")]
     max_concurrency: Option<usize>,
-    #[arg(long, env = "WORKER_QUEUE_TIMEOUT_MS", default_value_t = 2000)]
-    queue_timeout_ms: u64,
+    /// How long a request waits for a compute slot before 503 [default: 2000].
+    #[arg(long, env = "WORKER_QUEUE_TIMEOUT_MS")]
+    queue_timeout_ms: Option<u64>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     service_kit::init_tracing();
     let args = Args::parse();
-    let mut config = WorkerConfig::local(args.bundles);
-    config.listen = args.listen;
-    config.metrics_listen = args.metrics_listen;
-    config.max_body_bytes = args.max_body_bytes;
-    config.queue_timeout = Duration::from_millis(args.queue_timeout_ms);
-    if let Some(n) = args.max_concurrency {
-        config.max_concurrency = n;
-    }
-    let app = Application::build(config).await?;
+    let file = match &args.config {
+        Some(path) => Settings::from_file(path)?,
+        None => Settings::default(),
+    };
+    let flags = Settings {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        bundles: (!args.bundles.is_empty()).then_some(args.bundles),
+        max_body_bytes: args.max_body_bytes,
+        max_concurrency: args.max_concurrency,
+        queue_timeout_ms: args.queue_timeout_ms,
+    };
+    let app = Application::build(flags.over(file).resolve()?).await?;
     tracing::info!(
         port = app.port(),
         metrics_port = app.metrics_port(),

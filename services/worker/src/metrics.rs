@@ -5,6 +5,8 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 
 pub struct Metrics {
     pub registry: Registry,
+    /// Names of every metric registered.
+    pub names: Vec<String>,
     /// Requests by route (`apply`, `layers`) and outcome (`ok` or the stable error code).
     pub requests: IntCounterVec,
     /// Server compute time of one apply.
@@ -44,18 +46,20 @@ impl Metrics {
         let layers_loaded =
             IntGauge::new("worker_layers_loaded", "Protected layers ready to serve")
                 .expect("metric");
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(apply_seconds.clone()),
-            Box::new(request_bytes.clone()),
-            Box::new(response_bytes.clone()),
-            Box::new(inflight.clone()),
-            Box::new(layers_loaded.clone()),
-        ] {
-            registry.register(c).expect("unique metric names");
-        }
+        let names = service_kit::register_metrics(
+            &registry,
+            vec![
+                Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(apply_seconds.clone()),
+                Box::new(request_bytes.clone()),
+                Box::new(response_bytes.clone()),
+                Box::new(inflight.clone()),
+                Box::new(layers_loaded.clone()),
+            ],
+        );
         Metrics {
             registry,
+            names,
             requests,
             apply_seconds,
             request_bytes,

@@ -130,8 +130,9 @@ async fn apply_inner(
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             codes::OVERLOADED,
-            "all workers busy; retry",
+            "all compute slots busy; retry",
         )
+        .retry(1)
     })?
     .map_err(|_| {
         ApiError::new(

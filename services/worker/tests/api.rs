@@ -201,3 +201,63 @@ async fn bad_requests_get_stable_codes() {
     .await
     .unwrap();
 }
+
+/// A saturated worker answers 503 `overloaded` with Retry-After once the queue wait is over,
+/// and serves again as soon as a compute slot frees up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_worker_sheds_load_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, server_path) = compile_tiny(dir.path());
+    let mut config = WorkerConfig::local(vec![server_path]);
+    config.max_concurrency = 2;
+    config.queue_timeout = Duration::from_millis(100);
+    let app = Application::build(config).await.unwrap();
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let slots = app.compute_slots();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    // Every compute slot taken, as by long-running requests.
+    let held = slots.clone().acquire_many_owned(2).await.unwrap();
+    let spec = fhe_linear::LayerSpec::choose(
+        &fhe_linear::HFHE_GLWE_2048_V1,
+        fhe_linear::LayerShape::new(64, 192),
+        1,
+    )
+    .unwrap();
+    let key = fhe_linear::ClientKey::generate(&fhe_linear::HFHE_GLWE_2048_V1);
+    let batch = key.encrypt(&spec, &[1i8; 64], 1).unwrap().to_bytes();
+    let url = format!("{base}/v1/models/tiny/layers/layers.1.mixer.Wqkv/apply");
+    let call = move |url: String, batch: Vec<u8>| {
+        tokio::task::spawn_blocking(move || {
+            for _ in 0..500 {
+                // Wait until the bundles are loaded (503 not_ready before).
+                let ready = agent()
+                    .get(url.replace(
+                        "/v1/models/tiny/layers/layers.1.mixer.Wqkv/apply",
+                        "/readyz",
+                    ))
+                    .call()
+                    .map(|r| r.status().as_u16() == 200)
+                    .unwrap_or(false);
+                if ready {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let answer = agent().post(&url).send(&batch[..]).unwrap();
+            let retry = answer
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            (answer.status().as_u16(), retry)
+        })
+    };
+    let (status, retry) = call(url.clone(), batch.clone()).await.unwrap();
+    assert_eq!((status, retry.as_deref()), (503, Some("1")));
+    drop(held);
+    let (status, _) = call(url, batch).await.unwrap();
+    assert_eq!(status, 200, "served once a slot is free");
+    let _ = tx.send(());
+}

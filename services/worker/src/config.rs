@@ -1,0 +1,108 @@
+//! Layered settings: built-in defaults, then a TOML config file, then environment variables,
+//! then command-line flags (each layer overrides the ones before it).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::WorkerConfig;
+
+/// Every setting, each optional: the shape of the config file and of the flag/environment
+/// layer alike.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    /// Server bundles (`server.safetensors` files written by `hybrid compile`).
+    pub bundles: Option<Vec<PathBuf>>,
+    pub max_body_bytes: Option<usize>,
+    /// Requests computed at once (default: the number of cores).
+    pub max_concurrency: Option<usize>,
+    /// How long a request waits for a compute slot before 503.
+    pub queue_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    File(#[from] service_kit::ConfigFileError),
+    #[error("setting `{0}` is required (flag, environment variable or config file)")]
+    Missing(&'static str),
+}
+
+impl Settings {
+    /// Reads a TOML config file; unknown keys are refused.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        Ok(service_kit::read_config_file(path)?)
+    }
+
+    /// `self` where set, else `base`.
+    pub fn over(self, base: Settings) -> Settings {
+        Settings {
+            listen: self.listen.or(base.listen),
+            metrics_listen: self.metrics_listen.or(base.metrics_listen),
+            bundles: self.bundles.or(base.bundles),
+            max_body_bytes: self.max_body_bytes.or(base.max_body_bytes),
+            max_concurrency: self.max_concurrency.or(base.max_concurrency),
+            queue_timeout_ms: self.queue_timeout_ms.or(base.queue_timeout_ms),
+        }
+    }
+
+    /// The worker configuration, with defaults for what is unset.
+    pub fn resolve(self) -> Result<WorkerConfig, ConfigError> {
+        let bundles = self.bundles.unwrap_or_default();
+        if bundles.is_empty() {
+            return Err(ConfigError::Missing("bundles"));
+        }
+        let mut config = WorkerConfig::local(bundles);
+        config.listen = self.listen.unwrap_or(([127, 0, 0, 1], 8081).into());
+        config.metrics_listen = self.metrics_listen.unwrap_or(([127, 0, 0, 1], 9181).into());
+        if let Some(v) = self.max_body_bytes {
+            config.max_body_bytes = v;
+        }
+        if let Some(v) = self.max_concurrency {
+            config.max_concurrency = v;
+        }
+        if let Some(v) = self.queue_timeout_ms {
+            config.queue_timeout = Duration::from_millis(v);
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("worker.toml");
+        std::fs::write(
+            &file,
+            "bundles = [\"/bundles/a/server.safetensors\"]\nmax_concurrency = 8\nqueue_timeout_ms = 500\n",
+        )
+        .unwrap();
+        let flags = Settings {
+            max_concurrency: Some(2),
+            ..Settings::default()
+        };
+        let config = flags
+            .over(Settings::from_file(&file).unwrap())
+            .resolve()
+            .unwrap();
+        assert_eq!(config.max_concurrency, 2);
+        assert_eq!(config.queue_timeout, Duration::from_millis(500));
+        assert_eq!(config.listen, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(config.bundles.len(), 1);
+        std::fs::write(&file, "bundle = []\n").unwrap();
+        assert!(Settings::from_file(&file).is_err(), "typos are refused");
+        assert!(matches!(
+            Settings::default().resolve(),
+            Err(ConfigError::Missing("bundles"))
+        ));
+    }
+}
