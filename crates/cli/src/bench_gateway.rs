@@ -161,31 +161,24 @@ async fn bench(args: GatewayArgs) -> Result<()> {
     }
     let overhead: Vec<f64> = through.iter().zip(&direct).map(|(g, d)| g - d).collect();
 
-    // Throughput: `concurrency` requests in flight through the gateway.
-    let started = Instant::now();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
-        let (next, send, url, total) = (
-            next.clone(),
-            send.clone(),
-            format!("{gateway_url}{path}"),
-            args.load_requests,
-        );
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= total {
-                    return anyhow::Ok(());
-                }
-                send(url.clone(), format!("load{i}")).await?;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    // Throughput: `concurrency` requests in flight, straight to the worker (the ceiling on this
+    // machine), then through the gateway.
+    let direct_rate = load(
+        send.clone(),
+        format!("{worker_url}{path}"),
+        "direct-load",
+        args.load_requests,
+        args.concurrency,
+    )
+    .await?;
+    let gateway_rate = load(
+        send.clone(),
+        format!("{gateway_url}{path}"),
+        "load",
+        args.load_requests,
+        args.concurrency,
+    )
+    .await?;
     let ledger = ledger::Ledger::connect(&database_url).await?;
     let billed = ledger.billable_tokens(&license_id, 0).await?;
     let expected = (args.requests + 20 + args.load_requests) as i64;
@@ -201,7 +194,8 @@ async fn bench(args: GatewayArgs) -> Result<()> {
         "overhead_p99_ms": percentile(overhead, 0.99),
         "load_requests": args.load_requests,
         "concurrency": args.concurrency,
-        "requests_per_second": args.load_requests as f64 / elapsed,
+        "worker_direct_requests_per_second": direct_rate,
+        "requests_per_second": gateway_rate,
         "upload_bytes": upload_bytes,
         "billed_tokens": billed,
         "billed_exactly": billed == expected,
@@ -216,6 +210,40 @@ async fn bench(args: GatewayArgs) -> Result<()> {
     }
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
+}
+
+/// Sends `total` requests to `url` with `concurrency` in flight; returns requests per second.
+async fn load<F, Fut>(
+    send: F,
+    url: String,
+    prefix: &str,
+    total: usize,
+    concurrency: usize,
+) -> Result<f64>
+where
+    F: Fn(String, String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<f64>> + Send,
+{
+    let started = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (next, send, url, prefix) =
+            (next.clone(), send.clone(), url.clone(), prefix.to_string());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return anyhow::Ok(());
+                }
+                send(url.clone(), format!("{prefix}{i}")).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
 fn tempfile_dir() -> Result<std::path::PathBuf> {
