@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_gateway;
+mod demo;
 mod license_cmd;
 mod model_cmd;
 mod usage_cmd;
@@ -22,6 +23,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole product on this machine: compile, license, worker + gateway on loopback,
+    /// encrypted generation, per-token costs and the billed usage read back.
+    Demo(demo::DemoArgs),
     /// Compile a model with protected layers into a client bundle and a server bundle.
     Compile(model_cmd::CompileArgs),
     /// Generate text with protected layers (disable | simulate | execute | remote).
@@ -45,6 +49,7 @@ enum Command {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Demo(args) => demo::run(args),
         Command::Compile(args) => model_cmd::compile_cmd(args),
         Command::Generate(args) => model_cmd::generate_cmd(args),
         Command::License { what } => license_cmd::run(what),

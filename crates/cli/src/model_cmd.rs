@@ -19,15 +19,15 @@ use serde_json::json;
 use tokenizers::Tokenizer;
 
 /// A model: its configuration, checkpoint tensors and tokenizer.
-struct Source {
-    name: String,
-    config: PhiConfig,
-    tensors: HashMap<String, Tensor>,
-    tokenizer: Option<Tokenizer>,
+pub(crate) struct Source {
+    pub name: String,
+    pub config: PhiConfig,
+    pub tensors: HashMap<String, Tensor>,
+    pub tokenizer: Option<Tokenizer>,
 }
 
 /// `tiny` (built in, offline), a Hugging Face model directory, or a hub id.
-fn load_source(model: &str) -> Result<Source> {
+pub(crate) fn load_source(model: &str) -> Result<Source> {
     if model == "tiny" {
         return Ok(Source {
             name: "tiny".into(),
@@ -113,7 +113,7 @@ fn download(id: &str) -> Result<PathBuf> {
     bail!("`{id}`: this build cannot download models (build with --features hf-hub)")
 }
 
-fn progress_bar() -> ProgressBar {
+pub(crate) fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len}")
@@ -148,7 +148,7 @@ pub struct CompileArgs {
     json: bool,
 }
 
-const DEFAULT_CALIBRATION: &[&str] = &[
+pub(crate) const DEFAULT_CALIBRATION: &[&str] = &[
     "the server is private and the data is encrypted",
     "a customer has a license for the model",
     "they will work on the program for one week",
@@ -164,17 +164,7 @@ pub fn compile_cmd(args: CompileArgs) -> Result<()> {
             .collect(),
         None => DEFAULT_CALIBRATION.iter().map(|s| s.to_string()).collect(),
     };
-    let calibration = match &src.tokenizer {
-        Some(t) => prompts
-            .iter()
-            .map(|p| {
-                t.encode(p.as_str(), false)
-                    .map(|e| e.get_ids().to_vec())
-                    .map_err(anyhow::Error::msg)
-            })
-            .collect::<Result<Vec<_>>>()?,
-        None => vec![],
-    };
+    let calibration = tokenize_all(src.tokenizer.as_ref(), &prompts)?;
     let options = CompileOptions {
         model_name: src.name.clone(),
         protect: args.protect,
@@ -217,6 +207,53 @@ pub fn compile_cmd(args: CompileArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+/// Prints generated text as it streams: the new part of the decoded text after each token.
+pub(crate) struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        TextStream {
+            tokenizer,
+            ids: Vec::new(),
+            printed: 0,
+        }
+    }
+
+    pub fn push(&mut self, token: u32) {
+        self.ids.push(token);
+        if let Ok(text) = self.tokenizer.decode(&self.ids, true) {
+            if text.len() > self.printed && text.is_char_boundary(self.printed) {
+                let mut stdout = std::io::stdout();
+                let _ = write!(stdout, "{}", &text[self.printed..]);
+                let _ = stdout.flush();
+                self.printed = text.len();
+            }
+        }
+    }
+}
+
+/// Calibration prompts as token ids (none without a tokenizer).
+pub(crate) fn tokenize_all(
+    tokenizer: Option<&Tokenizer>,
+    prompts: &[String],
+) -> Result<Vec<Vec<u32>>> {
+    match tokenizer {
+        Some(t) => prompts
+            .iter()
+            .map(|p| {
+                t.encode(p.as_str(), false)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(anyhow::Error::msg)
+            })
+            .collect(),
+        None => Ok(vec![]),
+    }
 }
 
 #[derive(Args)]
@@ -272,6 +309,7 @@ pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
                         url,
                         model: client.manifest.model.clone(),
                         license: args.license.clone(),
+                        stats: None,
                     };
                     build_remote(&client, remote)?
                 } else {
@@ -314,21 +352,11 @@ pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
     };
     let started = Instant::now();
     let mut first_token_ms = None;
-    let mut ids = Vec::new();
-    let mut printed = 0;
-    let mut stdout = std::io::stdout();
+    let mut stream = TextStream::new(&tokenizer);
     let tokens = generate(&mut model, &prompt, &options, |t| {
         first_token_ms.get_or_insert(started.elapsed().as_secs_f64() * 1e3);
-        ids.push(t);
         if !args.json {
-            // Print the new part of the decoded text as it streams.
-            if let Ok(text) = tokenizer.decode(&ids, true) {
-                if text.len() > printed && text.is_char_boundary(printed) {
-                    let _ = write!(stdout, "{}", &text[printed..]);
-                    let _ = stdout.flush();
-                    printed = text.len();
-                }
-            }
+            stream.push(t);
         }
     })?;
     let total_ms = started.elapsed().as_secs_f64() * 1e3;

@@ -228,3 +228,52 @@ fn license_keygen_issue_inspect() {
     ]);
     assert!(ok, "{err}");
 }
+
+/// The demo runs the whole product (worker and gateway on loopback, embedded ledger) and reads
+/// back exactly the tokens it processed as billed; its generation is the one the simulation of
+/// the same bundles gives.
+#[test]
+fn demo_bills_exactly_what_it_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("demo");
+    let (ok, out, err) = hybrid(&[
+        "demo",
+        "--dir",
+        work.to_str().unwrap(),
+        "--protect",
+        "layers.1.mixer.Wqkv",
+        "--protect",
+        "layers.2.mlp.fc2",
+        "--max-tokens",
+        "8",
+        "--compare",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report = last_json(&out);
+    assert_eq!(report["billed_exactly"], true, "{report}");
+    let prompt = report["prompt_tokens"].as_i64().unwrap();
+    let generated = report["generated_tokens"].as_i64().unwrap();
+    assert_eq!(generated, 8);
+    assert_eq!(report["billed_tokens"], prompt + generated - 1);
+    // Two protected layers: every processed token crossed both, billed once.
+    assert_eq!(report["queries"], 2 * generated);
+    assert!(report["per_token"]["upload_bytes"].as_f64().unwrap() > 10_000.0);
+    assert!(report["agreement"]["of"].as_i64().unwrap() == 8);
+
+    // The remote run equals the simulation of the same bundles.
+    let (ok, out, err) = hybrid(&[
+        "generate",
+        "--bundle",
+        work.to_str().unwrap(),
+        "--mode",
+        "simulate",
+        "--prompt",
+        "the customer has a license for the model and the data is",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(last_json(&out)["token_ids"], report["token_ids"]);
+}

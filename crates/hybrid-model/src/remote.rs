@@ -2,6 +2,9 @@
 //! own key, posts the ciphertext with its license, and decrypts the answer.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use fhe_linear::{ClientKey, EncryptedResult, LayerSpec, Limits};
 use protocol::{ErrorBody, ModelLayers, Name};
@@ -19,6 +22,76 @@ pub struct RemoteConfig {
     pub model: String,
     /// The license token (JWT), sent as `Authorization: Bearer ...`.
     pub license: Option<String>,
+    /// Where to count time and bytes, if the caller wants them (see [`RemoteStats`]).
+    pub stats: Option<Arc<RemoteStats>>,
+}
+
+/// Running totals of the remote calls of a model: where the time of a protected layer goes
+/// (encryption, the round trip to the service including its computation, decryption) and the
+/// bytes that travel. Take a [`RemoteStats::snapshot`] before and after a step and subtract.
+#[derive(Debug, Default)]
+pub struct RemoteStats {
+    queries: AtomicU64,
+    rows: AtomicU64,
+    encrypt_ns: AtomicU64,
+    network_ns: AtomicU64,
+    server_ns: AtomicU64,
+    decrypt_ns: AtomicU64,
+    upload_bytes: AtomicU64,
+    download_bytes: AtomicU64,
+}
+
+/// The totals of [`RemoteStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StatsSnapshot {
+    /// Protected-layer queries sent.
+    pub queries: u64,
+    /// Activation rows sent (the billing unit).
+    pub rows: u64,
+    pub encrypt_s: f64,
+    /// Round trips to the service, its computation included.
+    pub network_s: f64,
+    /// The service's computation, as it reports it (`x-compute-ms`).
+    pub server_s: f64,
+    pub decrypt_s: f64,
+    pub upload_bytes: u64,
+    pub download_bytes: u64,
+}
+
+impl std::ops::Sub for StatsSnapshot {
+    type Output = StatsSnapshot;
+    fn sub(self, o: StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            queries: self.queries - o.queries,
+            rows: self.rows - o.rows,
+            encrypt_s: self.encrypt_s - o.encrypt_s,
+            network_s: self.network_s - o.network_s,
+            server_s: self.server_s - o.server_s,
+            decrypt_s: self.decrypt_s - o.decrypt_s,
+            upload_bytes: self.upload_bytes - o.upload_bytes,
+            download_bytes: self.download_bytes - o.download_bytes,
+        }
+    }
+}
+
+impl RemoteStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let s = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
+        StatsSnapshot {
+            queries: self.queries.load(Ordering::Relaxed),
+            rows: self.rows.load(Ordering::Relaxed),
+            encrypt_s: s(&self.encrypt_ns),
+            network_s: s(&self.network_ns),
+            server_s: s(&self.server_ns),
+            decrypt_s: s(&self.decrypt_ns),
+            upload_bytes: self.upload_bytes.load(Ordering::Relaxed),
+            download_bytes: self.download_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn add_time(counter: &AtomicU64, since: Instant) {
+    counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
 /// Protected layers over HTTP.
@@ -115,7 +188,13 @@ impl RemoteBackend {
         })
     }
 
-    fn post(&self, url: &str, query_id: &str, body: &[u8]) -> Result<(u16, Vec<u8>), ModelError> {
+    /// Status, body and the service's reported compute time in ms.
+    fn post(
+        &self,
+        url: &str,
+        query_id: &str,
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>, f64), ModelError> {
         let mut request = self
             .agent
             .post(url)
@@ -126,13 +205,19 @@ impl RemoteBackend {
         }
         let mut answer = request.send(body).map_err(transport)?;
         let status = answer.status().as_u16();
+        let compute_ms = answer
+            .headers()
+            .get(protocol::COMPUTE_MS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
         let bytes = answer
             .body_mut()
             .with_config()
             .limit(self.max_answer_bytes)
             .read_to_vec()
             .map_err(transport)?;
-        Ok((status, bytes))
+        Ok((status, bytes, compute_ms))
     }
 }
 
@@ -142,7 +227,12 @@ impl ProtectedBackend for RemoteBackend {
             .specs
             .get(layer)
             .ok_or_else(|| ModelError::MissingLayer(layer.to_string()))?;
+        let stats = self.config.stats.as_deref();
+        let started = Instant::now();
         let upload = self.key.encrypt(spec, x, tokens)?.to_bytes();
+        if let Some(st) = stats {
+            add_time(&st.encrypt_ns, started);
+        }
         let url = format!(
             "{}{}",
             self.config.url.trim_end_matches('/'),
@@ -150,14 +240,31 @@ impl ProtectedBackend for RemoteBackend {
         );
         // One query id per query: a retry after a lost connection is billed once.
         let query_id = uuid::Uuid::new_v4().to_string();
-        let (status, body) = match self.post(&url, &query_id, &upload) {
+        let sent = Instant::now();
+        let (status, body, compute_ms) = match self.post(&url, &query_id, &upload) {
             Ok(answer) => answer,
             Err(_) => self.post(&url, &query_id, &upload)?,
         };
+        if let Some(st) = stats {
+            add_time(&st.network_ns, sent);
+            st.server_ns
+                .fetch_add((compute_ms * 1e6) as u64, Ordering::Relaxed);
+        }
         if status != 200 {
             return Err(answer_error(status, &body));
         }
+        let received = Instant::now();
         let result = EncryptedResult::from_bytes(&body, &Limits::default())?;
-        Ok(self.key.decrypt(spec, &result)?)
+        let y = self.key.decrypt(spec, &result)?;
+        if let Some(st) = stats {
+            add_time(&st.decrypt_ns, received);
+            st.queries.fetch_add(1, Ordering::Relaxed);
+            st.rows.fetch_add(tokens as u64, Ordering::Relaxed);
+            st.upload_bytes
+                .fetch_add(upload.len() as u64, Ordering::Relaxed);
+            st.download_bytes
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+        }
+        Ok(y)
     }
 }

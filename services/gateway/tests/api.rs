@@ -33,6 +33,7 @@ async fn remote_generation_through_the_gateway_is_exact_and_billed() {
             url,
             model: "tiny".into(),
             license: Some(lic),
+            stats: None,
         };
         let mut model = hybrid_model::build_remote(&client, remote).unwrap();
         assert_eq!(

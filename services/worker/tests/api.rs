@@ -89,6 +89,7 @@ async fn remote_generation_through_a_worker_equals_the_simulation() {
             url,
             model: "tiny".into(),
             license: None,
+            stats: None,
         };
         let mut model = build_remote(&client, remote).unwrap();
         assert_eq!(
@@ -99,6 +100,7 @@ async fn remote_generation_through_a_worker_equals_the_simulation() {
             url: "http://127.0.0.1:1".into(),
             model: "tiny".into(),
             license: None,
+            stats: None,
         };
         assert!(build_remote(&client, wrong).is_err());
     })

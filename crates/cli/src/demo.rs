@@ -1,0 +1,521 @@
+//! `hybrid demo`: the whole product on one machine. Compiles a model with protected layers,
+//! issues a license, starts a worker and the gateway on loopback (embedded SQLite ledger unless
+//! `--database-url`), generates text through the SDK in remote mode, and reports where the time
+//! and the bytes of each token go and what the ledger billed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use hybrid_model::bundle::{load_client_bundle, SERVER_BUNDLE_FILE};
+use hybrid_model::compile::{compile, CompileOptions};
+use hybrid_model::remote::{RemoteConfig, RemoteStats, StatsSnapshot};
+use hybrid_model::{build, build_remote, generate, GenerateOptions, Mode};
+use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
+use serde_json::json;
+
+use crate::model_cmd::{load_source, progress_bar, tokenize_all, TextStream, DEFAULT_CALIBRATION};
+
+const AUDIENCE: &str = "hybrid-gateway";
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// `tiny` (built in, offline), or a Hugging Face model directory (e.g. phi-1.5's).
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    /// Layers to protect (either naming, or patterns such as `layers.*.mixer.Wqkv`).
+    #[arg(long, default_values_t = vec!["layers.1.mixer.Wqkv".to_string()])]
+    protect: Vec<String>,
+    #[arg(
+        long,
+        default_value = "the customer has a license for the model and the data is"
+    )]
+    prompt: String,
+    #[arg(long, default_value_t = 16)]
+    max_tokens: usize,
+    /// Ledger: postgres://... [default: an embedded SQLite file in the work directory].
+    #[arg(long, hide_env_values = true)]
+    database_url: Option<String>,
+    /// Work directory for the bundles, keys and ledger [default: a temporary one, removed after].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Also generate with every layer in the clear (`disable` mode) and report token agreement.
+    #[arg(long)]
+    compare: bool,
+    /// Activation quantization: dynamic, static or auto (measured on calibration prompts).
+    #[arg(long, default_value = "auto")]
+    activations: String,
+    /// Print one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The id the service knows the model by: `tiny`, or the directory's name made URL-safe.
+fn model_id(model: &str) -> String {
+    let base = std::path::Path::new(model)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model");
+    let id: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect();
+    if id.is_empty() {
+        "model".into()
+    } else {
+        id
+    }
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn step(json: bool, what: &str) {
+    if !json {
+        println!("==> {what}");
+    }
+}
+
+/// Where one decode step's time went (seconds) and what it sent.
+#[derive(Default)]
+struct Split {
+    steps: usize,
+    wall: f64,
+    remote: StatsSnapshot,
+}
+
+impl Split {
+    fn add(&mut self, wall: f64, d: StatsSnapshot) {
+        self.steps += 1;
+        self.wall += wall;
+        let r = &mut self.remote;
+        r.queries += d.queries;
+        r.rows += d.rows;
+        r.encrypt_s += d.encrypt_s;
+        r.network_s += d.network_s;
+        r.server_s += d.server_s;
+        r.decrypt_s += d.decrypt_s;
+        r.upload_bytes += d.upload_bytes;
+        r.download_bytes += d.download_bytes;
+    }
+
+    /// Per-step averages in ms (and bytes).
+    fn per_token(&self) -> serde_json::Value {
+        let n = self.steps.max(1) as f64;
+        let r = &self.remote;
+        let local = self.wall - r.encrypt_s - r.network_s - r.decrypt_s;
+        json!({
+            "total_ms": self.wall / n * 1e3,
+            "local_compute_ms": local / n * 1e3,
+            "encrypt_ms": r.encrypt_s / n * 1e3,
+            "network_and_server_ms": r.network_s / n * 1e3,
+            "server_compute_ms": r.server_s / n * 1e3,
+            "decrypt_ms": r.decrypt_s / n * 1e3,
+            "upload_bytes": r.upload_bytes as f64 / n,
+            "download_bytes": r.download_bytes as f64 / n,
+        })
+    }
+}
+
+pub fn run(args: DemoArgs) -> Result<()> {
+    let (dir, temporary) = match &args.dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("hybrid-demo-{}", uuid::Uuid::new_v4().simple())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let result = demo(&args, &dir);
+    if temporary {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    result
+}
+
+fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
+    let json_out = args.json;
+    // 1. The vendor compiles the model: a client bundle for the customer, a server bundle (the
+    //    protected weights) for the workers.
+    step(
+        json_out,
+        &format!(
+            "compiling `{}` with {} protected",
+            args.model,
+            args.protect.join(", ")
+        ),
+    );
+    let src = load_source(&args.model)?;
+    let tokenizer = src
+        .tokenizer
+        .clone()
+        .context("the model has no tokenizer.json")?;
+    let prompts: Vec<String> = DEFAULT_CALIBRATION.iter().map(|s| s.to_string()).collect();
+    let model_name = model_id(&args.model);
+    let options = CompileOptions {
+        model_name: model_name.clone(),
+        protect: args.protect.clone(),
+        n_bits: 8,
+        calibration: tokenize_all(Some(&tokenizer), &prompts)?,
+        activations: args.activations.parse()?,
+    };
+    let client_dir = dir.join("client");
+    let server_path = dir.join(SERVER_BUNDLE_FILE);
+    let bar = progress_bar();
+    if json_out {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = Instant::now();
+    let manifest = compile(
+        &src.config,
+        &src.tensors,
+        Some(&tokenizer),
+        &options,
+        &client_dir,
+        &server_path,
+        &mut |stage, done, total| {
+            bar.set_message(stage.to_string());
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    let compile_s = started.elapsed().as_secs_f64();
+    let protected: Vec<String> = manifest.layers.iter().map(|l| l.name.clone()).collect();
+    if !json_out {
+        println!(
+            "    {} protected layer(s) in {:.1} s; activations {}",
+            protected.len(),
+            compile_s,
+            manifest.activation_quantization
+        );
+    }
+
+    // 2. The vendor's service: a worker with the server bundle, the gateway with the ledger.
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite:{}?mode=rwc", dir.join("ledger.db").display()));
+    let ledger_kind = if database_url.starts_with("sqlite") {
+        "embedded SQLite"
+    } else {
+        "Postgres"
+    };
+    step(
+        json_out,
+        &format!("starting a worker and the gateway on loopback ({ledger_kind} ledger)"),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let key = SigningKey::generate("demo");
+    let keyset = KeySet::new(&[key.public()?])?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let (gateway_url, ledger) = runtime.block_on(async {
+        let worker =
+            worker::Application::build(worker::WorkerConfig::local(vec![server_path.clone()]))
+                .await?;
+        let worker_url = format!("http://127.0.0.1:{}", worker.port());
+        tokio::spawn(worker.run_until_stopped(stopped(stop_rx.clone())));
+        let config = gateway::GatewayConfig::local(
+            &database_url,
+            keyset,
+            AUDIENCE,
+            vec![worker_url.clone()],
+        );
+        let gateway = gateway::Application::build(config).await?;
+        let gateway_url = format!("http://127.0.0.1:{}", gateway.port());
+        let ledger = gateway.ledger();
+        tokio::spawn(gateway.run_until_stopped(stopped(stop_rx.clone())));
+        let client = reqwest::Client::new();
+        for _ in 0..600 {
+            if client
+                .get(format!("{gateway_url}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return anyhow::Ok((gateway_url, ledger));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("the gateway did not become ready (worker at {worker_url})")
+    })?;
+
+    // 3. The vendor issues a license to the customer (recorded and audited in the ledger).
+    let now = now_s();
+    let claims = LicenseClaims {
+        jti: format!("lic-demo-{}", uuid::Uuid::new_v4().simple()),
+        sub: "demo-customer".into(),
+        iss: "vendor".into(),
+        aud: AUDIENCE.into(),
+        model: model_name.clone(),
+        layers: vec!["*".into()],
+        quota_tokens: 100_000,
+        quota_period: QuotaPeriod::Month,
+        rate_limit_per_minute: 60_000,
+        max_in_flight: 4,
+        iat: now,
+        nbf: now,
+        exp: now + 3600,
+    };
+    let license = key.issue(&claims)?;
+    runtime.block_on(async {
+        let at = (now * 1000) as i64;
+        ledger
+            .upsert_customer(&claims.sub, "Demo customer", at)
+            .await?;
+        ledger
+            .record_license(
+                &ledger::LicenseRecord {
+                    id: claims.jti.clone(),
+                    customer_id: claims.sub.clone(),
+                    model: claims.model.clone(),
+                    quota_tokens: claims.quota_tokens as i64,
+                    quota_period: "month".into(),
+                    issued_at: at,
+                    expires_at: (claims.exp * 1000) as i64,
+                },
+                "demo",
+                at,
+            )
+            .await?;
+        anyhow::Ok(())
+    })?;
+    step(
+        json_out,
+        &format!(
+            "license {} issued to {} ({} tokens/month)",
+            claims.jti, claims.sub, claims.quota_tokens
+        ),
+    );
+
+    // 4. The customer generates: local layers in the clear, protected layers encrypted and sent
+    //    to the gateway with the license.
+    let client = load_client_bundle(&client_dir)?;
+    let stats = Arc::new(RemoteStats::default());
+    let remote = RemoteConfig {
+        url: gateway_url.clone(),
+        model: model_name.clone(),
+        license: Some(license.clone()),
+        stats: Some(stats.clone()),
+    };
+    let mut model = build_remote(&client, remote)?;
+    let prompt = tokenizer
+        .encode(args.prompt.as_str(), false)
+        .map_err(anyhow::Error::msg)?
+        .get_ids()
+        .to_vec();
+    let options = GenerateOptions {
+        max_tokens: args.max_tokens,
+        eos_token: tokenizer
+            .token_to_id("<eos>")
+            .or_else(|| tokenizer.token_to_id("<|endoftext|>")),
+        ..GenerateOptions::default()
+    };
+    step(json_out, "generating through the gateway (remote mode)");
+    if !json_out {
+        print!("    {} ", args.prompt);
+    }
+    let mut stream = TextStream::new(&tokenizer);
+    let mut split = Split::default();
+    let mut prefill = Split::default();
+    let started = Instant::now();
+    let mut last = (Instant::now(), stats.snapshot());
+    let tokens = generate(&mut model, &prompt, &options, |t| {
+        let snapshot = stats.snapshot();
+        let wall = last.0.elapsed().as_secs_f64();
+        if prefill.steps == 0 {
+            prefill.add(wall, snapshot - last.1);
+        } else {
+            split.add(wall, snapshot - last.1);
+        }
+        last = (Instant::now(), snapshot);
+        if !json_out {
+            stream.push(t);
+        }
+    })?;
+    let total_s = started.elapsed().as_secs_f64();
+    if !json_out {
+        println!();
+    }
+    let text = tokenizer
+        .decode(&tokens, true)
+        .map_err(anyhow::Error::msg)?;
+    let totals = stats.snapshot();
+
+    // 5. What the ledger billed for this license, read back from the database and through the
+    //    customer's usage API.
+    let layers = protected.len() as u64;
+    let expected = (prompt.len() + tokens.len() - 1) as i64;
+    let (billed, api_billed, events) = runtime.block_on(async {
+        let period = ledger::month_start((now_s() * 1000) as i64);
+        let billed = ledger.billable_tokens(&claims.jti, period).await?;
+        let events = ledger.usage_events(&claims.jti).await?.len();
+        let usage = reqwest::Client::new()
+            .get(format!("{gateway_url}/v1/usage"))
+            .bearer_auth(&license)
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        let usage: serde_json::Value = serde_json::from_slice(&usage)?;
+        anyhow::Ok((billed, usage["billable_tokens"].as_i64(), events))
+    })?;
+    ensure!(
+        totals.rows == expected as u64 * layers,
+        "rows sent ({}) differ from the tokens the model processed ({expected} x {layers} layers)",
+        totals.rows
+    );
+
+    // 6. Optionally, the same prompt with every layer in the clear.
+    let agreement = if args.compare {
+        step(
+            json_out,
+            "generating with every layer in the clear (disable mode)",
+        );
+        let mut clear = build(
+            &src.config,
+            &src.tensors,
+            &[] as &[String],
+            Mode::Disable,
+            8,
+        )?;
+        let reference = generate(&mut clear, &prompt, &options, |_| {})?;
+        let same = tokens
+            .iter()
+            .zip(&reference)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let equal = tokens
+            .iter()
+            .zip(&reference)
+            .filter(|(a, b)| a == b)
+            .count();
+        if !json_out {
+            println!(
+                "    clear text: {}",
+                tokenizer
+                    .decode(&reference, true)
+                    .map_err(anyhow::Error::msg)?
+            );
+        }
+        Some(json!({
+            "reference_token_ids": reference,
+            "same_positions": equal,
+            "common_prefix": same,
+            "of": reference.len().min(tokens.len()),
+        }))
+    } else {
+        None
+    };
+    let _ = stop_tx.send(true);
+    runtime.shutdown_timeout(Duration::from_secs(5));
+
+    let decode_tokens = split.steps;
+    let report = json!({
+        "model": args.model,
+        "protected": protected,
+        "ledger": ledger_kind,
+        "prompt_tokens": prompt.len(),
+        "generated_tokens": tokens.len(),
+        "text": text,
+        "token_ids": tokens,
+        "tokens_per_second": tokens.len() as f64 / total_s,
+        "prefill": prefill.per_token(),
+        "per_token": split.per_token(),
+        "decode_tokens": decode_tokens,
+        "queries": totals.queries,
+        "upload_bytes_total": totals.upload_bytes,
+        "download_bytes_total": totals.download_bytes,
+        "billed_tokens": billed,
+        "billed_tokens_usage_api": api_billed,
+        "expected_billed_tokens": expected,
+        "billed_exactly": billed == expected && api_billed == Some(expected),
+        "usage_rows": events,
+        "agreement": agreement,
+        "compile_s": compile_s,
+    });
+    if json_out {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_summary(&report, &split, &prefill);
+    }
+    ensure!(
+        billed == expected,
+        "the ledger billed {billed} tokens, {expected} were processed"
+    );
+    Ok(())
+}
+
+fn print_summary(report: &serde_json::Value, split: &Split, prefill: &Split) {
+    let t = split.per_token();
+    let p = prefill.per_token();
+    let ms = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    println!(
+        "==> per generated token (mean of {} decode steps)",
+        split.steps
+    );
+    println!(
+        "    {:.2} tokens/s; {:.2} ms per token: local compute {:.2} ms, encrypt {:.2} ms, \
+         network + server {:.2} ms (server compute {:.2} ms), decrypt {:.2} ms",
+        report["tokens_per_second"].as_f64().unwrap_or(0.0),
+        ms(&t, "total_ms"),
+        ms(&t, "local_compute_ms"),
+        ms(&t, "encrypt_ms"),
+        ms(&t, "network_and_server_ms"),
+        ms(&t, "server_compute_ms"),
+        ms(&t, "decrypt_ms"),
+    );
+    println!(
+        "    {:.1} KB up, {:.1} KB down per token; prompt ({} tokens, one batch): {:.1} ms, {:.1} KB up, {:.1} KB down",
+        ms(&t, "upload_bytes") / 1e3,
+        ms(&t, "download_bytes") / 1e3,
+        report["prompt_tokens"],
+        ms(&p, "total_ms"),
+        ms(&p, "upload_bytes") / 1e3,
+        ms(&p, "download_bytes") / 1e3,
+    );
+    println!(
+        "==> usage billed by the ledger ({})",
+        report["ledger"].as_str().unwrap_or("")
+    );
+    println!(
+        "    {} tokens billed (database) / {} (customer usage API) for {} processed tokens \
+         (prompt {} + {} generated tokens fed back); {} usage rows: {}",
+        report["billed_tokens"],
+        report["billed_tokens_usage_api"],
+        report["expected_billed_tokens"],
+        report["prompt_tokens"],
+        report["decode_tokens"],
+        report["usage_rows"],
+        if report["billed_exactly"].as_bool() == Some(true) {
+            "exact"
+        } else {
+            "MISMATCH"
+        }
+    );
+    if let Some(a) = report["agreement"].as_object() {
+        println!(
+            "==> agreement with the clear model: {} of {} tokens at the same position ({} before the first difference)",
+            a["same_positions"], a["of"], a["common_prefix"]
+        );
+    }
+}
