@@ -25,6 +25,10 @@ pub struct GatewayArgs {
     /// Requests in flight during the throughput measurement.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Width of the stand-in model's protected layer (`hidden x 3 hidden`): 64 is the tiny
+    /// model's; smaller is a faster worker, so that more of the time measured is the gateway's.
+    #[arg(long, default_value_t = 64)]
+    hidden: usize,
     #[arg(long)]
     json: bool,
 }
@@ -56,10 +60,16 @@ async fn bench(args: GatewayArgs) -> Result<()> {
         calibration: vec![],
         activations: Activations::Dynamic,
     };
-    let tiny = hybrid_model::tiny::tiny_config();
+    let mut tiny = hybrid_model::tiny::tiny_config();
+    anyhow::ensure!(
+        args.hidden >= 8 && args.hidden % 8 == 0,
+        "--hidden: a multiple of 8"
+    );
+    tiny.hidden_size = args.hidden;
+    tiny.intermediate_size = 4 * args.hidden;
     compile(
         &tiny,
-        &hybrid_model::tiny::tiny_weights()?,
+        &hybrid_model::tiny::random_weights(&tiny, 7)?,
         None,
         &options,
         &client_dir,
@@ -197,6 +207,7 @@ async fn bench(args: GatewayArgs) -> Result<()> {
         "worker_direct_requests_per_second": direct_rate,
         "requests_per_second": gateway_rate,
         "upload_bytes": upload_bytes,
+        "layer_shape": format!("{}x{}", args.hidden, 3 * args.hidden),
         "billed_tokens": billed,
         "billed_exactly": billed == expected,
         "threads": std::thread::available_parallelism().map_or(0, |n| n.get()),
