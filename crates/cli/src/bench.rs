@@ -15,6 +15,9 @@ pub enum BenchCommand {
     Fhe(FheArgs),
     /// The gateway's metering overhead and request rate, in front of a tiny-layer worker.
     Gateway(crate::bench_gateway::GatewayArgs),
+    /// Generation at full size: local only vs protected layers through gateway + worker
+    /// processes (per-token split, bytes, peak memory).
+    E2e(crate::bench_e2e::E2eArgs),
 }
 
 #[derive(Args)]
@@ -43,6 +46,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Fhe(args) => fhe(args),
         BenchCommand::Gateway(args) => crate::bench_gateway::run(args),
+        BenchCommand::E2e(args) => crate::bench_e2e::e2e(args),
     }
 }
 

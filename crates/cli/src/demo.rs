@@ -11,12 +11,13 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use hybrid_model::bundle::{load_client_bundle, SERVER_BUNDLE_FILE};
 use hybrid_model::compile::{compile, CompileOptions};
-use hybrid_model::remote::{RemoteConfig, RemoteStats, StatsSnapshot};
+use hybrid_model::remote::{RemoteConfig, RemoteStats};
 use hybrid_model::{build, build_remote, generate, GenerateOptions, Mode};
 use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
 use serde_json::json;
 
 use crate::model_cmd::{load_source, progress_bar, tokenize_all, TextStream, DEFAULT_CALIBRATION};
+use crate::split::Split;
 
 const AUDIENCE: &str = "hybrid-gateway";
 
@@ -86,47 +87,6 @@ fn now_s() -> u64 {
 fn step(json: bool, what: &str) {
     if !json {
         println!("==> {what}");
-    }
-}
-
-/// Where one decode step's time went (seconds) and what it sent.
-#[derive(Default)]
-struct Split {
-    steps: usize,
-    wall: f64,
-    remote: StatsSnapshot,
-}
-
-impl Split {
-    fn add(&mut self, wall: f64, d: StatsSnapshot) {
-        self.steps += 1;
-        self.wall += wall;
-        let r = &mut self.remote;
-        r.queries += d.queries;
-        r.rows += d.rows;
-        r.encrypt_s += d.encrypt_s;
-        r.network_s += d.network_s;
-        r.server_s += d.server_s;
-        r.decrypt_s += d.decrypt_s;
-        r.upload_bytes += d.upload_bytes;
-        r.download_bytes += d.download_bytes;
-    }
-
-    /// Per-step averages in ms (and bytes).
-    fn per_token(&self) -> serde_json::Value {
-        let n = self.steps.max(1) as f64;
-        let r = &self.remote;
-        let local = self.wall - r.encrypt_s - r.network_s - r.decrypt_s;
-        json!({
-            "total_ms": self.wall / n * 1e3,
-            "local_compute_ms": local / n * 1e3,
-            "encrypt_ms": r.encrypt_s / n * 1e3,
-            "network_and_server_ms": r.network_s / n * 1e3,
-            "server_compute_ms": r.server_s / n * 1e3,
-            "decrypt_ms": r.decrypt_s / n * 1e3,
-            "upload_bytes": r.upload_bytes as f64 / n,
-            "download_bytes": r.download_bytes as f64 / n,
-        })
     }
 }
 

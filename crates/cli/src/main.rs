@@ -4,10 +4,12 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_e2e;
 mod bench_gateway;
 mod demo;
 mod license_cmd;
 mod model_cmd;
+mod split;
 mod usage_cmd;
 
 #[derive(Parser)]
@@ -40,6 +42,8 @@ enum Command {
         #[command(subcommand)]
         what: usage_cmd::UsageCommand,
     },
+    /// Write a checkpoint with a real architecture's configuration and random weights.
+    Synth(bench_e2e::SynthArgs),
     /// Benchmarks (with --json, the last line of output is one JSON object).
     Bench {
         #[command(subcommand)]
@@ -54,6 +58,7 @@ fn main() -> Result<()> {
         Command::Generate(args) => model_cmd::generate_cmd(args),
         Command::License { what } => license_cmd::run(what),
         Command::Usage { what } => usage_cmd::run(what),
+        Command::Synth(args) => bench_e2e::synth(args),
         Command::Bench { what } => bench::run(what),
     }
 }

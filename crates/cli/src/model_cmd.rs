@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use clap::Args;
 use hybrid_model::bundle::{load_client_bundle, load_server_bundle, SERVER_BUNDLE_FILE};
 use hybrid_model::compile::{compile, CompileOptions};
@@ -62,8 +62,7 @@ pub(crate) fn load_source(model: &str) -> Result<Source> {
     }
     for f in files {
         tensors.extend(
-            candle_core::safetensors::load(&f, &Device::Cpu)
-                .with_context(|| f.display().to_string())?,
+            hybrid_model::bundle::load_safetensors(&f).with_context(|| f.display().to_string())?,
         );
     }
     let tok = dir.join("tokenizer.json");

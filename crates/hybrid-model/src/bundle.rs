@@ -99,6 +99,88 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// Reads a safetensors checkpoint one tensor at a time: memory peaks at the tensors plus the
+/// largest one's bytes, not at twice the file.
+pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, ModelError> {
+    Ok(read_safetensors_hashed(path)?.0)
+}
+
+/// Reads a safetensors file one tensor at a time (so that memory peaks at the tensors plus one
+/// tensor's bytes, not twice the file) while hashing every byte of it in order.
+fn read_safetensors_hashed(path: &Path) -> Result<(HashMap<String, Tensor>, String), ModelError> {
+    use std::io::Read;
+    let fail = |m: String| bundle_err(format!("{}: {m}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let file_len = file.metadata().map_err(|e| fail(e.to_string()))?.len();
+    let mut hasher = Sha256::new();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes)
+        .map_err(|e| fail(e.to_string()))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > (100 << 20) || 8 + header_len > file_len {
+        return Err(fail("bad safetensors header length".into()));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| fail(e.to_string()))?;
+    hasher.update(len_bytes);
+    hasher.update(&header);
+    #[derive(serde::Deserialize)]
+    struct Info {
+        dtype: String,
+        shape: Vec<usize>,
+        data_offsets: (u64, u64),
+    }
+    let entries: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| fail(format!("header: {e}")))?;
+    let mut infos: Vec<(String, Info)> = entries
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .map(|(name, v)| {
+            serde_json::from_value::<Info>(v)
+                .map(|i| (name.clone(), i))
+                .map_err(|e| fail(format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    infos.sort_by_key(|(_, i)| i.data_offsets);
+    let mut at = 0u64;
+    let mut tensors = HashMap::with_capacity(infos.len());
+    let mut bytes = Vec::new();
+    for (name, info) in infos {
+        let (start, end) = info.data_offsets;
+        if start != at || end < start || 8 + header_len + end > file_len {
+            return Err(fail(format!("tensor {name}: data not contiguous")));
+        }
+        let dtype = match info.dtype.as_str() {
+            "F32" => candle_core::DType::F32,
+            "F16" => candle_core::DType::F16,
+            "BF16" => candle_core::DType::BF16,
+            "F64" => candle_core::DType::F64,
+            "I64" => candle_core::DType::I64,
+            "U32" => candle_core::DType::U32,
+            "U8" => candle_core::DType::U8,
+            other => return Err(fail(format!("tensor {name}: dtype {other} unsupported"))),
+        };
+        bytes.resize((end - start) as usize, 0);
+        file.read_exact(&mut bytes)
+            .map_err(|e| fail(e.to_string()))?;
+        hasher.update(&bytes);
+        let tensor =
+            Tensor::from_raw_buffer(&bytes, dtype, &info.shape, &candle_core::Device::Cpu)?;
+        tensors.insert(name, tensor);
+        at = end;
+    }
+    if 8 + header_len + at != file_len {
+        return Err(fail("trailing bytes after the tensors".into()));
+    }
+    let sha = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((tensors, sha))
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
     std::fs::read(path).map_err(|e| bundle_err(format!("{}: {e}", path.display())))
 }
@@ -268,13 +350,12 @@ pub fn load_client_bundle(dir: &Path) -> Result<ClientBundle, ModelError> {
     }
     let config: PhiConfig = serde_json::from_slice(&read(&dir.join("config.json"))?)
         .map_err(|e| bundle_err(format!("config.json: {e}")))?;
-    let weights = read(&dir.join(CLIENT_WEIGHTS_FILE))?;
-    if sha256_hex(&weights) != manifest.client_weights_sha256 {
+    let (tensors, sha) = read_safetensors_hashed(&dir.join(CLIENT_WEIGHTS_FILE))?;
+    if sha != manifest.client_weights_sha256 {
         return Err(bundle_err(
             "model.safetensors does not match its manifest (modified?)",
         ));
     }
-    let tensors = candle_core::safetensors::load_buffer(&weights, &candle_core::Device::Cpu)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
         Some(Tokenizer::from_file(&tok_path).map_err(|e| ModelError::Tokenizer(e.to_string()))?)

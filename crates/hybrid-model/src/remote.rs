@@ -74,6 +74,22 @@ impl std::ops::Sub for StatsSnapshot {
     }
 }
 
+impl std::ops::Add for StatsSnapshot {
+    type Output = StatsSnapshot;
+    fn add(self, o: StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            queries: self.queries + o.queries,
+            rows: self.rows + o.rows,
+            encrypt_s: self.encrypt_s + o.encrypt_s,
+            network_s: self.network_s + o.network_s,
+            server_s: self.server_s + o.server_s,
+            decrypt_s: self.decrypt_s + o.decrypt_s,
+            upload_bytes: self.upload_bytes + o.upload_bytes,
+            download_bytes: self.download_bytes + o.download_bytes,
+        }
+    }
+}
+
 impl RemoteStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let s = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;

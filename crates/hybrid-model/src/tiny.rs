@@ -118,10 +118,18 @@ pub fn tiny_weights() -> Result<HashMap<String, Tensor>, ModelError> {
 
 /// A word-level tokenizer over the tiny model's vocabulary.
 pub fn tiny_tokenizer() -> Result<Tokenizer, ModelError> {
-    let vocab = WORDS
-        .split_whitespace()
+    word_tokenizer(WORDS.split_whitespace().count())
+}
+
+/// A word-level tokenizer with `vocab_size` ids: the tiny model's words first, then `w<id>`
+/// placeholders (for random-weight checkpoints of real sizes, which have no real tokenizer).
+pub fn word_tokenizer(vocab_size: usize) -> Result<Tokenizer, ModelError> {
+    let words = WORDS.split_whitespace().map(String::from);
+    let vocab = words
+        .chain((WORDS.split_whitespace().count()..).map(|i| format!("w{i}")))
+        .take(vocab_size)
         .enumerate()
-        .map(|(i, w)| (w.to_string(), i as u32))
+        .map(|(i, w)| (w, i as u32))
         .collect();
     let model = WordLevel::builder()
         .vocab(vocab)

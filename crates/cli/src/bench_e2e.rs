@@ -1,0 +1,374 @@
+//! `hybrid synth` writes a checkpoint with a real architecture's configuration and random weights
+//! (for speed measurements at full size without downloading anything); `hybrid bench e2e`
+//! measures generation on such a model: local only, then hybrid with sets of protected layers
+//! served by a real `hybrid-worker` and `hybrid-gateway` (separate processes on loopback), with
+//! the per-token split, bytes per token and each process's peak memory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hybrid_model::bundle::{load_client_bundle, SERVER_BUNDLE_FILE};
+use hybrid_model::compile::{compile, Activations, CompileOptions};
+use hybrid_model::remote::{RemoteConfig, RemoteStats};
+use hybrid_model::{build, build_remote, generate, GenerateOptions, Mode, Phi, PhiConfig};
+use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
+use serde_json::json;
+
+use crate::model_cmd::load_source;
+use crate::split::Split;
+
+#[derive(Args)]
+pub struct SynthArgs {
+    /// `phi-1_5` (hidden 2048, 24 blocks, 32 heads, vocab 51200) or `tiny`.
+    #[arg(long, default_value = "phi-1_5")]
+    arch: String,
+    /// Keep only the first N blocks [default: all].
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output directory: config.json, model.safetensors (f32) and a placeholder tokenizer.json.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Writes `config.json` and `model.safetensors` for `cfg` with random weights.
+pub fn synth(args: SynthArgs) -> Result<()> {
+    let mut cfg = match args.arch.as_str() {
+        "phi-1_5" => PhiConfig::phi_1_5(),
+        "tiny" => hybrid_model::tiny::tiny_config(),
+        other => bail!("unknown architecture `{other}` (phi-1_5, tiny)"),
+    };
+    if let Some(n) = args.layers {
+        cfg.num_hidden_layers = n.clamp(1, cfg.num_hidden_layers);
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let started = Instant::now();
+    let tensors = hybrid_model::tiny::random_weights(&cfg, args.seed)?;
+    let params: usize = tensors.values().map(|t| t.elem_count()).sum();
+    std::fs::write(
+        args.out.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?,
+    )?;
+    let path = args.out.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &path)?;
+    // A placeholder word-level tokenizer of the right size, so that the text commands work.
+    hybrid_model::tiny::word_tokenizer(cfg.vocab_size)?
+        .save(args.out.join("tokenizer.json"), false)
+        .map_err(anyhow::Error::msg)?;
+    println!(
+        "{}",
+        json!({
+            "arch": args.arch,
+            "layers": cfg.num_hidden_layers,
+            "parameters": params,
+            "checkpoint": path,
+            "seconds": started.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct E2eArgs {
+    /// A phi checkpoint directory (config.json, *.safetensors), e.g. written by `hybrid synth`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Sets of protected layers to measure, one per flag, each comma-separated names or patterns.
+    #[arg(long = "protect", default_values_t = vec![
+        "layers.1.mixer.Wqkv".to_string(),
+        "layers.*.mixer.Wqkv".to_string(),
+    ])]
+    protect_sets: Vec<String>,
+    #[arg(long, default_value_t = 8)]
+    prompt_tokens: usize,
+    /// Tokens generated per run (the first comes from the prompt's pass, the rest are timed).
+    #[arg(long, default_value_t = 9)]
+    tokens: usize,
+    /// Compute threads of the worker process (its RAYON_NUM_THREADS) [default: all cores]. The
+    /// client's own threads follow this process's RAYON_NUM_THREADS (candle reads it).
+    #[arg(long)]
+    worker_threads: Option<usize>,
+    /// Work directory for bundles and the ledger [default: a temporary one, removed after].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Peak resident memory of a process (`VmHWM`), in MB.
+fn peak_mb(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Resets this process's peak-memory mark (Linux: `clear_refs` 5).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A child process killed when dropped.
+struct Service(Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build the services first (`cargo build --release`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn wait_ready(url: &str, what: &str, limit: Duration) -> Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if agent
+            .get(&format!("{url}/readyz"))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("{what} at {url} not ready after {limit:?}")
+}
+
+/// Generates and times each decode step; `stats` splits remote time when given.
+fn timed_generation(
+    model: &mut Phi,
+    prompt: &[u32],
+    tokens: usize,
+    stats: Option<&RemoteStats>,
+) -> Result<(Split, Split, Vec<u32>)> {
+    let options = GenerateOptions {
+        max_tokens: tokens,
+        ..GenerateOptions::default()
+    };
+    let snapshot = || stats.map(|s| s.snapshot()).unwrap_or_default();
+    let (mut prefill, mut decode) = (Split::default(), Split::default());
+    let mut last = (Instant::now(), snapshot());
+    let ids = generate(model, prompt, &options, |_| {
+        let now = snapshot();
+        let wall = last.0.elapsed().as_secs_f64();
+        if prefill.steps == 0 {
+            prefill.add(wall, now - last.1);
+        } else {
+            decode.add(wall, now - last.1);
+        }
+        last = (Instant::now(), now);
+    })?;
+    Ok((prefill, decode, ids))
+}
+
+pub fn e2e(args: E2eArgs) -> Result<()> {
+    let worker_bin = sibling_binary("hybrid-worker")?;
+    let gateway_bin = sibling_binary("hybrid-gateway")?;
+    let (dir, temporary) = match &args.dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("hybrid-e2e-{}", uuid::Uuid::new_v4().simple())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let result = run_e2e(&args, &dir, &worker_bin, &gateway_bin);
+    if temporary {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    result
+}
+
+fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) -> Result<()> {
+    let say = |m: String| {
+        if !args.json {
+            eprintln!("==> {m}");
+        }
+    };
+    say(format!("loading {}", args.model.display()));
+    let loaded = Instant::now();
+    let src = load_source(args.model.to_str().context("model path")?)?;
+    let load_s = loaded.elapsed().as_secs_f64();
+    let vocab = src.config.vocab_size as u32;
+    // A fixed pseudo-random prompt (token ids), the same for every run.
+    let prompt: Vec<u32> = (0..args.prompt_tokens as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab)
+        .collect();
+
+    say("local-only generation (every layer in the clear)".into());
+    let mut local = build(
+        &src.config,
+        &src.tensors,
+        &[] as &[String],
+        Mode::Disable,
+        8,
+    )?;
+    let (local_prefill, local_decode, local_ids) =
+        timed_generation(&mut local, &prompt, args.tokens, None)?;
+    drop(local);
+    let local_ms = local_decode.wall / local_decode.steps.max(1) as f64 * 1e3;
+
+    // Compile every set first, then let the checkpoint go: the client runs from its bundle.
+    let mut sets = Vec::new();
+    for (i, set) in args.protect_sets.iter().enumerate() {
+        let protect: Vec<String> = set.split(',').map(|s| s.trim().to_string()).collect();
+        say(format!("compiling with {set} protected"));
+        let out = dir.join(format!("set{i}"));
+        let started = Instant::now();
+        let manifest = compile(
+            &src.config,
+            &src.tensors,
+            None,
+            &CompileOptions {
+                model_name: "model".into(),
+                protect,
+                n_bits: 8,
+                calibration: vec![],
+                activations: Activations::Dynamic,
+            },
+            &out.join("client"),
+            &out.join(SERVER_BUNDLE_FILE),
+            &mut |_, _, _| {},
+        )?;
+        sets.push((set.clone(), out, manifest.layers.len(), started.elapsed()));
+    }
+    drop(src);
+
+    let key = SigningKey::generate("bench");
+    let keyset_path = dir.join("keyset.json");
+    std::fs::write(&keyset_path, KeySet::new(&[key.public()?])?.to_json())?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let mut runs = Vec::new();
+    for (set, out, layers, compile_time) in sets {
+        say(format!(
+            "hybrid generation, {set} protected ({layers} layers), through gateway + worker"
+        ));
+        let (worker_port, gateway_port) = (free_port()?, free_port()?);
+        let mut worker = Command::new(worker_bin);
+        worker
+            .args(["--bundle", out.join(SERVER_BUNDLE_FILE).to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{worker_port}")])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(t) = args.worker_threads {
+            worker.env("RAYON_NUM_THREADS", t.to_string());
+        }
+        let worker = Service(worker.spawn().context("starting hybrid-worker")?);
+        let worker_url = format!("http://127.0.0.1:{worker_port}");
+        let loading = Instant::now();
+        wait_ready(&worker_url, "worker", Duration::from_secs(1800))?;
+        let worker_load_s = loading.elapsed().as_secs_f64();
+        let gateway = Service(
+            Command::new(gateway_bin)
+                .args(["--keyset", keyset_path.to_str().unwrap()])
+                .args(["--worker", &worker_url])
+                .args([
+                    "--database-url",
+                    &format!("sqlite:{}?mode=rwc", out.join("ledger.db").display()),
+                ])
+                .args(["--listen", &format!("127.0.0.1:{gateway_port}")])
+                .args(["--metrics-listen", "127.0.0.1:0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting hybrid-gateway")?,
+        );
+        let gateway_url = format!("http://127.0.0.1:{gateway_port}");
+        wait_ready(&gateway_url, "gateway", Duration::from_secs(60))?;
+        let license = key.issue(&LicenseClaims {
+            jti: format!("bench-{}", uuid::Uuid::new_v4().simple()),
+            sub: "bench".into(),
+            iss: "vendor".into(),
+            aud: "hybrid-gateway".into(),
+            model: "model".into(),
+            layers: vec!["*".into()],
+            quota_tokens: 1 << 40,
+            quota_period: QuotaPeriod::Total,
+            rate_limit_per_minute: u32::MAX,
+            max_in_flight: 64,
+            iat: now,
+            nbf: now,
+            exp: now + 86_400,
+        })?;
+        reset_peak();
+        let client = load_client_bundle(&out.join("client"))?;
+        let stats = Arc::new(RemoteStats::default());
+        let mut model = build_remote(
+            &client,
+            RemoteConfig {
+                url: gateway_url,
+                model: "model".into(),
+                license: Some(license),
+                stats: Some(stats.clone()),
+            },
+        )?;
+        let (prefill, decode, ids) =
+            timed_generation(&mut model, &prompt, args.tokens, Some(&stats))?;
+        let ms = decode.wall / decode.steps.max(1) as f64 * 1e3;
+        runs.push(json!({
+            "protected": set,
+            "protected_layers": layers,
+            "compile_s": compile_time.as_secs_f64(),
+            "worker_load_s": worker_load_s,
+            "ms_per_token": ms,
+            "added_vs_local": ms / local_ms - 1.0,
+            "per_token": decode.per_token(),
+            "prefill": prefill.per_token(),
+            "same_tokens_as_local": ids.iter().zip(&local_ids).filter(|(a, b)| a == b).count(),
+            "client_peak_mb": peak_mb("self"),
+            "worker_peak_mb": peak_mb(&worker.0.id().to_string()),
+            "gateway_peak_mb": peak_mb(&gateway.0.id().to_string()),
+        }));
+        drop(model);
+        drop(client);
+    }
+    let report = json!({
+        "bench": "e2e",
+        "model": args.model,
+        "checkpoint_load_s": load_s,
+        "prompt_tokens": prompt.len(),
+        "decode_tokens": local_decode.steps,
+        "local_ms_per_token": local_ms,
+        "local_prefill_ms": local_prefill.wall * 1e3,
+        "client_threads": candle_core::utils::get_num_threads(),
+        "worker_threads": args.worker_threads,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "runs": runs,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
