@@ -18,6 +18,8 @@ pub enum BenchCommand {
     /// Generation at full size: local only vs protected layers through gateway + worker
     /// processes (per-token split, bytes, peak memory).
     E2e(crate::bench_e2e::E2eArgs),
+    /// Accuracy of protected layers on a real model (SmolLM2, GGUF): simulate vs float.
+    Accuracy(crate::bench_accuracy::AccuracyArgs),
 }
 
 #[derive(Args)]
@@ -47,6 +49,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Fhe(args) => fhe(args),
         BenchCommand::Gateway(args) => crate::bench_gateway::run(args),
         BenchCommand::E2e(args) => crate::bench_e2e::e2e(args),
+        BenchCommand::Accuracy(args) => crate::bench_accuracy::run(args),
     }
 }
 

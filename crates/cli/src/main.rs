@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_accuracy;
 mod bench_e2e;
 mod bench_gateway;
 mod demo;

@@ -1,5 +1,7 @@
 //! The plain integer reference: what every encrypted computation must reproduce exactly.
 
+use rayon::prelude::*;
+
 use crate::layout::LayerShape;
 
 /// `Y = X W^T + b` in clear integers: `x` is `tokens x d_in`, `w` is `d_out x d_in`, both
@@ -9,16 +11,27 @@ pub fn simulate(shape: LayerShape, x: &[i8], tokens: usize, w: &[i8], bias: &[i6
     assert_eq!(x.len(), tokens * d_in, "activations do not match the shape");
     assert_eq!(w.len(), d_out * d_in, "weights do not match the shape");
     assert_eq!(bias.len(), d_out, "bias does not match the shape");
-    let mut y = Vec::with_capacity(tokens * d_out);
-    for row in x.chunks_exact(d_in) {
-        for (w_row, b) in w.chunks_exact(d_in).zip(bias) {
-            let dot: i64 = row
-                .iter()
-                .zip(w_row)
-                .map(|(a, b)| *a as i64 * *b as i64)
-                .sum();
-            y.push(dot + b);
-        }
+    let mut y = vec![0i64; tokens * d_out];
+    // |x w| <= 2^14 per term, so an i32 sum is exact below 2^17 terms (and vectorises well).
+    let exact_in_i32 = d_in < (1 << 17);
+    for (out, row) in y.chunks_mut(d_out).zip(x.chunks_exact(d_in)) {
+        out.par_iter_mut()
+            .zip(w.par_chunks_exact(d_in))
+            .zip(bias.par_iter())
+            .for_each(|((o, w_row), b)| {
+                let dot = if exact_in_i32 {
+                    row.iter()
+                        .zip(w_row)
+                        .map(|(a, b)| *a as i32 * *b as i32)
+                        .sum::<i32>() as i64
+                } else {
+                    row.iter()
+                        .zip(w_row)
+                        .map(|(a, b)| *a as i64 * *b as i64)
+                        .sum()
+                };
+                *o = dot + b;
+            });
     }
     y
 }

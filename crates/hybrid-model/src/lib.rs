@@ -14,6 +14,7 @@ pub mod compile;
 pub mod config;
 pub mod generate;
 pub mod linear;
+pub mod llama;
 pub mod model;
 pub mod names;
 pub mod remote;
@@ -27,7 +28,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use config::PhiConfig;
-pub use generate::{generate, GenerateOptions};
+pub use generate::{generate, CausalLm, GenerateOptions};
 pub use model::Phi;
 
 /// How protected layers are executed; the generation API is the same for all.

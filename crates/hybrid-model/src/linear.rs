@@ -31,6 +31,11 @@ pub trait LinearProvider {
 pub struct LocalLinear(candle_nn::Linear);
 
 impl LocalLinear {
+    /// From a weight `(d_out, d_in)` and an optional bias.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        LocalLinear(candle_nn::Linear::new(weight, bias))
+    }
+
     pub fn load(module: Module, d_in: usize, d_out: usize, vb: &VarBuilder) -> Result<Self> {
         Ok(LocalLinear(candle_nn::linear(
             d_in,
@@ -112,6 +117,11 @@ pub struct ClientLayer {
     /// `None`: activations quantized per token (dynamic). `Some(s)`: one calibrated scale.
     #[serde(default)]
     pub activation_scale: Option<f32>,
+    /// Per input channel divisors applied to the activations before quantization (the server's
+    /// weight columns are multiplied by the same factors, so the product is unchanged): moves
+    /// activation outliers into the weights, which are quantized per output channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_scale: Option<Vec<f32>>,
 }
 
 /// A protected linear: quantize the input per token, have the backend compute the integer
@@ -121,6 +131,12 @@ pub struct ProtectedLinear {
     backend: Arc<dyn ProtectedBackend>,
 }
 
+impl ProtectedLinear {
+    pub fn new(layer: ClientLayer, backend: Arc<dyn ProtectedBackend>) -> Self {
+        ProtectedLinear { layer, backend }
+    }
+}
+
 impl Linear for ProtectedLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -128,11 +144,18 @@ impl Linear for ProtectedLinear {
             .last()
             .expect("a linear input has at least one dimension");
         let tokens = x.elem_count() / d_in;
-        let flat: Vec<f32> = x
+        let mut flat: Vec<f32> = x
             .reshape((tokens, d_in))?
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1()?;
+        if let Some(scale) = &self.layer.input_scale {
+            for row in flat.chunks_exact_mut(d_in) {
+                for (v, s) in row.iter_mut().zip(scale) {
+                    *v /= s;
+                }
+            }
+        }
         let q = match self.layer.activation_scale {
             None => quant::quantize_activations(&flat, tokens, d_in, self.layer.n_bits),
             Some(scale) => {

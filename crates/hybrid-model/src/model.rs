@@ -223,7 +223,7 @@ impl Phi {
 }
 
 /// Mask of the positions a new token must not see: `(seq_len, offset + seq_len)`, 1 = hidden.
-fn causal_mask(seq_len: usize, offset: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(seq_len: usize, offset: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<u8> = (0..seq_len)
         .flat_map(|i| (0..offset + seq_len).map(move |j| u8::from(j > offset + i)))
         .collect();

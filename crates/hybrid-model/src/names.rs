@@ -93,7 +93,7 @@ pub fn all_names(layers: usize) -> Vec<ProtectedLayer> {
 }
 
 /// Glob match where `*` stands for any (possibly empty) run of characters.
-fn glob(pattern: &str, name: &str) -> bool {
+pub(crate) fn glob(pattern: &str, name: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == name,
         Some((head, rest)) => {

@@ -96,6 +96,7 @@ pub fn split_layers(
                 weight_scales: q.scales.clone(),
                 bias: client_bias,
                 activation_scale,
+                input_scale: None,
             },
             server: ServerLayer {
                 name: layer.name.clone(),

