@@ -62,7 +62,7 @@ async fn bench(args: GatewayArgs) -> Result<()> {
     };
     let mut tiny = hybrid_model::tiny::tiny_config();
     anyhow::ensure!(
-        args.hidden >= 8 && args.hidden % 8 == 0,
+        args.hidden >= 8 && args.hidden.is_multiple_of(8),
         "--hidden: a multiple of 8"
     );
     tiny.hidden_size = args.hidden;

@@ -10,13 +10,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use hybrid_model::bundle::{load_client_bundle, SERVER_BUNDLE_FILE};
-use hybrid_model::compile::{compile, CompileOptions};
+use hybrid_model::compile::CompileOptions;
 use hybrid_model::remote::{RemoteConfig, RemoteStats};
 use hybrid_model::{build, build_remote, generate, GenerateOptions, Mode};
 use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
 use serde_json::json;
 
-use crate::model_cmd::{load_source, progress_bar, tokenize_all, TextStream, DEFAULT_CALIBRATION};
+use crate::model_cmd::{
+    compile_with_progress, load_source, tokenize_all, TextStream, DEFAULT_CALIBRATION,
+};
 use crate::split::Split;
 
 const AUDIENCE: &str = "hybrid-gateway";
@@ -134,25 +136,8 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     };
     let client_dir = dir.join("client");
     let server_path = dir.join(SERVER_BUNDLE_FILE);
-    let bar = progress_bar();
-    if json_out {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
     let started = Instant::now();
-    let manifest = compile(
-        &src.config,
-        &src.tensors,
-        Some(&tokenizer),
-        &options,
-        &client_dir,
-        &server_path,
-        &mut |stage, done, total| {
-            bar.set_message(stage.to_string());
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-    )?;
-    bar.finish_and_clear();
+    let manifest = compile_with_progress(&src, Some(&tokenizer), &options, dir, !json_out)?;
     let compile_s = started.elapsed().as_secs_f64();
     let protected: Vec<String> = manifest.layers.iter().map(|l| l.name.clone()).collect();
     if !json_out {

@@ -112,7 +112,7 @@ fn download(id: &str) -> Result<PathBuf> {
     bail!("`{id}`: this build cannot download models (build with --features hf-hub)")
 }
 
-pub(crate) fn progress_bar() -> ProgressBar {
+fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len}")
@@ -120,6 +120,35 @@ pub(crate) fn progress_bar() -> ProgressBar {
             .progress_chars("=> "),
     );
     bar
+}
+
+/// Compiles `src` into `out/client/` and `out/server.safetensors`, with a progress bar when `show`.
+pub(crate) fn compile_with_progress(
+    src: &Source,
+    tokenizer: Option<&Tokenizer>,
+    options: &CompileOptions,
+    out: &Path,
+    show: bool,
+) -> Result<hybrid_model::bundle::ClientManifest> {
+    let bar = progress_bar();
+    if !show {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let manifest = compile(
+        &src.config,
+        &src.tensors,
+        tokenizer,
+        options,
+        &out.join("client"),
+        &out.join(SERVER_BUNDLE_FILE),
+        &mut |stage, done, total| {
+            bar.set_message(stage.to_string());
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    Ok(manifest)
 }
 
 #[derive(Args)]
@@ -171,24 +200,16 @@ pub fn compile_cmd(args: CompileArgs) -> Result<()> {
         calibration,
         activations: args.activations.parse()?,
     };
-    let bar = progress_bar();
     let client_dir = args.out.join("client");
     let server_path = args.out.join(SERVER_BUNDLE_FILE);
     let started = Instant::now();
-    let manifest = compile(
-        &src.config,
-        &src.tensors,
+    let manifest = compile_with_progress(
+        &src,
         src.tokenizer.as_ref(),
         &options,
-        &client_dir,
-        &server_path,
-        &mut |stage, done, total| {
-            bar.set_message(stage.to_string());
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
+        &args.out,
+        !args.json,
     )?;
-    bar.finish_and_clear();
     let report = json!({
         "client_bundle": client_dir,
         "server_bundle": server_path,

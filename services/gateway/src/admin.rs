@@ -21,7 +21,9 @@ use protocol::{ErrorBody, Name};
 use serde::Deserialize;
 use service_kit::ApiError;
 
-use crate::routes::{authenticate, bearer, ledger_down, now_ms, period_start, record};
+use crate::routes::{
+    authenticate, bearer, ledger_down, now_ms, period_start, record, refuse_revoked,
+};
 use crate::AppState;
 
 /// Rows per page of the CSV export (one database query per page).
@@ -65,18 +67,13 @@ async fn authorize(
             };
             ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string())
         })?;
-    if state
-        .admission
-        .is_revoked(&state.ledger, &claims.jti)
-        .await
-        .map_err(ledger_down)?
-    {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "admin_token_revoked",
-            "this admin token was revoked",
-        ));
-    }
+    refuse_revoked(
+        state,
+        &claims.jti,
+        "admin_token_revoked",
+        "this admin token was revoked",
+    )
+    .await?;
     if claims.role < needed {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

@@ -63,19 +63,32 @@ pub(crate) async fn authenticate(
         .keyset
         .verify(token, &state.config.audience, now)
         .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
+    refuse_revoked(
+        state,
+        &claims.jti,
+        "license_revoked",
+        "this license was revoked",
+    )
+    .await?;
+    Ok(claims)
+}
+
+/// 401 with `code` when token id `jti` is on the revocation list (refreshed every few seconds).
+pub(crate) async fn refuse_revoked(
+    state: &AppState,
+    jti: &str,
+    code: &'static str,
+    message: &'static str,
+) -> Result<(), ApiError> {
     if state
         .admission
-        .is_revoked(&state.ledger, &claims.jti)
+        .is_revoked(&state.ledger, jti)
         .await
         .map_err(ledger_down)?
     {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "license_revoked",
-            "this license was revoked",
-        ));
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, code, message));
     }
-    Ok(claims)
+    Ok(())
 }
 
 pub(crate) fn period_start(claims: &LicenseClaims, now: i64) -> i64 {
