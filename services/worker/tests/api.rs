@@ -263,3 +263,69 @@ async fn a_saturated_worker_sheds_load_with_retry_after() {
     assert_eq!(status, 200, "served once a slot is free");
     let _ = tx.send(());
 }
+
+/// Stopping the worker lets a request already in flight finish (200), refuses new connections,
+/// and then returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, server_path) = compile_tiny(dir.path());
+    let mut config = WorkerConfig::local(vec![server_path]);
+    config.max_concurrency = 1;
+    config.queue_timeout = Duration::from_secs(30);
+    let app = Application::build(config).await.unwrap();
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let slots = app.compute_slots();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    for _ in 0..500 {
+        let url = format!("{base}/readyz");
+        let ready = tokio::task::spawn_blocking(move || {
+            agent()
+                .get(&url)
+                .call()
+                .is_ok_and(|r| r.status().as_u16() == 200)
+        })
+        .await
+        .unwrap();
+        if ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The request waits for the compute slot held here: it is in flight when the stop comes.
+    let held = slots.clone().acquire_owned().await.unwrap();
+    let spec = fhe_linear::LayerSpec::choose(
+        &fhe_linear::HFHE_GLWE_2048_V1,
+        fhe_linear::LayerShape::new(64, 192),
+        1,
+    )
+    .unwrap();
+    let key = fhe_linear::ClientKey::generate(&fhe_linear::HFHE_GLWE_2048_V1);
+    let batch = key.encrypt(&spec, &[2i8; 64], 1).unwrap().to_bytes();
+    let url = format!("{base}/v1/models/tiny/layers/layers.1.mixer.Wqkv/apply");
+    let in_flight = tokio::task::spawn_blocking(move || {
+        agent()
+            .post(&url)
+            .send(&batch[..])
+            .map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let late = format!("{base}/healthz");
+    let refused = tokio::task::spawn_blocking(move || agent().get(&late).call().is_err())
+        .await
+        .unwrap();
+    assert!(refused, "no new connection after the stop");
+    assert!(!server.is_finished(), "waits for the request in flight");
+    drop(held);
+    assert_eq!(in_flight.await.unwrap().unwrap(), 200);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("stops once idle")
+        .unwrap()
+        .unwrap();
+}
