@@ -41,7 +41,7 @@ pub struct GatewayConfig {
     pub signing_key: Option<Arc<SigningKey>>,
     /// The audience licenses must name.
     pub audience: String,
-    /// Worker base URLs.
+    /// Worker base URLs; `dns+http://NAME:PORT` stands for every address NAME resolves to.
     pub workers: Vec<String>,
     pub max_body_bytes: usize,
     /// Rows (tokens) per request at most: the model's context length.
@@ -111,9 +111,9 @@ impl Application {
         }
         let api = TcpListener::bind(config.listen).await?;
         let metrics_listener = TcpListener::bind(config.metrics_listen).await?;
-        let workers = workers::WorkerPool::new(&config.workers, config.worker_timeout)?;
+        let workers = workers::WorkerPool::new(&config.workers, config.worker_timeout).await?;
         let metrics = Metrics::new();
-        metrics.workers_configured.set(config.workers.len() as i64);
+        metrics.workers_configured.set(workers.count() as i64);
         let state = Arc::new(AppState {
             admission: admission::Admission::new(config.revocation_refresh),
             metrics,

@@ -61,8 +61,11 @@ impl Metrics {
         .expect("metric");
         let workers_healthy =
             IntGauge::new("gateway_workers_healthy", "Workers answering /readyz").expect("metric");
-        let workers_configured =
-            IntGauge::new("gateway_workers_configured", "Workers configured").expect("metric");
+        let workers_configured = IntGauge::new(
+            "gateway_workers_configured",
+            "Workers known (configured, names resolved)",
+        )
+        .expect("metric");
         let names = service_kit::register_metrics(
             &registry,
             vec![

@@ -1,8 +1,12 @@
 //! The workers behind the gateway: round-robin over the healthy ones, health-checked through
 //! their `/readyz`, one retry on another worker when a connection fails before any answer.
+//!
+//! A worker is configured by URL. `dns+http://NAME:PORT` stands for every address `NAME`
+//! resolves to (e.g. a Kubernetes headless Service, one address per ready pod), resolved again at
+//! every health check, so that workers added or removed by an autoscaler get their share.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -15,9 +19,40 @@ pub struct Worker {
 }
 
 pub struct WorkerPool {
-    pub workers: Vec<Worker>,
+    /// The configured URLs.
+    targets: Vec<String>,
+    /// The workers they stand for now.
+    workers: RwLock<Vec<Arc<Worker>>>,
     next: AtomicUsize,
     pub client: reqwest::Client,
+}
+
+const DNS_SCHEME: &str = "dns+";
+
+/// The workers of the configured `targets` now: URLs as they are, `dns+` ones one per address.
+async fn expand(targets: &[String]) -> Vec<String> {
+    let mut urls = Vec::new();
+    for t in targets {
+        let Some(url) = t.strip_prefix(DNS_SCHEME) else {
+            urls.push(t.trim_end_matches('/').to_string());
+            continue;
+        };
+        let url = url.trim_end_matches('/');
+        let Some((scheme, authority)) = url.split_once("://") else {
+            continue;
+        };
+        let authority = authority.split('/').next().unwrap_or(authority);
+        match tokio::net::lookup_host(authority).await {
+            Ok(addrs) => {
+                let mut found: Vec<String> = addrs.map(|a| format!("{scheme}://{a}")).collect();
+                found.sort();
+                found.dedup();
+                urls.extend(found);
+            }
+            Err(e) => tracing::warn!(target = %t, error = %e, "worker name does not resolve"),
+        }
+    }
+    urls
 }
 
 /// A worker's answer.
@@ -34,36 +69,66 @@ pub enum ForwardError {
 }
 
 impl WorkerPool {
-    pub fn new(urls: &[String], timeout: Duration) -> Result<Self, GatewayError> {
+    pub async fn new(urls: &[String], timeout: Duration) -> Result<Self, GatewayError> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| GatewayError::Client(e.to_string()))?;
-        Ok(WorkerPool {
-            workers: urls
-                .iter()
-                .map(|u| Worker {
-                    url: u.trim_end_matches('/').to_string(),
-                    healthy: AtomicBool::new(true),
-                })
-                .collect(),
+        let pool = WorkerPool {
+            targets: urls.to_vec(),
+            workers: RwLock::new(Vec::new()),
             next: AtomicUsize::new(0),
             client,
-        })
+        };
+        pool.refresh().await;
+        Ok(pool)
+    }
+
+    /// Resolves the configured targets again; known workers keep their health.
+    async fn refresh(&self) {
+        let urls = expand(&self.targets).await;
+        let mut workers = self.workers.write().expect("worker list");
+        let known = std::mem::take(&mut *workers);
+        *workers = urls
+            .into_iter()
+            .map(|url| {
+                known
+                    .iter()
+                    .find(|w| w.url == url)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(Worker {
+                            url,
+                            healthy: AtomicBool::new(true),
+                        })
+                    })
+            })
+            .collect();
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Worker>> {
+        self.workers.read().expect("worker list").clone()
     }
 
     /// Workers to try, healthy ones first, starting at the round-robin position.
-    fn order(&self) -> Vec<&Worker> {
-        let n = self.workers.len();
+    fn order(&self) -> Vec<Arc<Worker>> {
+        let workers = self.snapshot();
+        let n = workers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut order: Vec<&Worker> = (0..n).map(|i| &self.workers[(start + i) % n]).collect();
+        let mut order: Vec<Arc<Worker>> =
+            (0..n).map(|i| workers[(start + i) % n].clone()).collect();
         order.sort_by_key(|w| !w.healthy.load(Ordering::Relaxed));
         order
     }
 
+    /// Workers known now (after name resolution).
+    pub fn count(&self) -> usize {
+        self.workers.read().expect("worker list").len()
+    }
+
     pub fn healthy_count(&self) -> usize {
-        self.workers
+        self.snapshot()
             .iter()
             .filter(|w| w.healthy.load(Ordering::Relaxed))
             .count()
@@ -119,10 +184,12 @@ impl WorkerPool {
     }
 }
 
-/// Marks workers healthy or not from their `/readyz`, every `health_interval`.
+/// Resolves the worker names again and marks workers healthy or not from their `/readyz`, every
+/// `health_interval`.
 pub async fn health_loop(state: Arc<AppState>) {
     loop {
-        for w in &state.workers.workers {
+        state.workers.refresh().await;
+        for w in state.workers.snapshot() {
             let ok = state
                 .workers
                 .client
@@ -137,6 +204,10 @@ pub async fn health_loop(state: Arc<AppState>) {
             .metrics
             .workers_healthy
             .set(state.workers.healthy_count() as i64);
+        state
+            .metrics
+            .workers_configured
+            .set(state.workers.count() as i64);
         tokio::time::sleep(state.config.health_interval).await;
     }
 }

@@ -319,3 +319,34 @@ async fn a_worker_dying_mid_request_is_retried_elsewhere_and_billed_once() {
     assert!(events.iter().all(|e| !e.worker.is_empty()));
     assert_eq!(s.worker_applies().await, 2);
 }
+
+/// A worker named by `dns+http://NAME:PORT` stands for every address the name resolves to (as a
+/// Kubernetes headless Service does), found again at each health check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_named_by_dns_are_resolved_and_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = stack_named(
+        format!("sqlite:{}?mode=rwc", dir.path().join("l.db").display()),
+        1,
+        vec![],
+        |url| url.replace("http://127.0.0.1:", "dns+http://localhost:"),
+    )
+    .await;
+    let license = s.key.issue(&claims("lic-dns", 100)).unwrap();
+    for q in ["d1", "d2", "d3"] {
+        assert_eq!(s.post(Some(&license), Some(q), batch(1)).await.0, 200);
+    }
+    assert_eq!(s.billable("lic-dns").await, 3);
+    let metrics = reqwest::get(&s.metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let known: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_workers_configured "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(known >= 1, "localhost resolved to {known} workers");
+}

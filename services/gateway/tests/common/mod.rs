@@ -109,6 +109,16 @@ pub async fn dying_worker() -> String {
 
 /// Workers listed after the `front` worker URLs, and a gateway over `database_url`.
 pub async fn stack_with(database_url: String, workers: usize, front: Vec<String>) -> Stack {
+    stack_named(database_url, workers, front, |url| url).await
+}
+
+/// As [`stack_with`], the gateway knowing each worker by `name(url)`.
+pub async fn stack_named(
+    database_url: String,
+    workers: usize,
+    front: Vec<String>,
+    name: impl Fn(String) -> String,
+) -> Stack {
     let dir = tempfile::tempdir().unwrap();
     let (client_dir, server) = compile_tiny(dir.path());
     let mut urls = front;
@@ -125,7 +135,7 @@ pub async fn stack_with(database_url: String, workers: usize, front: Vec<String>
             let _ = rx.await;
         }));
         wait_ready(&url).await;
-        urls.push(url);
+        urls.push(name(url));
         stops.push(tx);
     }
     let key = SigningKey::generate("k1");
