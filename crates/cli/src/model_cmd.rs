@@ -165,8 +165,9 @@ pub struct CompileArgs {
     /// Bits of the quantized weights and activations.
     #[arg(long, default_value_t = 8)]
     n_bits: u32,
-    /// Activation quantization: dynamic (per token), static (calibrated per layer), or auto
-    /// (measure both on the calibration prompts, keep the more accurate).
+    /// Activation quantization: dynamic (per token), static (calibrated per layer), smoothed
+    /// (per token, input channels divided by calibrated factors), or auto (measure each on the
+    /// calibration prompts, keep the most accurate).
     #[arg(long, default_value = "auto")]
     activations: String,
     /// Output directory: `client/` (for the customer) and `server.safetensors` (for the workers).

@@ -30,7 +30,12 @@ pub enum Activations {
     Dynamic,
     /// One scale per layer, calibrated on the prompts (the server folds the bias in).
     Static,
-    /// Measure both on the calibration prompts and keep the more accurate (dynamic on a tie).
+    /// One scale per token after dividing each input channel by the square root of its largest
+    /// calibrated magnitude (the weight columns multiplied by the same): outlier channels no
+    /// longer set every token's step. The factors come from activations only.
+    Smoothed,
+    /// Measure every choice on the calibration prompts and keep the most accurate (dynamic on
+    /// a tie).
     Auto,
 }
 
@@ -40,9 +45,10 @@ impl std::str::FromStr for Activations {
         match s {
             "dynamic" => Ok(Activations::Dynamic),
             "static" => Ok(Activations::Static),
+            "smoothed" => Ok(Activations::Smoothed),
             "auto" => Ok(Activations::Auto),
             other => Err(ModelError::Bundle(format!(
-                "activations `{other}`: dynamic, static or auto"
+                "activations `{other}`: dynamic, static, smoothed or auto"
             ))),
         }
     }
@@ -61,19 +67,24 @@ pub struct CompileOptions {
     pub activations: Activations,
 }
 
-/// A linear that records the largest input magnitude it sees (calibration).
+/// A linear that records the largest magnitude of each input channel it sees (calibration).
 struct Recording {
     inner: Box<dyn Linear>,
     name: String,
-    stats: Arc<Mutex<HashMap<String, f32>>>,
+    stats: Arc<Mutex<HashMap<String, Vec<f32>>>>,
 }
 
 impl Linear for Recording {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let max = x.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let d_in = x.dim(candle_core::D::Minus1)?;
+        let rows = x.abs()?.reshape(((), d_in))?.max(0)?.to_vec1::<f32>()?;
         let mut stats = self.stats.lock().expect("calibration stats");
-        let e = stats.entry(self.name.clone()).or_insert(0.0);
-        *e = e.max(max);
+        let e = stats
+            .entry(self.name.clone())
+            .or_insert_with(|| vec![0.0; d_in]);
+        for (m, v) in e.iter_mut().zip(rows) {
+            *m = m.max(v);
+        }
         drop(stats);
         self.inner.forward(x)
     }
@@ -82,7 +93,7 @@ impl Linear for Recording {
 /// The float model, with the inputs of protected layers recorded.
 struct RecordingProvider {
     protected: Vec<names::ProtectedLayer>,
-    stats: Arc<Mutex<HashMap<String, f32>>>,
+    stats: Arc<Mutex<HashMap<String, Vec<f32>>>>,
 }
 
 impl RecordingProvider {
@@ -119,14 +130,13 @@ impl LinearProvider for RecordingProvider {
     }
 }
 
-/// Calibrated static activation scales (largest magnitude seen / q_max) per protected layer.
+/// The largest magnitude of each input channel of each protected layer on the prompts.
 fn calibrate(
     cfg: &PhiConfig,
     tensors: &HashMap<String, Tensor>,
     protected: &[names::ProtectedLayer],
     prompts: &[Vec<u32>],
-    n_bits: u32,
-) -> Result<HashMap<String, f32>, ModelError> {
+) -> Result<HashMap<String, Vec<f32>>, ModelError> {
     let stats = Arc::new(Mutex::new(HashMap::new()));
     let provider = RecordingProvider {
         protected: protected.to_vec(),
@@ -138,22 +148,48 @@ fn calibrate(
         model.clear_kv_cache();
         model.forward_all(p)?;
     }
+    drop(model);
+    let stats = stats.lock().expect("calibration stats").clone();
+    Ok(stats)
+}
+
+/// Static activation scales (largest magnitude seen / q_max) per protected layer.
+fn static_scales(
+    channel_max: &HashMap<String, Vec<f32>>,
+    protected: &[names::ProtectedLayer],
+    n_bits: u32,
+) -> Result<HashMap<String, f32>, ModelError> {
     let q_max = quant::q_max(n_bits)? as f32;
-    let stats = stats.lock().expect("calibration stats");
     Ok(protected
         .iter()
         .map(|l| {
-            (
-                l.name.clone(),
-                stats
-                    .get(&l.name)
-                    .copied()
-                    .filter(|m| *m > 0.0)
-                    .unwrap_or(1.0)
-                    / q_max,
-            )
+            let max = channel_max
+                .get(&l.name)
+                .map(|v| v.iter().copied().fold(0.0f32, f32::max))
+                .filter(|m| *m > 0.0)
+                .unwrap_or(1.0);
+            (l.name.clone(), max / q_max)
         })
         .collect())
+}
+
+/// Smoothing factors per protected layer: each channel's calibrated maximum to the power 1/2.
+fn smoothing_factors(
+    channel_max: &HashMap<String, Vec<f32>>,
+    protected: &[names::ProtectedLayer],
+) -> HashMap<String, Vec<f32>> {
+    protected
+        .iter()
+        .filter_map(|l| {
+            let max = channel_max.get(&l.name)?;
+            Some((
+                l.name.clone(),
+                max.iter()
+                    .map(|m| if *m > 1e-6 { m.sqrt() } else { 1.0 })
+                    .collect(),
+            ))
+        })
+        .collect()
 }
 
 /// A simulate-mode model from split layers (the client part built without protected tensors).
@@ -240,72 +276,89 @@ pub fn compile(
         .cloned()
         .collect();
     let choice = match (options.activations, prompts.is_empty()) {
-        (Activations::Static, true) => {
+        (Activations::Static | Activations::Smoothed, true) => {
             return Err(ModelError::Bundle(
-                "static activations need calibration prompts".into(),
+                "static and smoothed activations need calibration prompts".into(),
             ))
         }
         (Activations::Auto, true) => Activations::Dynamic,
         (choice, _) => choice,
     };
     progress("quantize", 0, 2);
-    let dynamic = vendor::split_layers(tensors, &protected, options.n_bits, None)?;
-    let scales = match choice {
+    let dynamic = vendor::split_layers(tensors, &protected, options.n_bits, None, None)?;
+    let channel_max = match choice {
         Activations::Dynamic => None,
-        _ => Some(calibrate(
-            cfg,
-            tensors,
-            &protected,
-            &prompts,
-            options.n_bits,
-        )?),
+        _ => Some(calibrate(cfg, tensors, &protected, &prompts)?),
     };
-    // A static split can fail when a folded bias leaves the plaintext window; auto then keeps dynamic.
-    let static_split = match &scales {
-        None => None,
-        Some(scales) => {
-            match vendor::split_layers(tensors, &protected, options.n_bits, Some(scales)) {
+    // A static split can fail when a folded bias leaves the plaintext window; auto then keeps
+    // the others.
+    let static_split = match (&channel_max, choice) {
+        (Some(max), Activations::Static | Activations::Auto) => {
+            let scales = static_scales(max, &protected, options.n_bits)?;
+            match vendor::split_layers(tensors, &protected, options.n_bits, Some(&scales), None) {
                 Ok(split) => Some(split),
                 Err(e) if choice == Activations::Auto => {
-                    eprintln!("static activations not applicable ({e}); keeping dynamic");
+                    eprintln!("static activations not applicable ({e}); not a candidate");
                     None
                 }
                 Err(e) => return Err(e),
             }
         }
+        _ => None,
+    };
+    let smoothed_split = match (&channel_max, choice) {
+        (Some(max), Activations::Smoothed | Activations::Auto) => {
+            let factors = smoothing_factors(max, &protected);
+            Some(vendor::split_layers(
+                tensors,
+                &protected,
+                options.n_bits,
+                None,
+                Some(&factors),
+            )?)
+        }
+        _ => None,
     };
     progress("quantize", 2, 2);
 
+    let mut candidates: Vec<(&str, Vec<vendor::SplitLayer>)> = Vec::new();
+    if matches!(choice, Activations::Dynamic | Activations::Auto) {
+        candidates.push(("dynamic", dynamic));
+    }
+    if let Some(split) = smoothed_split {
+        candidates.push(("smoothed", split));
+    }
+    if let Some(split) = static_split {
+        candidates.push(("static", split));
+    }
     let mut reports = Vec::new();
     if !prompts.is_empty() {
         let mut float = build(cfg, tensors, &[], Mode::Disable, options.n_bits)?;
-        let candidates: Vec<(&str, &Vec<vendor::SplitLayer>)> = match (choice, &static_split) {
-            (Activations::Dynamic, _) => vec![("dynamic", &dynamic)],
-            (Activations::Static, Some(st)) => vec![("static", st)],
-            (_, Some(st)) => vec![("dynamic", &dynamic), ("static", st)],
-            (_, None) => vec![("dynamic", &dynamic)],
-        };
+        let count = candidates.len();
         for (i, (name, split)) in candidates.iter().enumerate() {
-            progress("calibrate", i, candidates.len());
+            progress("calibrate", i, count);
             let mut model = simulated(cfg, tensors, &protected, split)?;
             let mut report = compare(&mut float, &mut model, &prompts)?;
             report.activations = name.to_string();
             reports.push(report);
         }
-        progress("calibrate", candidates.len(), candidates.len());
+        progress("calibrate", count, count);
     }
-    // The chosen report first; on a tie, dynamic (it clips nothing).
+    // The chosen report first; on a tie, dynamic (it clips nothing and needs no statistics).
     reports.sort_by(|a, b| {
         b.top1_agreement
             .total_cmp(&a.top1_agreement)
             .then(a.activations.cmp(&b.activations))
     });
-    let chosen_static = reports.first().is_some_and(|r| r.activations == "static");
-    let split = if chosen_static {
-        static_split.expect("measured")
-    } else {
-        dynamic
-    };
+    let chosen = reports
+        .first()
+        .map(|r| r.activations.clone())
+        .unwrap_or_else(|| candidates[0].0.to_string());
+    let split = candidates
+        .into_iter()
+        .find(|(name, _)| *name == chosen)
+        .map(|(_, split)| split)
+        .expect("the chosen candidate was measured");
     let mut reports = reports.into_iter();
     let calibration = reports.next();
     let alternative = reports.next();
@@ -337,10 +390,13 @@ pub fn compile(
         model: options.model_name.clone(),
         parameter_set,
         n_bits: options.n_bits,
-        activation_quantization: if chosen_static {
-            "per-layer symmetric, static (calibrated); bias folded into the server's product".into()
-        } else {
-            "per-token symmetric, dynamic".into()
+        activation_quantization: match chosen.as_str() {
+            "static" => {
+                "per-layer symmetric, static (calibrated); bias folded into the server's product"
+                    .into()
+            }
+            "smoothed" => "per-token symmetric, dynamic, channels smoothed (calibrated)".into(),
+            _ => "per-token symmetric, dynamic".into(),
         },
         layers: split.into_iter().map(|s| s.client).collect(),
         server_bundle_sha256: server_sha,

@@ -122,7 +122,7 @@ pub fn build(
         let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
         return Ok(Phi::load(cfg, vb, &linear::LocalProvider)?);
     }
-    let split = vendor::split_layers(tensors, &protected, n_bits, None)?;
+    let split = vendor::split_layers(tensors, &protected, n_bits, None, None)?;
     let backend = backend_for(mode, split.iter().map(|s| s.server.clone()).collect())?;
     let provider = linear::HybridProvider::new(
         split.into_iter().map(|s| (s.modules, s.client)).collect(),

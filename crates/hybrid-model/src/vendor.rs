@@ -29,11 +29,15 @@ fn tensor(tensors: &HashMap<String, Tensor>, name: &str) -> Result<Tensor, Model
 /// With `static_scales` (a calibrated activation scale per layer name), the bias is folded into
 /// the server's integer product (`round(b_r / (s_x s_w[r]))`) and the client keeps no bias;
 /// otherwise activations are quantized per token and the client adds the float bias.
+///
+/// With `input_scales` (per layer, one divisor per input channel), the client divides its
+/// activations by them before quantizing and the weight columns are multiplied by them.
 pub fn split_layers(
     tensors: &HashMap<String, Tensor>,
     protected: &[ProtectedLayer],
     n_bits: u32,
     static_scales: Option<&HashMap<String, f32>>,
+    input_scales: Option<&HashMap<String, Vec<f32>>>,
 ) -> Result<Vec<SplitLayer>, ModelError> {
     let mut out = Vec::with_capacity(protected.len());
     for layer in protected {
@@ -61,6 +65,27 @@ pub fn split_layers(
         }
         let d_in = d_in.unwrap_or(0);
         let d_out = bias.len();
+        let input_scale = match input_scales {
+            None => None,
+            Some(all) => {
+                let s = all.get(&layer.name).ok_or_else(|| {
+                    ModelError::Bundle(format!("no smoothing factors for {}", layer.name))
+                })?;
+                if s.len() != d_in {
+                    return Err(ModelError::Bundle(format!(
+                        "{}: {} smoothing factors for {d_in} inputs",
+                        layer.name,
+                        s.len()
+                    )));
+                }
+                for row in weights.chunks_exact_mut(d_in) {
+                    for (w, f) in row.iter_mut().zip(s) {
+                        *w *= f;
+                    }
+                }
+                Some(s.clone())
+            }
+        };
         let q = quant::quantize_weights(&weights, d_out, d_in, n_bits)?;
         let activation_scale = match static_scales {
             None => None,
@@ -96,7 +121,7 @@ pub fn split_layers(
                 weight_scales: q.scales.clone(),
                 bias: client_bias,
                 activation_scale,
-                input_scale: None,
+                input_scale,
             },
             server: ServerLayer {
                 name: layer.name.clone(),

@@ -223,3 +223,57 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
     assert_ne!(chosen.activations, other.activations);
     assert!(chosen.top1_agreement >= other.top1_agreement);
 }
+
+/// Smoothed activations: the client divides each input channel by a calibrated factor and the
+/// server's weight columns carry it; encryption stays bit-exact with the simulation, and the
+/// model stays close to the float one.
+#[test]
+fn smoothed_activations_are_exact_under_encryption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client_dir, server_path) = (
+        dir.path().join("client"),
+        dir.path().join("server.safetensors"),
+    );
+    let options = CompileOptions {
+        model_name: "tiny".into(),
+        protect: vec!["layers.1.mixer.Wqkv".into(), "layers.2.mlp.fc1".into()],
+        n_bits: 8,
+        calibration: vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]],
+        activations: hybrid_model::compile::Activations::Smoothed,
+    };
+    let manifest = compile(
+        &tiny_config(),
+        &tiny_weights().unwrap(),
+        None,
+        &options,
+        &client_dir,
+        &server_path,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert!(manifest.activation_quantization.contains("smoothed"));
+    for layer in &manifest.layers {
+        let factors = layer.input_scale.as_ref().expect("smoothing factors");
+        assert_eq!(factors.len(), layer.d_in);
+        assert!(factors.iter().all(|f| *f > 0.0));
+    }
+    let client = load_client_bundle(&client_dir).unwrap();
+    let server = load_server_bundle(&server_path).unwrap();
+    let mut simulate = build_from_bundles(&client, Some(&server), Mode::Simulate).unwrap();
+    let mut execute = build_from_bundles(&client, Some(&server), Mode::Execute).unwrap();
+    assert_eq!(last_logits(&mut simulate), last_logits(&mut execute));
+    let mut float = build(
+        &tiny_config(),
+        &tiny_weights().unwrap(),
+        &[],
+        Mode::Disable,
+        8,
+    )
+    .unwrap();
+    let diff = last_logits(&mut simulate)
+        .iter()
+        .zip(last_logits(&mut float))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 0.2, "smoothed quantization moved logits by {diff}");
+}
