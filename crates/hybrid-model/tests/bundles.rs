@@ -180,29 +180,12 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
             "the client must not learn the bias"
         );
     }
-    let client = load_client_bundle(&client_dir).unwrap();
     let server = load_server_bundle(&server_path).unwrap();
     assert!(
         server.layers.iter().any(|l| l.bias.iter().any(|b| *b != 0)),
         "bias folded on the server"
     );
-    let mut simulate = build_from_bundles(&client, Some(&server), Mode::Simulate).unwrap();
-    let mut execute = build_from_bundles(&client, Some(&server), Mode::Execute).unwrap();
-    assert_eq!(last_logits(&mut simulate), last_logits(&mut execute));
-    let mut float = build(
-        &tiny_config(),
-        &tiny_weights().unwrap(),
-        &[],
-        Mode::Disable,
-        8,
-    )
-    .unwrap();
-    let diff = last_logits(&mut simulate)
-        .iter()
-        .zip(last_logits(&mut float))
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(diff < 0.2, "static quantization moved logits by {diff}");
+    assert_exact_and_close(&client_dir, &server_path, "static");
 
     // Auto measures both and records the one it did not keep.
     let auto = CompileOptions {
@@ -257,8 +240,13 @@ fn smoothed_activations_are_exact_under_encryption() {
         assert_eq!(factors.len(), layer.d_in);
         assert!(factors.iter().all(|f| *f > 0.0));
     }
-    let client = load_client_bundle(&client_dir).unwrap();
-    let server = load_server_bundle(&server_path).unwrap();
+    assert_exact_and_close(&client_dir, &server_path, "smoothed");
+}
+
+/// The bundles' encrypted run equals their simulation, which stays close to the float model.
+fn assert_exact_and_close(client_dir: &std::path::Path, server_path: &std::path::Path, what: &str) {
+    let client = load_client_bundle(client_dir).unwrap();
+    let server = load_server_bundle(server_path).unwrap();
     let mut simulate = build_from_bundles(&client, Some(&server), Mode::Simulate).unwrap();
     let mut execute = build_from_bundles(&client, Some(&server), Mode::Execute).unwrap();
     assert_eq!(last_logits(&mut simulate), last_logits(&mut execute));
@@ -275,5 +263,5 @@ fn smoothed_activations_are_exact_under_encryption() {
         .zip(last_logits(&mut float))
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(diff < 0.2, "smoothed quantization moved logits by {diff}");
+    assert!(diff < 0.2, "{what} quantization moved logits by {diff}");
 }

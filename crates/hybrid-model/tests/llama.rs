@@ -154,20 +154,15 @@ fn encrypted_layers_equal_the_simulation_and_generation_stays_coherent() {
     );
     let mut forced = prompt.clone();
     forced.extend(&want);
-    let fl = float
-        .teacher_forced(&forced)
-        .unwrap()
-        .argmax(1)
-        .unwrap()
-        .to_vec1::<u32>()
-        .unwrap();
-    let pr = protected
-        .teacher_forced(&forced)
-        .unwrap()
-        .argmax(1)
-        .unwrap()
-        .to_vec1::<u32>()
-        .unwrap();
+    let predictions = |m: &mut Llama| {
+        m.teacher_forced(&forced)
+            .unwrap()
+            .argmax(1)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap()
+    };
+    let (fl, pr) = (predictions(&mut float), predictions(&mut protected));
     let same = fl.iter().zip(&pr).filter(|(a, b)| a == b).count();
     eprintln!(
         "teacher forcing: {same} of {} next-token predictions agree",
