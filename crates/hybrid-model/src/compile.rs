@@ -19,7 +19,8 @@ use candle_nn::VarBuilder;
 
 use crate::backend::SimulateBackend;
 use crate::linear::{
-    per_module, HybridProvider, Linear, LinearProvider, LocalLinear, LocalProvider,
+    per_module, ChannelMax, HybridProvider, Linear, LinearProvider, LocalLinear, LocalProvider,
+    Recording,
 };
 use crate::{build, names, vendor, Mode, ModelError};
 
@@ -67,33 +68,10 @@ pub struct CompileOptions {
     pub activations: Activations,
 }
 
-/// A linear that records the largest magnitude of each input channel it sees (calibration).
-struct Recording {
-    inner: Box<dyn Linear>,
-    name: String,
-    stats: Arc<Mutex<HashMap<String, Vec<f32>>>>,
-}
-
-impl Linear for Recording {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let d_in = x.dim(candle_core::D::Minus1)?;
-        let rows = x.abs()?.reshape(((), d_in))?.max(0)?.to_vec1::<f32>()?;
-        let mut stats = self.stats.lock().expect("calibration stats");
-        let e = stats
-            .entry(self.name.clone())
-            .or_insert_with(|| vec![0.0; d_in]);
-        for (m, v) in e.iter_mut().zip(rows) {
-            *m = m.max(v);
-        }
-        drop(stats);
-        self.inner.forward(x)
-    }
-}
-
 /// The float model, with the inputs of protected layers recorded.
 struct RecordingProvider {
     protected: Vec<names::ProtectedLayer>,
-    stats: Arc<Mutex<HashMap<String, Vec<f32>>>>,
+    stats: ChannelMax,
 }
 
 impl RecordingProvider {

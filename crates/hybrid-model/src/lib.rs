@@ -137,7 +137,7 @@ pub fn build(
 }
 
 /// The backend computing protected layers in `mode` from the server's layers.
-fn backend_for(
+pub(crate) fn backend_for(
     mode: Mode,
     servers: Vec<backend::ServerLayer>,
 ) -> Result<Arc<dyn backend::ProtectedBackend>, ModelError> {

@@ -87,6 +87,33 @@ pub(crate) fn per_module(
     })
 }
 
+/// Largest magnitude of each input channel, per layer name (calibration statistics).
+pub(crate) type ChannelMax = Arc<std::sync::Mutex<HashMap<String, Vec<f32>>>>;
+
+/// A linear that records the largest magnitude of each input channel it sees into `stats`
+/// under `name`, then computes as `inner` does.
+pub(crate) struct Recording {
+    pub inner: Box<dyn Linear>,
+    pub name: String,
+    pub stats: ChannelMax,
+}
+
+impl Linear for Recording {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let d_in = x.dim(candle_core::D::Minus1)?;
+        let rows = x.abs()?.reshape(((), d_in))?.max(0)?.to_vec1::<f32>()?;
+        let mut stats = self.stats.lock().expect("calibration stats");
+        let e = stats
+            .entry(self.name.clone())
+            .or_insert_with(|| vec![0.0; d_in]);
+        for (m, v) in e.iter_mut().zip(rows) {
+            *m = m.max(v);
+        }
+        drop(stats);
+        self.inner.forward(x)
+    }
+}
+
 /// Everything local: the float model.
 pub struct LocalProvider;
 
@@ -149,12 +176,8 @@ impl Linear for ProtectedLinear {
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1()?;
-        if let Some(scale) = &self.layer.input_scale {
-            for row in flat.chunks_exact_mut(d_in) {
-                for (v, s) in row.iter_mut().zip(scale) {
-                    *v /= s;
-                }
-            }
+        if let Some(factors) = &self.layer.input_scale {
+            quant::divide_channels(&mut flat, factors);
         }
         let q = match self.layer.activation_scale {
             None => quant::quantize_activations(&flat, tokens, d_in, self.layer.n_bits),

@@ -19,8 +19,9 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Embedding, RmsNorm};
 use tokenizers::Tokenizer;
 
-use crate::backend::{ExecuteBackend, ProtectedBackend, ServerLayer, SimulateBackend};
-use crate::linear::{ClientLayer, Linear, LocalLinear, ProtectedLinear};
+use crate::backend::ServerLayer;
+use crate::linear::{ClientLayer, Linear, LocalLinear, ProtectedLinear, Recording};
+use crate::vendor::tensor;
 use crate::{Mode, ModelError};
 
 /// Hyper-parameters of a Llama model, as read from GGUF metadata.
@@ -298,13 +299,6 @@ fn gguf_tokenizer(
     Ok(tokenizer)
 }
 
-fn tensor(tensors: &HashMap<String, Tensor>, name: &str) -> Result<Tensor, ModelError> {
-    tensors
-        .get(name)
-        .cloned()
-        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
-}
-
 /// How activations are prepared for quantization.
 #[derive(Debug, Clone, Default)]
 pub enum Smoothing {
@@ -361,31 +355,6 @@ fn input_scale(
     ))
 }
 
-/// Records the largest magnitude of each input channel of the linears it wraps.
-struct Recording {
-    name: String,
-    inner: LocalLinear,
-    max: Arc<std::sync::Mutex<HashMap<String, Vec<f32>>>>,
-}
-
-impl Linear for Recording {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let d_in = x.dim(D::Minus1)?;
-        let flat = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut all = self.max.lock().expect("calibration statistics");
-        let max = all
-            .entry(self.name.clone())
-            .or_insert_with(|| vec![0.0; d_in]);
-        for row in flat.chunks_exact(d_in) {
-            for (m, v) in max.iter_mut().zip(row) {
-                *m = m.max(v.abs());
-            }
-        }
-        drop(all);
-        self.inner.forward(x)
-    }
-}
-
 /// Quantizes the protected linears (no bias in Llama): the client's part and the server's.
 pub fn split_layers(
     tensors: &HashMap<String, Tensor>,
@@ -401,12 +370,8 @@ pub fn split_layers(
         let (d_out, d_in) = w.dims2()?;
         let mut values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let scale = input_scale(tensors, *i, *p, &smoothing)?;
-        if let Some(s) = &scale {
-            for row in values.chunks_exact_mut(d_in) {
-                for (v, s) in row.iter_mut().zip(s) {
-                    *v *= s;
-                }
-            }
+        if let Some(factors) = &scale {
+            quant::scale_columns(&mut values, factors);
         }
         let q = quant::quantize_weights(&values, d_out, d_in, n_bits)?;
         clients.push(ClientLayer {
@@ -479,8 +444,8 @@ impl Llama {
             let w = tensor(tensors, &format!("{name}.weight"))?;
             Ok(Box::new(Recording {
                 name,
-                inner: LocalLinear::new(w, None),
-                max: max.clone(),
+                inner: Box::new(LocalLinear::new(w, None)),
+                stats: max.clone(),
             }))
         };
         let mut model = Self::assemble(config, tensors, record)?;
@@ -507,15 +472,16 @@ impl Llama {
             _ => resolve(protect, config.num_hidden_layers)?,
         };
         let (clients, servers) = split_layers(tensors, &protected, n_bits, smoothing)?;
-        let backend: Arc<dyn ProtectedBackend> = match mode {
-            Mode::Disable | Mode::Simulate => Arc::new(SimulateBackend::new(servers)),
-            Mode::Execute => Arc::new(ExecuteBackend::new(servers)?),
+        let backend = match mode {
+            // Nothing is protected: no product reaches a backend.
+            Mode::Disable => crate::backend_for(Mode::Simulate, servers)?,
             Mode::Remote => {
                 return Err(ModelError::ModeUnavailable(
                     "remote",
                     "a compiled bundle (phi models only for now)",
                 ))
             }
+            _ => crate::backend_for(mode, servers)?,
         };
         let mut clients: HashMap<String, ClientLayer> =
             clients.into_iter().map(|c| (c.name.clone(), c)).collect();

@@ -17,7 +17,7 @@ pub struct SplitLayer {
     pub server: ServerLayer,
 }
 
-fn tensor(tensors: &HashMap<String, Tensor>, name: &str) -> Result<Tensor, ModelError> {
+pub(crate) fn tensor(tensors: &HashMap<String, Tensor>, name: &str) -> Result<Tensor, ModelError> {
     tensors
         .get(name)
         .cloned()
@@ -78,11 +78,7 @@ pub fn split_layers(
                         s.len()
                     )));
                 }
-                for row in weights.chunks_exact_mut(d_in) {
-                    for (w, f) in row.iter_mut().zip(s) {
-                        *w *= f;
-                    }
-                }
+                quant::scale_columns(&mut weights, s);
                 Some(s.clone())
             }
         };

@@ -84,6 +84,27 @@ pub struct QuantizedWeights {
     pub scales: Vec<f32>,
 }
 
+/// Activation smoothing, weight side: multiplies column `j` of `w` (row-major, rows of
+/// `factors.len()`) by `factors[j]`. With [`divide_channels`] on the activations, the product
+/// is unchanged while outlier channels move from the activations into the weights.
+pub fn scale_columns(w: &mut [f32], factors: &[f32]) {
+    for row in w.chunks_exact_mut(factors.len()) {
+        for (v, f) in row.iter_mut().zip(factors) {
+            *v *= f;
+        }
+    }
+}
+
+/// Activation smoothing, activation side: divides channel `j` of each row of `x` by
+/// `factors[j]` (see [`scale_columns`]).
+pub fn divide_channels(x: &mut [f32], factors: &[f32]) {
+    for row in x.chunks_exact_mut(factors.len()) {
+        for (v, f) in row.iter_mut().zip(factors) {
+            *v /= f;
+        }
+    }
+}
+
 /// Quantizes `w` (`d_out x d_in`, row-major) per output channel.
 pub fn quantize_weights(
     w: &[f32],
