@@ -18,6 +18,7 @@ use hybrid_model::{build, build_remote, generate, GenerateOptions, Mode, Phi, Ph
 use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
 use serde_json::json;
 
+use crate::local::WorkDir;
 use crate::model_cmd::load_source;
 use crate::split::Split;
 
@@ -193,19 +194,8 @@ fn timed_generation(
 pub fn e2e(args: E2eArgs) -> Result<()> {
     let worker_bin = sibling_binary("hybrid-worker")?;
     let gateway_bin = sibling_binary("hybrid-gateway")?;
-    let (dir, temporary) = match &args.dir {
-        Some(d) => (d.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("hybrid-e2e-{}", uuid::Uuid::new_v4().simple())),
-            true,
-        ),
-    };
-    std::fs::create_dir_all(&dir)?;
-    let result = run_e2e(&args, &dir, &worker_bin, &gateway_bin);
-    if temporary {
-        std::fs::remove_dir_all(&dir).ok();
-    }
-    result
+    let dir = WorkDir::new(args.dir.as_deref(), "hybrid-e2e")?;
+    run_e2e(&args, dir.path(), &worker_bin, &gateway_bin)
 }
 
 fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) -> Result<()> {

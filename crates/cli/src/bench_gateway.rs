@@ -11,6 +11,8 @@ use hybrid_model::compile::{compile, Activations, CompileOptions};
 use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
 use serde_json::json;
 
+use crate::local::{wait_ready, WorkDir};
+
 #[derive(Args)]
 pub struct GatewayArgs {
     /// Ledger: postgres://... (an existing database; tables are created) or sqlite (a temporary file).
@@ -51,7 +53,8 @@ pub fn run(args: GatewayArgs) -> Result<()> {
 }
 
 async fn bench(args: GatewayArgs) -> Result<()> {
-    let dir = tempfile_dir()?;
+    let work = WorkDir::new(None, "hybrid-bench")?;
+    let dir = work.path().to_path_buf();
     let (client_dir, server) = (dir.join("client"), dir.join("server.safetensors"));
     let options = CompileOptions {
         model_name: "tiny".into(),
@@ -80,18 +83,13 @@ async fn bench(args: GatewayArgs) -> Result<()> {
     let worker = worker::Application::build(worker::WorkerConfig::local(vec![server])).await?;
     let worker_url = format!("http://127.0.0.1:{}", worker.port());
     tokio::spawn(worker.run_until_stopped(std::future::pending()));
+    wait_ready(
+        &worker_url,
+        Duration::from_millis(10),
+        Duration::from_secs(5),
+    )
+    .await;
     let client = reqwest::Client::new();
-    for _ in 0..500 {
-        if client
-            .get(format!("{worker_url}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 
     let database_url = if args.database_url == "sqlite" {
         format!("sqlite:{}?mode=rwc", dir.join("ledger.db").display())
@@ -219,7 +217,6 @@ async fn bench(args: GatewayArgs) -> Result<()> {
             println!("  {k:<26} {v}");
         }
     }
-    std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }
 
@@ -255,10 +252,4 @@ where
         t.await??;
     }
     Ok(total as f64 / started.elapsed().as_secs_f64())
-}
-
-fn tempfile_dir() -> Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("hybrid-bench-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }

@@ -16,6 +16,7 @@ use hybrid_model::{build, build_remote, generate, GenerateOptions, Mode};
 use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
 use serde_json::json;
 
+use crate::local::{eos_token, wait_ready, WorkDir};
 use crate::model_cmd::{
     compile_with_progress, load_source, tokenize_all, TextStream, DEFAULT_CALIBRATION,
 };
@@ -94,19 +95,8 @@ fn step(json: bool, what: &str) {
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
-    let (dir, temporary) = match &args.dir {
-        Some(d) => (d.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("hybrid-demo-{}", uuid::Uuid::new_v4().simple())),
-            true,
-        ),
-    };
-    std::fs::create_dir_all(&dir)?;
-    let result = demo(&args, &dir);
-    if temporary {
-        std::fs::remove_dir_all(&dir).ok();
-    }
-    result
+    let dir = WorkDir::new(args.dir.as_deref(), "hybrid-demo")?;
+    demo(&args, dir.path())
 }
 
 fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
@@ -190,19 +180,16 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         let gateway_url = format!("http://127.0.0.1:{}", gateway.port());
         let ledger = gateway.ledger();
         tokio::spawn(gateway.run_until_stopped(stopped(stop_rx.clone())));
-        let client = reqwest::Client::new();
-        for _ in 0..600 {
-            if client
-                .get(format!("{gateway_url}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-            {
-                return anyhow::Ok((gateway_url, ledger));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if !wait_ready(
+            &gateway_url,
+            Duration::from_millis(50),
+            Duration::from_secs(30),
+        )
+        .await
+        {
+            bail!("the gateway did not become ready (worker at {worker_url})")
         }
-        bail!("the gateway did not become ready (worker at {worker_url})")
+        anyhow::Ok((gateway_url, ledger))
     })?;
 
     // 3. The vendor issues a license to the customer (recorded and audited in the ledger).
@@ -271,9 +258,7 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         .to_vec();
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
-        eos_token: tokenizer
-            .token_to_id("<eos>")
-            .or_else(|| tokenizer.token_to_id("<|endoftext|>")),
+        eos_token: eos_token(&tokenizer),
         ..GenerateOptions::default()
     };
     step(json_out, "generating through the gateway (remote mode)");

@@ -148,8 +148,7 @@ pub fn run(cmd: LicenseCommand) -> Result<()> {
             database_url,
             actor,
         } => {
-            let pem = std::fs::read_to_string(&key).with_context(|| key.display().to_string())?;
-            let signing = SigningKey::from_pem(&kid, &pem)?;
+            let signing = read_signing_key(&key, &kid)?;
             let quota_period: QuotaPeriod = serde_json::from_value(json!(period))
                 .context("--period must be day, month or total")?;
             let now = now();
@@ -182,8 +181,7 @@ pub fn run(cmd: LicenseCommand) -> Result<()> {
             hours,
             aud,
         } => {
-            let pem = std::fs::read_to_string(&key).with_context(|| key.display().to_string())?;
-            let signing = SigningKey::from_pem(&kid, &pem)?;
+            let signing = read_signing_key(&key, &kid)?;
             let now = now();
             let claims = AdminClaims {
                 jti: format!("adm-{}", uuid::Uuid::new_v4()),
@@ -238,6 +236,12 @@ pub fn run(cmd: LicenseCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A signing key file written by `keygen`.
+fn read_signing_key(path: &std::path::Path, kid: &str) -> Result<SigningKey> {
+    let pem = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    Ok(SigningKey::from_pem(kid, &pem)?)
 }
 
 /// Records an issued license in a ledger (audited as `license.issue`).

@@ -9,6 +9,7 @@ mod bench_e2e;
 mod bench_gateway;
 mod demo;
 mod license_cmd;
+mod local;
 mod model_cmd;
 mod split;
 mod usage_cmd;

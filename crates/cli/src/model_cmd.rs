@@ -367,9 +367,7 @@ pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
-        eos_token: tokenizer
-            .token_to_id("<eos>")
-            .or_else(|| tokenizer.token_to_id("<|endoftext|>")),
+        eos_token: crate::local::eos_token(&tokenizer),
     };
     let started = Instant::now();
     let mut first_token_ms = None;

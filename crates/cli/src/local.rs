@@ -1,0 +1,64 @@
+//! Running the product's pieces on this machine (demo, benchmarks): a working directory and
+//! waiting for a service to be ready.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+/// A working directory: the one given (kept), or a fresh temporary one removed when dropped.
+pub struct WorkDir {
+    path: PathBuf,
+    temporary: bool,
+}
+
+impl WorkDir {
+    pub fn new(given: Option<&Path>, prefix: &str) -> Result<Self> {
+        let (path, temporary) = match given {
+            Some(d) => (d.to_path_buf(), false),
+            None => (
+                std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple())),
+                true,
+            ),
+        };
+        std::fs::create_dir_all(&path)?;
+        Ok(WorkDir { path, temporary })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.temporary {
+            std::fs::remove_dir_all(&self.path).ok();
+        }
+    }
+}
+
+/// Polls `{url}/readyz` every `every` until it answers 200 (true) or `limit` has passed (false).
+pub async fn wait_ready(url: &str, every: Duration, limit: Duration) -> bool {
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if client
+            .get(format!("{url}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            return true;
+        }
+        tokio::time::sleep(every).await;
+    }
+    false
+}
+
+/// The end-of-text token of a tokenizer, under the names phi and GPT-2 style vocabularies use.
+pub fn eos_token(tokenizer: &tokenizers::Tokenizer) -> Option<u32> {
+    tokenizer
+        .token_to_id("<eos>")
+        .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
+}
