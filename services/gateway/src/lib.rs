@@ -103,12 +103,12 @@ pub struct Application {
 impl Application {
     /// Connects the ledger (running its migrations) and binds the ports.
     pub async fn build(config: GatewayConfig) -> Result<Self, GatewayError> {
-        let ledger = Arc::new(Ledger::connect(&config.database_url).await?);
         if config.workers.is_empty() {
             return Err(GatewayError::Config(config::ConfigError::Missing(
                 "workers",
             )));
         }
+        let ledger = Arc::new(Ledger::connect(&config.database_url).await?);
         let api = TcpListener::bind(config.listen).await?;
         let metrics_listener = TcpListener::bind(config.metrics_listen).await?;
         let workers = workers::WorkerPool::new(&config.workers, config.worker_timeout).await?;

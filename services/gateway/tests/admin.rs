@@ -289,12 +289,7 @@ async fn admin_api_issues_reports_exports_and_revokes() {
         .unwrap();
     let a = call("GET", licenses_url, Some(&compliance), None).await;
     assert_eq!((a.status, a.code.as_str()), (401, "admin_token_revoked"));
-    let metrics = reqwest::get(&s.metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(metrics.contains("route=\"admin\""));
     assert!(metrics.contains("part=\"overhead\""));
 }

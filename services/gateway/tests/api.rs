@@ -57,12 +57,7 @@ async fn remote_generation_through_the_gateway_is_exact_and_billed() {
         .unwrap();
     let usage: serde_json::Value = serde_json::from_slice(&usage).unwrap();
     assert_eq!(usage["billable_tokens"], 10);
-    let metrics = reqwest::get(&s.metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     for name in [
         "gateway_requests_total",
         "gateway_request_seconds",
@@ -81,12 +76,7 @@ async fn remote_generation_through_the_gateway_is_exact_and_billed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_misused_and_revoked_licenses_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let s = stack(
-        format!("sqlite:{}?mode=rwc", dir.path().join("l.db").display()),
-        1,
-        0,
-    )
-    .await;
+    let s = stack(sqlite_url(&dir), 1, 0).await;
     let body = batch(1);
     let good = s.key.issue(&claims("lic-ok", 100)).unwrap();
     let mut wrong_aud = claims("lic-a", 100);
@@ -204,12 +194,7 @@ async fn concurrent_requests_admit_exactly_the_quota() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_bill_once_and_dead_workers_are_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    let s = stack(
-        format!("sqlite:{}?mode=rwc", dir.path().join("l.db").display()),
-        1,
-        1,
-    )
-    .await;
+    let s = stack(sqlite_url(&dir), 1, 1).await;
     let license = s.key.issue(&claims("lic-r", 100)).unwrap();
     let body = batch(3);
     for _ in 0..2 {
@@ -235,12 +220,7 @@ async fn retries_bill_once_and_dead_workers_are_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bodies_get_codes_and_no_usage() {
     let dir = tempfile::tempdir().unwrap();
-    let s = stack(
-        format!("sqlite:{}?mode=rwc", dir.path().join("l.db").display()),
-        1,
-        0,
-    )
-    .await;
+    let s = stack(sqlite_url(&dir), 1, 0).await;
     let license = s.key.issue(&claims("lic-b", 1000)).unwrap();
     assert_eq!(
         s.post(Some(&license), Some("q"), b"garbage".to_vec()).await,
@@ -325,24 +305,16 @@ async fn a_worker_dying_mid_request_is_retried_elsewhere_and_billed_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_named_by_dns_are_resolved_and_served() {
     let dir = tempfile::tempdir().unwrap();
-    let s = stack_named(
-        format!("sqlite:{}?mode=rwc", dir.path().join("l.db").display()),
-        1,
-        vec![],
-        |url| url.replace("http://127.0.0.1:", "dns+http://localhost:"),
-    )
+    let s = stack_named(sqlite_url(&dir), 1, vec![], |url| {
+        url.replace("http://127.0.0.1:", "dns+http://localhost:")
+    })
     .await;
     let license = s.key.issue(&claims("lic-dns", 100)).unwrap();
     for q in ["d1", "d2", "d3"] {
         assert_eq!(s.post(Some(&license), Some(q), batch(1)).await.0, 200);
     }
     assert_eq!(s.billable("lic-dns").await, 3);
-    let metrics = reqwest::get(&s.metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     let known: i64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("gateway_workers_configured "))

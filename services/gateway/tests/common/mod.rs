@@ -18,6 +18,11 @@ pub fn compile_tiny(dir: &Path) -> (PathBuf, PathBuf) {
     test_support::compile_tiny(dir, &[LAYER])
 }
 
+/// An embedded ledger file in `dir`.
+pub fn sqlite_url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite:{}?mode=rwc", dir.path().join("l.db").display())
+}
+
 pub async fn postgres_url() -> String {
     test_support::fresh_postgres_database("gateway_test").await
 }
@@ -204,6 +209,16 @@ impl Stack {
             .and_then(|v| v["code"].as_str().map(String::from))
             .unwrap_or_default();
         (status, code)
+    }
+
+    /// The gateway's Prometheus exposition.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(&self.metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub async fn billable(&self, license: &str) -> i64 {
