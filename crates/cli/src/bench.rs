@@ -39,6 +39,20 @@ pub struct FheArgs {
     /// Worker threads for the server, the client and the plain baseline (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Result encoding: keyless (no key), packed (the client's packing key), or auto (the
+    /// planner's choice for --preference).
+    #[arg(long, default_value = "keyless")]
+    results: String,
+    /// What the planner optimises for with --results auto or packed: latency or bandwidth.
+    #[arg(long, default_value = "bandwidth")]
+    preference: String,
+    /// Activations per input block (overrides the planner; n_o follows from N).
+    #[arg(long)]
+    n_i: Option<usize>,
+    /// Packing key decomposition (base log, levels) instead of the parameter set's: for sweeps
+    /// only (such keys are not accepted on the wire).
+    #[arg(long, num_args = 2, value_names = ["BASE_LOG", "LEVELS"])]
+    decomposition: Option<Vec<u32>>,
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -142,8 +156,48 @@ fn fhe(args: FheArgs) -> Result<()> {
     } else {
         tokens.next_power_of_two().min(8)
     });
-    let params = &HFHE_GLWE_2048_V1;
-    let spec = LayerSpec::choose(params, shape, t_b)?;
+    let preference =
+        Preference::parse(&args.preference).context("--preference must be latency or bandwidth")?;
+    let planner = Planner {
+        max_t_b: t_b,
+        ..Planner::default()
+    };
+    let encodings: &[ResultEncoding] = match args.results.as_str() {
+        "keyless" => &[ResultEncoding::Keyless],
+        "packed" => &[ResultEncoding::Packed],
+        "auto" => &[ResultEncoding::Keyless, ResultEncoding::Packed],
+        other => bail!("--results must be keyless, packed or auto, not {other}"),
+    };
+    let mut spec = match (args.n_i, encodings) {
+        (Some(n_i), [encoding]) => {
+            let params = match encoding {
+                ResultEncoding::Keyless => &HFHE_GLWE_2048_V1,
+                ResultEncoding::Packed => &HFHE_GLWE_4096_V1,
+            };
+            let n = params.polynomial_size;
+            let layout = BlockLayout {
+                n_i,
+                n_o: n / (n_i * t_b).min(n),
+                t_b,
+            };
+            LayerSpec::with_encoding(params, shape, layout, *encoding)?
+        }
+        (Some(_), _) => bail!("--n-i needs --results keyless or packed"),
+        (None, [ResultEncoding::Keyless]) => LayerSpec::choose(&HFHE_GLWE_2048_V1, shape, t_b)?,
+        (None, _) => planner.plan(shape, tokens, preference, encodings)?.spec,
+    };
+    if let Some(d) = &args.decomposition {
+        let mut params = *spec.params;
+        let packing = params
+            .packing
+            .as_mut()
+            .context("--decomposition needs packed results")?;
+        (packing.base_log, packing.levels) = (d[0], d[1]);
+        let params: &'static ParameterSet = Box::leak(Box::new(params));
+        spec = LayerSpec::with_encoding(params, shape, spec.layout, spec.encoding)?;
+    }
+    let params = spec.params;
+    let packed = spec.encoding == ResultEncoding::Packed;
     let runs = args.runs;
 
     let w = pseudo_random_i8(shape.d_in * shape.d_out, 1);
@@ -156,7 +210,12 @@ fn fhe(args: FheArgs) -> Result<()> {
 
     let t = Instant::now();
     let key = ClientKey::generate(params);
+    let packing_key = packed.then(|| PackingKey::generate(&key)).transpose()?;
     let keygen_ms = t.elapsed().as_secs_f64() * 1e3;
+    let key_upload_bytes = packing_key.as_ref().map_or(0, |k| k.to_bytes().len());
+    let t = Instant::now();
+    let prepared = packing_key.as_ref().map(PreparedPackingKey::prepare);
+    let key_prepare_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let layer = CompiledLayer::compile(spec, &w, &bias)?;
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -166,11 +225,29 @@ fn fhe(args: FheArgs) -> Result<()> {
         key.encrypt(&spec, &x, tokens).map(|b| b.to_bytes())
     });
     let upload = upload?;
+    let mut splits = Vec::new();
     let (server_ms, download) = time_median(runs, || -> Result<Vec<u8>> {
         let batch = EncryptedBatch::from_bytes(&upload, &limits)?;
-        Ok(layer.apply(&batch)?.to_bytes())
+        match &prepared {
+            None => Ok(layer.apply(&batch)?.to_bytes()),
+            Some(key) => {
+                let (result, product_ms, pack_ms) = layer.apply_packed(&batch, key)?;
+                splits.push((product_ms, pack_ms));
+                Ok(result.to_bytes())
+            }
+        }
     });
     let download = download?;
+    let median = |f: fn(&(f64, f64)) -> f64| -> f64 {
+        let mut v: Vec<f64> = splits.iter().map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (product_ms, pack_ms) = if packed {
+        (median(|s| s.0), median(|s| s.1))
+    } else {
+        (server_ms, 0.0)
+    };
     let (decrypt_ms, decrypted) = time_median(runs, || -> Result<(Vec<i64>, Vec<i64>)> {
         let result = EncryptedResult::from_bytes(&download, &limits)?;
         Ok(key.decrypt_with_noise(&spec, &result)?)
@@ -179,6 +256,7 @@ fn fhe(args: FheArgs) -> Result<()> {
     let exact = values == expected;
     let max_noise = noise.iter().map(|e| e.unsigned_abs()).max().unwrap_or(0) as f64;
     let model = spec.noise_budget();
+    let estimate = planner.cost_of(spec, tokens);
 
     let plain_f32 = plain_f32_ms(shape, tokens, &x, &w, runs.max(5))?;
     let plain_int8 = plain_int8_ms(shape, &x, &w, runs.max(5));
@@ -193,21 +271,31 @@ fn fhe(args: FheArgs) -> Result<()> {
         "layout": { "n_i": spec.layout.n_i, "n_o": spec.layout.n_o, "t_b": spec.layout.t_b },
         "input_bits": spec.input_bits,
         "output_bits": spec.output_bits,
-        "results": "keyless",
+        "results": spec.encoding.as_str(),
         "server_ms": server_ms,
+        "product_ms": product_ms,
+        "pack_ms": pack_ms,
+        "keyswitches": estimate.cost.keyswitches,
+        "model_server_ms_one_core": estimate.server_ms,
+        "model_input_coefficients": estimate.cost.input_coefficients,
+        "model_macs": estimate.cost.macs,
         "server_ms_per_token": server_ms / tokens as f64,
         "encrypt_ms": encrypt_ms,
         "decrypt_ms": decrypt_ms,
         "upload_bytes": upload.len(),
         "download_bytes": download.len(),
         "bytes_per_token": (upload.len() + download.len()) as f64 / tokens as f64,
-        "key_upload_bytes": 0,
+        "key_upload_bytes": key_upload_bytes,
         "keygen_ms": keygen_ms,
+        "key_prepare_ms": key_prepare_ms,
+        "key_memory_bytes": prepared.as_ref().map_or(0, |k| k.memory_bytes()),
+        "packing": params.packing.map(|p| json!({"base_log": p.base_log, "levels": p.levels, "key_body_bits": p.key_body_bits, "max_depth": p.max_depth})),
         "compile_ms": compile_ms,
         "weight_memory_bytes": layer.weight_memory_bytes(),
         "exact": exact,
         "max_noise_log2": max_noise.max(1.0).log2(),
         "decode_threshold_log2": model.half_delta.log2(),
+        "model_margin_bits": model.margin_bits(),
         "model_noise_std_log2": model.worst_case_std.log2(),
         "threads": threads,
         "plain_f32_ms": plain_f32,

@@ -83,6 +83,12 @@ pub(crate) fn check_header(spec: &LayerSpec, header: &Header, bits: u32) -> Resu
             header.layout, spec.layout
         ));
     }
+    if header.encoding != spec.encoding {
+        return mismatch(format!(
+            "{} results instead of {}",
+            header.encoding, spec.encoding
+        ));
+    }
     if header.bits != bits {
         return mismatch(format!(
             "{} bits per coefficient instead of {bits}",

@@ -8,7 +8,7 @@ use crate::ciphertext::{check_header, EncryptedBatch, EncryptedResult};
 use crate::fourier::Fourier;
 use crate::layout::LayerSpec;
 use crate::params::{ParamSetId, ParameterSet};
-use crate::wire::{Header, WireError};
+use crate::wire::{Header, PayloadKind, ResultEncoding, WireError};
 use crate::FheError;
 
 const SECRET_MAGIC: [u8; 4] = *b"HFSK";
@@ -84,6 +84,16 @@ impl ClientKey {
 
     pub fn params(&self) -> &'static ParameterSet {
         self.params
+    }
+
+    /// The key's coefficients (0 or 1).
+    pub(crate) fn coefficients(&self) -> &[u64] {
+        &self.key
+    }
+
+    /// The key's planar spectrum.
+    pub(crate) fn key_fourier(&self) -> &[f64] {
+        &self.key_fourier
     }
 
     /// Exports the secret key for persistence on the client. Whoever holds these bytes can decrypt
@@ -182,7 +192,7 @@ impl ClientKey {
                 }
             },
         );
-        let mut header = Header::for_spec(spec, tokens, spec.input_bits);
+        let mut header = Header::for_spec(spec, PayloadKind::Batch, tokens, spec.input_bits);
         header.seed = seed;
         Ok(EncryptedBatch { header, bodies })
     }
@@ -205,6 +215,9 @@ impl ClientKey {
     ) -> Result<(Vec<i64>, Vec<i64>), FheError> {
         self.check_params(spec)?;
         check_header(spec, &result.header, spec.output_bits)?;
+        if spec.encoding == ResultEncoding::Packed {
+            return Ok(self.decrypt_packed(spec, result));
+        }
         let tokens = result.tokens();
         let (n, d_out) = (spec.polynomial_size(), spec.shape.d_out);
         let (n_i, n_o, t_b, stride) = (
@@ -214,7 +227,7 @@ impl ClientKey {
             spec.layout.token_stride(),
         );
         let shift = 64 - spec.output_bits;
-        let delta_log2 = spec.delta_log2();
+        let delta_log2 = spec.output_delta_log2();
         let half_delta = 1u64 << (delta_log2 - 1);
         let blocks = spec.output_blocks();
         // Offsets of each ciphertext (g, o) in the coefficient stream.
@@ -261,6 +274,54 @@ impl ClientKey {
             noise[i] = e;
         }
         Ok((values, noise))
+    }
+
+    fn decrypt_packed(&self, spec: &LayerSpec, result: &EncryptedResult) -> (Vec<i64>, Vec<i64>) {
+        let tokens = result.tokens();
+        let n = spec.polynomial_size();
+        let fourier = Fourier::get(n);
+        let packs = spec.packed_outputs(tokens);
+        let mut offsets = Vec::with_capacity(packs.len());
+        let mut at = 0;
+        for outputs in &packs {
+            offsets.push(at);
+            at += n + outputs.len();
+        }
+        let delta_log2 = spec.output_delta_log2();
+        let half_delta = 1u64 << (delta_log2 - 1);
+        let decoded: Vec<Vec<(usize, i64, i64)>> = packs
+            .par_iter()
+            .zip(offsets)
+            .map_init(
+                || fourier.scratch(),
+                |scratch, (outputs, at)| {
+                    let coefficients = &result.coefficients[at..];
+                    let mask: Vec<u64> = coefficients[..n]
+                        .iter()
+                        .map(|v| v << (64 - spec.output_bits))
+                        .collect();
+                    let mut mask_key = vec![0u64; n];
+                    fourier.mul_u64_by_small(&mask, &self.key_fourier, &mut mask_key, scratch);
+                    outputs
+                        .iter()
+                        .zip(&coefficients[n..])
+                        .map(|((i, c), body)| {
+                            let phase =
+                                (body << (64 - spec.output_bits)).wrapping_sub(mask_key[*c]);
+                            let y = (phase.wrapping_add(half_delta) as i64) >> delta_log2;
+                            (*i, y, phase.wrapping_sub((y as u64) << delta_log2) as i64)
+                        })
+                        .collect()
+                },
+            )
+            .collect();
+        let mut values = vec![0i64; tokens * spec.shape.d_out];
+        let mut noise = vec![0i64; tokens * spec.shape.d_out];
+        for (i, y, e) in decoded.into_iter().flatten() {
+            values[i] = y;
+            noise[i] = e;
+        }
+        (values, noise)
     }
 
     /// Diagnostic: the noise of every coefficient of one of this key's encrypted batches

@@ -12,6 +12,7 @@
 //!   no other pair of terms lands there, so summing over b gives one output of Y = X W^T.
 
 use crate::params::ParameterSet;
+use crate::wire::ResultEncoding;
 use crate::FheError;
 
 /// The shape of a protected linear layer: `d_out x d_in` weights.
@@ -43,6 +44,9 @@ pub struct LayerSpec {
     pub input_bits: u32,
     /// Bits kept of each returned coefficient.
     pub output_bits: u32,
+    /// How results come back: one ciphertext per output block (keyless), or packed into full
+    /// ciphertexts with the client's packing key (see [`crate::packing`]).
+    pub encoding: ResultEncoding,
 }
 
 impl LayerShape {
@@ -85,11 +89,31 @@ impl BlockLayout {
 }
 
 impl LayerSpec {
-    /// The spec for a layout given explicitly; fails if the noise budget cannot hold it.
+    /// The keyless spec for a layout given explicitly; fails if the noise budget cannot hold it.
     pub fn new(
         params: &'static ParameterSet,
         shape: LayerShape,
         layout: BlockLayout,
+    ) -> Result<Self, FheError> {
+        Self::with_encoding(params, shape, layout, ResultEncoding::Keyless)
+    }
+
+    /// The packed-result spec for a layout given explicitly; fails if the parameter set has no
+    /// packing keys, if `n_i` exceeds their depth, or if the noise budget cannot hold it.
+    pub fn packed(
+        params: &'static ParameterSet,
+        shape: LayerShape,
+        layout: BlockLayout,
+    ) -> Result<Self, FheError> {
+        Self::with_encoding(params, shape, layout, ResultEncoding::Packed)
+    }
+
+    /// The spec for a layout and result encoding.
+    pub fn with_encoding(
+        params: &'static ParameterSet,
+        shape: LayerShape,
+        layout: BlockLayout,
+        encoding: ResultEncoding,
     ) -> Result<Self, FheError> {
         if shape.d_in == 0 || shape.d_out == 0 || shape.d_in > params.max_d_in {
             return Err(FheError::InvalidShape(format!(
@@ -98,11 +122,25 @@ impl LayerSpec {
             )));
         }
         layout.validate(params.polynomial_size)?;
-        let (input_bits, output_bits) = crate::noise::choose_wire_bits(params, shape, layout)
-            .ok_or_else(|| {
+        if encoding == ResultEncoding::Packed {
+            let packing = params.packing.ok_or_else(|| {
                 FheError::InvalidLayout(format!(
-                    "n_o={} is too large for d_in={}: the noise budget does not hold",
-                    layout.n_o, shape.d_in
+                    "parameter set {} has no packing keys",
+                    params.name
+                ))
+            })?;
+            if layout.n_i > 1 << packing.max_depth {
+                return Err(FheError::InvalidLayout(format!(
+                    "n_i={} needs more than the {} packing levels of {}",
+                    layout.n_i, packing.max_depth, params.name
+                )));
+            }
+        }
+        let (input_bits, output_bits) =
+            crate::noise::choose_wire_bits(params, shape, layout, encoding).ok_or_else(|| {
+                FheError::InvalidLayout(format!(
+                    "n_i={} n_o={} is too large for d_in={}: the noise budget does not hold",
+                    layout.n_i, layout.n_o, shape.d_in
                 ))
             })?;
         Ok(LayerSpec {
@@ -111,6 +149,7 @@ impl LayerSpec {
             layout,
             input_bits,
             output_bits,
+            encoding,
         })
     }
 
@@ -177,9 +216,51 @@ impl LayerSpec {
         (self.shape.d_out - o * self.layout.n_o).min(self.layout.n_o)
     }
 
-    /// Scaling factor Delta = 2^(64 - P) of the plaintext window, as a shift.
+    /// Packing levels applied to the results: log2(n_i) when packed, else 0.
+    pub fn packing_depth(&self) -> u32 {
+        match self.encoding {
+            ResultEncoding::Keyless => 0,
+            ResultEncoding::Packed => self.layout.n_i.trailing_zeros(),
+        }
+    }
+
+    /// Scaling factor of the encrypted activations, as a shift: Delta = 2^(64 - P) for keyless
+    /// results; for packed ones 2^(64 - P - depth), since every packing level doubles the message.
     pub fn delta_log2(&self) -> u32 {
+        self.output_delta_log2() - self.packing_depth()
+    }
+
+    /// Scaling factor Delta = 2^(64 - P) of the decrypted results, as a shift.
+    pub fn output_delta_log2(&self) -> u32 {
         64 - self.params.plaintext_bits(self.shape.d_in)
+    }
+
+    /// Packed result ciphertexts for `tokens`: the (group, output block) products, n_i per pack.
+    pub fn packs(&self, tokens: usize) -> usize {
+        (self.token_groups(tokens) * self.output_blocks()).div_ceil(self.layout.n_i)
+    }
+
+    /// Where output (token `t`, row `row`) sits: (ciphertext index, coefficient). For keyless
+    /// results the ciphertext is the (group, output block) product; for packed ones the pack.
+    pub fn output_position(&self, t: usize, row: usize) -> (usize, usize) {
+        let (n_i, n_o, t_b) = (self.layout.n_i, self.layout.n_o, self.layout.t_b);
+        let product = (t / t_b) * self.output_blocks() + row / n_o;
+        let coefficient = (t % t_b) * self.layout.token_stride() + (row % n_o) * n_i;
+        match self.encoding {
+            ResultEncoding::Keyless => (product, coefficient),
+            ResultEncoding::Packed => {
+                let depth = self.packing_depth();
+                let slot = product % n_i;
+                // Level k of the packing tree shifts odd siblings by n_i / 2^k: the slot's bits,
+                // reversed.
+                let shift = if depth == 0 {
+                    0
+                } else {
+                    slot.reverse_bits() >> (usize::BITS - depth)
+                };
+                (product / n_i, coefficient + shift)
+            }
+        }
     }
 
     /// Bytes of the encrypted upload for `tokens` (header excluded).
@@ -193,11 +274,34 @@ impl LayerSpec {
         self.tokens_in_group(tokens, g) * self.rows_in_block(o)
     }
 
+    /// Coefficients of the encrypted result for `tokens`.
+    pub fn result_coefficients(&self, tokens: usize) -> usize {
+        let n = self.polynomial_size();
+        match self.encoding {
+            ResultEncoding::Keyless => {
+                self.token_groups(tokens) * self.output_blocks() * n + tokens * self.shape.d_out
+            }
+            ResultEncoding::Packed => self.packs(tokens) * n + tokens * self.shape.d_out,
+        }
+    }
+
+    /// For each pack of a packed result: the outputs it carries, as (index in the `tokens x
+    /// d_out` result, coefficient), in the order their bodies travel.
+    pub fn packed_outputs(&self, tokens: usize) -> Vec<Vec<(usize, usize)>> {
+        let d_out = self.shape.d_out;
+        let mut packs = vec![Vec::new(); self.packs(tokens)];
+        for t in 0..tokens {
+            for row in 0..d_out {
+                let (p, c) = self.output_position(t, row);
+                packs[p].push((t * d_out + row, c));
+            }
+        }
+        packs
+    }
+
     /// Bytes of the encrypted result for `tokens` (header excluded).
     pub fn download_bytes(&self, tokens: usize) -> usize {
-        let cts = self.token_groups(tokens) * self.output_blocks();
-        let coeffs = cts * self.polynomial_size() + tokens * self.shape.d_out;
-        (coeffs * self.output_bits as usize).div_ceil(8)
+        (self.result_coefficients(tokens) * self.output_bits as usize).div_ceil(8)
     }
 
     /// The noise budget of this spec with the worst weights allowed.
@@ -206,6 +310,7 @@ impl LayerSpec {
             self.params,
             self.shape,
             self.layout,
+            self.encoding,
             self.input_bits,
             self.output_bits,
         )

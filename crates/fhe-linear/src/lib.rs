@@ -50,7 +50,9 @@ pub mod fourier;
 pub mod kernel;
 pub mod layout;
 pub mod noise;
+pub mod packing;
 pub mod params;
+pub mod plan;
 pub mod server;
 pub mod simulate;
 pub mod wire;
@@ -59,10 +61,14 @@ pub use ciphertext::{EncryptedBatch, EncryptedResult};
 pub use client::ClientKey;
 pub use layout::{BlockLayout, LayerShape, LayerSpec};
 pub use noise::NoiseBudget;
-pub use params::{ParamSetId, ParameterSet, HFHE_GLWE_2048_V1, PARAMETER_SETS};
+pub use packing::{PackingKey, PreparedPackingKey};
+pub use params::{
+    PackingParams, ParamSetId, ParameterSet, HFHE_GLWE_2048_V1, HFHE_GLWE_4096_V1, PARAMETER_SETS,
+};
+pub use plan::{Plan, Planner, Preference};
 pub use server::CompiledLayer;
 pub use simulate::simulate;
-pub use wire::{Limits, ResultEncoding, WireError};
+pub use wire::{Limits, PayloadKind, ResultEncoding, WireError};
 
 /// Errors of the encrypted linear layer API.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +83,8 @@ pub enum FheError {
     SpecMismatch(String),
     #[error("row {row}: bias {bias} (with the row's weights) can overflow the plaintext window")]
     BiasOutOfRange { row: usize, bias: i64 },
+    #[error("packed results need the client's packing key")]
+    KeyRequired,
     #[error(transparent)]
     Wire(#[from] WireError),
 }
@@ -90,6 +98,7 @@ impl FheError {
             FheError::DataShape(_) => "data_shape_mismatch",
             FheError::SpecMismatch(_) => "layer_mismatch",
             FheError::BiasOutOfRange { .. } => "bias_out_of_range",
+            FheError::KeyRequired => "key_required",
             FheError::Wire(e) => e.code(),
         }
     }

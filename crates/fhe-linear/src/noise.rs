@@ -19,12 +19,27 @@
 //!
 //! The FFT products are exact (see [`crate::fourier`]): they add no noise.
 //!
+//! # Packed results
+//!
+//! A packed result ([`crate::packing`]) runs the products through `L = log2(n_i)` packing
+//! levels. The client encrypts at `Delta_in = Delta / 2^L`; each level doubles the message and,
+//! at the useful coefficients (fixed by the automorphism), doubles the noise coherently. So, in
+//! units of the output's Delta:
+//!
+//! - the product noise (items 1-3, without the product's own rounding) is multiplied by `4^L`;
+//! - each level adds one key switch, whose noise the later levels double again: in total
+//!   `E_ks^2 * (4^L - 1) / 3` with `E_ks^2` from [`keyswitch_variance`] (the key's noise and body
+//!   rounding times the decomposition digits, the decomposition's truncation times the binary
+//!   key, and the f64 FFT's error on the low halves of the key);
+//! - the packed ciphertext's mask and body are rounded to `b_out` bits once, at the end.
+//!
 //! Decoding fails when `|E| >= Delta / 2`. Treating `E` as Gaussian (a sum of N * d_in / n_i
 //! independent terms), the budget requires `Z * std(E) <= Delta / 2` with `Z = 7.2`, a two-sided
 //! tail of 2^-40.6 per output. Among all `(b_in, b_out)` meeting it, the fewest bytes win.
 
 use crate::layout::{BlockLayout, LayerShape};
 use crate::params::ParameterSet;
+use crate::wire::ResultEncoding;
 
 /// Standard deviations of the tail bound: P(|N(0,1)| > 7.2) = 2^-40.6.
 pub const TAIL_Z: f64 = 7.2;
@@ -71,6 +86,45 @@ pub fn result_variance(
     input * block_weight_norm_sq + (n + 1.0) * rounding_variance(output_bits)
 }
 
+/// Bound on the variance of the f64 FFT's error in one key switch (a std of 2^8 torus units): the
+/// low 42-bit halves of the key are multiplied inexactly (products near 2^57 in f64; measured
+/// errors are a few tens of units), the high halves exactly (see [`crate::packing`]).
+pub const KEYSWITCH_FFT_VARIANCE: f64 = 65536.0;
+
+/// Variance added by one key switch of a packing key of `params`.
+pub fn keyswitch_variance(params: &ParameterSet) -> f64 {
+    let Some(p) = params.packing else {
+        return 0.0;
+    };
+    let n = params.polynomial_size as f64;
+    let sigma = params.noise_std();
+    let base = 2f64.powi(p.base_log as i32);
+    // Balanced digits are uniform in [-B/2, B/2): variance B^2 / 12.
+    let digits = p.levels as f64 * n * base * base / 12.0;
+    let key_noise = sigma * sigma + rounding_variance(p.key_body_bits);
+    // The bits below the decomposition, times a binary key of at most N ones.
+    let truncation = n * rounding_variance(p.base_log * p.levels);
+    digits * key_noise + truncation + KEYSWITCH_FFT_VARIANCE
+}
+
+/// Variance of a packed result, in torus units at the output's Delta, for weights with the given
+/// squared Frobenius norm per output block and `depth` packing levels.
+pub fn packed_result_variance(
+    params: &ParameterSet,
+    block_weight_norm_sq: f64,
+    depth: u32,
+    input_bits: u32,
+    output_bits: u32,
+) -> f64 {
+    let sigma = params.noise_std();
+    let input = sigma * sigma + rounding_variance(input_bits);
+    let growth = 4f64.powi(depth as i32);
+    let n = params.polynomial_size as f64;
+    input * block_weight_norm_sq * growth
+        + keyswitch_variance(params) * (growth - 1.0) / 3.0
+        + (n + 1.0) * rounding_variance(output_bits)
+}
+
 /// Largest squared Frobenius norm of `n_o` rows of `d_in` weights.
 pub fn worst_block_norm_sq(params: &ParameterSet, shape: LayerShape, n_o: usize) -> f64 {
     let w_max = 2f64.powi(params.weight_bits as i32 - 1);
@@ -82,15 +136,21 @@ pub fn budget(
     params: &ParameterSet,
     shape: LayerShape,
     layout: BlockLayout,
+    encoding: ResultEncoding,
     input_bits: u32,
     output_bits: u32,
 ) -> NoiseBudget {
-    let var = result_variance(
-        params,
-        worst_block_norm_sq(params, shape, layout.n_o),
-        input_bits,
-        output_bits,
-    );
+    let norm_sq = worst_block_norm_sq(params, shape, layout.n_o);
+    let var = match encoding {
+        ResultEncoding::Keyless => result_variance(params, norm_sq, input_bits, output_bits),
+        ResultEncoding::Packed => packed_result_variance(
+            params,
+            norm_sq,
+            layout.n_i.trailing_zeros(),
+            input_bits,
+            output_bits,
+        ),
+    };
     let delta_log2 = 64 - params.plaintext_bits(shape.d_in);
     NoiseBudget {
         worst_case_std: var.sqrt(),
@@ -104,14 +164,19 @@ pub fn choose_wire_bits(
     params: &ParameterSet,
     shape: LayerShape,
     layout: BlockLayout,
+    encoding: ResultEncoding,
 ) -> Option<(u32, u32)> {
     let n = params.polynomial_size;
     let in_coeffs = shape.d_in.div_ceil(layout.n_i) * n;
-    let out_coeffs = shape.d_out.div_ceil(layout.n_o) * (n + layout.n_o * layout.t_b);
+    let out_blocks = shape.d_out.div_ceil(layout.n_o);
+    let out_coeffs = match encoding {
+        ResultEncoding::Keyless => out_blocks * (n + layout.n_o * layout.t_b),
+        ResultEncoding::Packed => out_blocks.div_ceil(layout.n_i) * n + layout.t_b * shape.d_out,
+    };
     let mut best: Option<(usize, (u32, u32))> = None;
     for b_in in 16..=64u32 {
         for b_out in 16..=64u32 {
-            let b = budget(params, shape, layout, b_in, b_out);
+            let b = budget(params, shape, layout, encoding, b_in, b_out);
             if b.margin_bits() < MODEL_SLACK_BITS {
                 continue;
             }

@@ -25,6 +25,24 @@ pub struct ParameterSet {
     pub weight_bits: u32,
     /// Largest supported input width (bounds the plaintext window to 64 bits with headroom).
     pub max_d_in: usize,
+    /// The packing keys of this set, when it supports packed results (see [`crate::packing`]).
+    pub packing: Option<PackingParams>,
+}
+
+/// Parameters of the packing (automorphism key-switching) keys of a parameter set.
+///
+/// One key serves every layer of a client, so these are fixed per parameter set; the noise
+/// budget of every packed layer spec accounts for them ([`crate::noise::keyswitch_variance`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackingParams {
+    /// log2 of the gadget decomposition base.
+    pub base_log: u32,
+    /// Decomposition levels: the top `base_log * levels` bits of a mask coefficient are kept.
+    pub levels: u32,
+    /// Bits kept of each key body coefficient (the masks come from a seed).
+    pub key_body_bits: u32,
+    /// Automorphisms in a key: packed layouts may use up to `2^max_depth` activations per block.
+    pub max_depth: u32,
 }
 
 /// k = 1, N = 2048, q = 2^64, binary keys, 8-bit activations and weights.
@@ -43,10 +61,40 @@ pub const HFHE_GLWE_2048_V1: ParameterSet = ParameterSet {
     activation_bits: 8,
     weight_bits: 8,
     max_d_in: 16384,
+    packing: None,
+};
+
+/// k = 1, N = 4096, q = 2^64, binary keys, 8-bit activations and weights: the set of packed
+/// results (its noise is 2^13.7 times smaller than [`HFHE_GLWE_2048_V1`]'s, which is what lets
+/// 8-bit weights survive up to nine packing levels).
+///
+/// Security: the GLWE dimension, polynomial size and noise are those of the GLWE side of tfhe-rs
+/// 1.8.2's 128-bit set `V0_11_PARAM_MESSAGE_2_CARRY_3_KS_PBS_GAUSSIAN_2M64`
+/// (`glwe_dimension: GlweDimension(1)`, `polynomial_size: PolynomialSize(4096)`,
+/// `glwe_noise_distribution: StandardDev(2.168404344971009e-19)`, an absolute std of 4 at q = 2^64),
+/// used there with binary GLWE secret keys. The packing keys are GLWE encryptions under the same
+/// key with the same noise. Packing parameters: base 2^11 (larger bases lose exactness in the f64
+/// FFT at N = 4096), 5 levels, 57-bit key bodies, 9 automorphisms: chosen from the noise budget
+/// ([`crate::noise`]) so that n_i = 512 still fits with 8-bit weights and the key stays under 1.5 MB.
+pub const HFHE_GLWE_4096_V1: ParameterSet = ParameterSet {
+    id: ParamSetId(2),
+    name: "hfhe-glwe-4096-v1",
+    glwe_dimension: 1,
+    polynomial_size: 4096,
+    noise_std_relative: 2.168404344971009e-19,
+    activation_bits: 8,
+    weight_bits: 8,
+    max_d_in: 16384,
+    packing: Some(PackingParams {
+        base_log: 11,
+        levels: 5,
+        key_body_bits: 57,
+        max_depth: 9,
+    }),
 };
 
 /// All parameter sets this build understands.
-pub const PARAMETER_SETS: &[ParameterSet] = &[HFHE_GLWE_2048_V1];
+pub const PARAMETER_SETS: &[ParameterSet] = &[HFHE_GLWE_2048_V1, HFHE_GLWE_4096_V1];
 
 impl ParameterSet {
     /// Look a parameter set up by its wire id.

@@ -7,7 +7,8 @@ use crate::client::{expand_masks, round_to_bits};
 use crate::fourier::{join_u64, Fourier};
 use crate::kernel::{chunk_products, load_chunk, store_chunk, Dims, STREAMS, UNIT};
 use crate::layout::LayerSpec;
-use crate::wire::{Header, ResultEncoding};
+use crate::packing::{Glwe, PreparedPackingKey};
+use crate::wire::{Header, PayloadKind, ResultEncoding};
 use crate::FheError;
 
 /// A protected layer ready to serve: the Fourier transforms of its weight polynomials (8 bytes per
@@ -17,8 +18,10 @@ pub struct CompiledLayer {
     /// Spectra of the weight polynomials (one per output block and input block, N f64 each),
     /// chunk-major (see [`crate::kernel`]).
     weights: Vec<f64>,
-    /// Bias of each output row, times Delta, as a torus value.
+    /// Bias of each output row, times the input's Delta, as a torus value.
     bias: Vec<u64>,
+    /// Bias of each output row, times the output's Delta (added after packing).
+    packed_bias: Vec<u64>,
 }
 
 impl std::fmt::Debug for CompiledLayer {
@@ -102,11 +105,16 @@ impl CompiledLayer {
                 }
             });
         let delta_log2 = spec.delta_log2();
+        let packed_bias = bias
+            .iter()
+            .map(|b| (*b as u64) << spec.output_delta_log2())
+            .collect();
         let bias = bias.iter().map(|b| (*b as u64) << delta_log2).collect();
         Ok(CompiledLayer {
             spec,
             weights,
             bias,
+            packed_bias,
         })
     }
 
@@ -119,13 +127,12 @@ impl CompiledLayer {
         self.weights.len() * std::mem::size_of::<f64>()
     }
 
-    /// Computes the encrypted `X W^T + b` of an encrypted batch, in parallel over output blocks.
-    pub fn apply(&self, batch: &EncryptedBatch) -> Result<EncryptedResult, FheError> {
+    /// Steps 1 and 2 of an apply: the Fourier-domain sums of every (group, output block).
+    fn fourier_sums(&self, batch: &EncryptedBatch) -> Result<Sums, FheError> {
         let spec = &self.spec;
         check_header(spec, &batch.header, spec.input_bits)?;
         let tokens = batch.tokens();
         let n = spec.polynomial_size();
-        let (n_i, n_o, stride) = (spec.layout.n_i, spec.layout.n_o, spec.layout.token_stride());
         let (in_blocks, out_blocks) = (spec.input_blocks(), spec.output_blocks());
         let groups = spec.token_groups(tokens);
         let count = groups * in_blocks;
@@ -184,40 +191,63 @@ impl CompiledLayer {
             });
         drop(inputs);
 
-        // 3. For each result ciphertext (g, o): transform the four sums back exactly, join the
-        //    halves, add the bias, keep the useful body coefficients, round to the output precision.
+        Ok(Sums {
+            sums,
+            tokens,
+            groups,
+            chunks,
+            per_chunk: sums_per_chunk,
+        })
+    }
+
+    /// Transforms the four sums of product `go` back exactly: (mask, body), full 64 bits.
+    fn product(&self, sums: &Sums, go: usize, ws: &mut ProductWorkspace) -> (Vec<u64>, Vec<u64>) {
+        let fourier = Fourier::get(self.spec.polynomial_size());
+        let n = fourier.size();
+        let (scratch, acc, his) = (&mut ws.scratch, &mut ws.acc, &mut ws.his);
+        for k in 0..sums.chunks {
+            let at = k * sums.per_chunk + go * STREAMS * UNIT;
+            for (s, spectrum) in acc.chunks_exact_mut(n).enumerate() {
+                store_chunk(&sums.sums[at + s * UNIT..][..UNIT], k, spectrum);
+            }
+        }
+        let (mut mask, mut body) = (vec![0u64; n], vec![0u64; n]);
+        fourier.backward(&acc[0..n], scratch, |j, v| his[j] = v);
+        fourier.backward(&acc[n..2 * n], scratch, |j, v| {
+            mask[j] = join_u64(his[j], v)
+        });
+        fourier.backward(&acc[2 * n..3 * n], scratch, |j, v| his[j] = v);
+        fourier.backward(&acc[3 * n..4 * n], scratch, |j, v| {
+            body[j] = join_u64(his[j], v)
+        });
+        (mask, body)
+    }
+
+    /// Computes the encrypted `X W^T + b` of an encrypted batch as a keyless result, in parallel
+    /// over output blocks. Batches prepared for packed results need [`CompiledLayer::apply_packed`].
+    pub fn apply(&self, batch: &EncryptedBatch) -> Result<EncryptedResult, FheError> {
+        let spec = &self.spec;
+        if spec.encoding != ResultEncoding::Keyless {
+            return Err(FheError::KeyRequired);
+        }
+        let sums = self.fourier_sums(batch)?;
+        let tokens = sums.tokens;
+        let (n_i, n_o, stride) = (spec.layout.n_i, spec.layout.n_o, spec.layout.token_stride());
+        let out_blocks = spec.output_blocks();
         let out_bits = spec.output_bits;
-        let cts: Vec<Vec<u64>> = (0..groups * out_blocks)
+        let cts: Vec<Vec<u64>> = (0..sums.groups * out_blocks)
             .into_par_iter()
             .map_init(
-                || {
-                    (
-                        fourier.scratch(),
-                        vec![0.0f64; STREAMS * n],
-                        vec![0i64; n],
-                        vec![0u64; n],
-                    )
-                },
-                |(scratch, acc, his, body), go| {
+                || ProductWorkspace::new(spec.polynomial_size()),
+                |ws, go| {
                     let (g, o) = (go / out_blocks, go % out_blocks);
-                    for k in 0..chunks {
-                        let at = k * sums_per_chunk + go * STREAMS * UNIT;
-                        for (s, spectrum) in acc.chunks_exact_mut(n).enumerate() {
-                            store_chunk(&sums[at + s * UNIT..][..UNIT], k, spectrum);
-                        }
+                    let (mut ct, body) = self.product(&sums, go, ws);
+                    for v in ct.iter_mut() {
+                        *v = round_to_bits(*v, out_bits);
                     }
                     let rows = spec.rows_in_block(o);
                     let used = spec.tokens_in_group(tokens, g);
-                    let mut ct = vec![0u64; n];
                     ct.reserve(used * rows);
-                    fourier.backward(&acc[0..n], scratch, |j, v| his[j] = v);
-                    fourier.backward(&acc[n..2 * n], scratch, |j, v| {
-                        ct[j] = round_to_bits(join_u64(his[j], v), out_bits)
-                    });
-                    fourier.backward(&acc[2 * n..3 * n], scratch, |j, v| his[j] = v);
-                    fourier.backward(&acc[3 * n..4 * n], scratch, |j, v| {
-                        body[j] = join_u64(his[j], v)
-                    });
                     for t in 0..used {
                         for r in 0..rows {
                             let v = body[t * stride + r * n_i].wrapping_add(self.bias[o * n_o + r]);
@@ -231,11 +261,106 @@ impl CompiledLayer {
 
         // Ciphertexts are already group-major, as the wire format orders them.
         let coefficients = cts.concat();
-        let mut header = Header::for_spec(spec, tokens, out_bits);
-        header.encoding = Some(ResultEncoding::Keyless);
+        let header = Header::for_spec(spec, PayloadKind::Result, tokens, out_bits);
         Ok(EncryptedResult {
             header,
             coefficients,
         })
+    }
+
+    /// Computes `X W^T + b` as a packed result, with the requesting client's packing key: the
+    /// products of [`CompiledLayer::apply`], merged n_i at a time ([`crate::packing`]). Returns
+    /// the result and the milliseconds spent on (products, packing).
+    pub fn apply_packed(
+        &self,
+        batch: &EncryptedBatch,
+        key: &PreparedPackingKey,
+    ) -> Result<(EncryptedResult, f64, f64), FheError> {
+        let spec = &self.spec;
+        if spec.encoding != ResultEncoding::Packed {
+            return Err(FheError::SpecMismatch(
+                "this layer serves keyless results".into(),
+            ));
+        }
+        if key.params().id != spec.params.id {
+            return Err(FheError::SpecMismatch(format!(
+                "packing key for parameter set {} used with {}",
+                key.params().name,
+                spec.params.name
+            )));
+        }
+        let started = std::time::Instant::now();
+        let sums = self.fourier_sums(batch)?;
+        let tokens = sums.tokens;
+        let count = sums.groups * spec.output_blocks();
+        let products: Vec<Glwe> = (0..count)
+            .into_par_iter()
+            .map_init(
+                || ProductWorkspace::new(spec.polynomial_size()),
+                |ws, go| self.product(&sums, go, ws),
+            )
+            .collect();
+        drop(sums);
+        let product_ms = started.elapsed().as_secs_f64() * 1e3;
+        let started = std::time::Instant::now();
+        let mut packs = key.pack(products, spec.layout.n_i)?;
+        // The bias, at the output's Delta, on every output's packed position.
+        for t in 0..tokens {
+            for (row, bias) in self.packed_bias.iter().enumerate() {
+                let (p, c) = spec.output_position(t, row);
+                packs[p].1[c] = packs[p].1[c].wrapping_add(*bias);
+            }
+        }
+        let out_bits = spec.output_bits;
+        let n = spec.polynomial_size();
+        let mut coefficients = Vec::with_capacity(spec.result_coefficients(tokens));
+        for ((mask, body), outputs) in packs.iter().zip(spec.packed_outputs(tokens)) {
+            coefficients.extend(mask.iter().map(|v| round_to_bits(*v, out_bits)));
+            coefficients.extend(
+                outputs
+                    .iter()
+                    .map(|(_, c)| round_to_bits(body[*c], out_bits)),
+            );
+        }
+        debug_assert_eq!(
+            coefficients.len(),
+            packs.len() * n + tokens * spec.shape.d_out
+        );
+        let pack_ms = started.elapsed().as_secs_f64() * 1e3;
+        let header = Header::for_spec(spec, PayloadKind::Result, tokens, out_bits);
+        Ok((
+            EncryptedResult {
+                header,
+                coefficients,
+            },
+            product_ms,
+            pack_ms,
+        ))
+    }
+}
+
+/// The Fourier-domain sums of one batch, chunk-major `[chunk][group][output block][stream]`.
+struct Sums {
+    sums: Vec<f64>,
+    tokens: usize,
+    groups: usize,
+    chunks: usize,
+    per_chunk: usize,
+}
+
+/// Per-thread buffers of the inverse transforms.
+struct ProductWorkspace {
+    scratch: crate::fourier::Scratch,
+    acc: Vec<f64>,
+    his: Vec<i64>,
+}
+
+impl ProductWorkspace {
+    fn new(n: usize) -> Self {
+        ProductWorkspace {
+            scratch: Fourier::get(n).scratch(),
+            acc: vec![0.0; STREAMS * n],
+            his: vec![0; n],
+        }
     }
 }

@@ -6,7 +6,8 @@
 //!      0    4 magic "HFHE"
 //!      4    2 format version (1)
 //!      6    1 kind: 1 = encrypted batch (client -> server), 2 = encrypted result
-//!      7    1 result encoding: 0 for a batch, 1 = keyless block result
+//!      7    1 result encoding: 1 = keyless block result, 2 = packed result; a batch names the
+//!             encoding it is prepared for (0 also means keyless)
 //!      8    2 parameter set id
 //!     10    1 bits per coefficient
 //!     11    1 reserved, 0
@@ -26,7 +27,9 @@
 //! body coefficients of one seeded GLWE ciphertext; its masks are regenerated from the seed.
 //! A keyless result's payload holds, for each token group g and output block o, the N mask
 //! coefficients of one GLWE ciphertext followed by its useful body coefficients
-//! (`tokens_in_group * rows_in_block` of them, token-major).
+//! (`tokens_in_group * rows_in_block` of them, token-major). A packed result's payload holds,
+//! for each pack, the N mask coefficients of one GLWE ciphertext followed by the body
+//! coefficients of the outputs it carries ([`crate::LayerSpec::packed_outputs`]).
 //!
 //! Decoding never trusts the bytes: every field is checked, the payload length must equal the
 //! one the header implies, and the total size is bounded *before* anything is allocated.
@@ -41,12 +44,46 @@ pub const HEADER_LEN: usize = 56;
 const KIND_BATCH: u8 = 1;
 const KIND_RESULT: u8 = 2;
 
-/// How the server packed its results. Only the keyless block result exists today; a packed
-/// (key-switched) encoding gets its own value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the server returns results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum ResultEncoding {
+    /// One ciphertext per (token group, output block): no key needed.
     Keyless = 1,
+    /// Products packed into full ciphertexts with the client's packing key.
+    Packed = 2,
+}
+
+impl ResultEncoding {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ResultEncoding::Keyless => "keyless",
+            ResultEncoding::Packed => "packed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "keyless" => Some(ResultEncoding::Keyless),
+            "packed" => Some(ResultEncoding::Packed),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ResultEncoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a payload is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadKind {
+    /// Encrypted activations, client to server.
+    Batch,
+    /// Encrypted results, server to client.
+    Result,
 }
 
 /// Errors from decoding untrusted bytes. Each variant has a stable code (see [`WireError::code`]).
@@ -119,12 +156,14 @@ pub struct Header {
     pub tokens: usize,
     pub bits: u32,
     pub seed: u128,
-    pub encoding: Option<ResultEncoding>,
+    pub kind: PayloadKind,
+    /// The result encoding (of a result), or the one a batch was encrypted for.
+    pub encoding: ResultEncoding,
 }
 
 impl Header {
     /// Header of a batch or result for `spec`.
-    pub(crate) fn for_spec(spec: &LayerSpec, tokens: usize, bits: u32) -> Self {
+    pub(crate) fn for_spec(spec: &LayerSpec, kind: PayloadKind, tokens: usize, bits: u32) -> Self {
         Header {
             param_set: spec.params.id,
             shape: spec.shape,
@@ -132,7 +171,8 @@ impl Header {
             tokens,
             bits,
             seed: 0,
-            encoding: None,
+            kind,
+            encoding: spec.encoding,
         }
     }
 
@@ -144,26 +184,27 @@ impl Header {
             layout: self.layout,
             input_bits: self.bits,
             output_bits: self.bits,
+            encoding: self.encoding,
         };
         let n = params.polynomial_size;
-        let groups = spec.token_groups(self.tokens);
-        Ok(match self.encoding {
-            None => groups * spec.input_blocks() * n,
-            Some(ResultEncoding::Keyless) => {
-                groups * spec.output_blocks() * n + self.tokens * self.shape.d_out
-            }
+        Ok(match self.kind {
+            PayloadKind::Batch => spec.token_groups(self.tokens) * spec.input_blocks() * n,
+            PayloadKind::Result => spec.result_coefficients(self.tokens),
         })
     }
 
     fn write(&self, payload_len: usize, out: &mut Vec<u8>) {
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.push(if self.encoding.is_some() {
-            KIND_RESULT
-        } else {
-            KIND_BATCH
+        out.push(match self.kind {
+            PayloadKind::Batch => KIND_BATCH,
+            PayloadKind::Result => KIND_RESULT,
         });
-        out.push(self.encoding.map_or(0, |e| e as u8));
+        // Keyless batches keep the 0 of the first clients.
+        out.push(match (self.kind, self.encoding) {
+            (PayloadKind::Batch, ResultEncoding::Keyless) => 0,
+            (_, e) => e as u8,
+        });
         out.extend_from_slice(&self.param_set.0.to_le_bytes());
         out.push(self.bits as u8);
         out.push(0);
@@ -206,14 +247,13 @@ impl Header {
             return Err(WireError::UnsupportedVersion(version));
         }
         let (kind, encoding) = (bytes[6], bytes[7]);
-        let encoding = match (expect_result, kind, encoding) {
-            (false, KIND_BATCH, 0) => None,
-            (true, KIND_RESULT, 1) => Some(ResultEncoding::Keyless),
-            (true, KIND_RESULT, e) => return Err(WireError::UnknownResultEncoding(e)),
-            (false, KIND_BATCH, _) => {
-                return Err(WireError::InvalidHeader(
-                    "batch with a result encoding".into(),
-                ))
+        let (kind, encoding) = match (expect_result, kind, encoding) {
+            (false, KIND_BATCH, 0 | 1) => (PayloadKind::Batch, ResultEncoding::Keyless),
+            (false, KIND_BATCH, 2) => (PayloadKind::Batch, ResultEncoding::Packed),
+            (true, KIND_RESULT, 1) => (PayloadKind::Result, ResultEncoding::Keyless),
+            (true, KIND_RESULT, 2) => (PayloadKind::Result, ResultEncoding::Packed),
+            (false, KIND_BATCH, e) | (true, KIND_RESULT, e) => {
+                return Err(WireError::UnknownResultEncoding(e))
             }
             (false, _, _) => {
                 return Err(WireError::WrongKind {
@@ -266,6 +306,15 @@ impl Header {
         layout
             .validate(params.polynomial_size)
             .map_err(|e| WireError::InvalidHeader(e.to_string()))?;
+        if encoding == ResultEncoding::Packed {
+            let depth = params.packing.map_or(0, |p| p.max_depth);
+            if params.packing.is_none() || layout.n_i > 1 << depth {
+                return Err(WireError::InvalidHeader(format!(
+                    "packed results with n_i={} under parameter set {}",
+                    layout.n_i, params.name
+                )));
+            }
+        }
         let seed = u128::from_le_bytes(bytes[32..48].try_into().unwrap());
         if expect_result && seed != 0 {
             return Err(WireError::InvalidHeader("result with a seed".into()));
@@ -278,6 +327,7 @@ impl Header {
             tokens,
             bits,
             seed,
+            kind,
             encoding,
         };
         let expected = (header.coefficient_count(params)? as u64 * bits as u64).div_ceil(8);
