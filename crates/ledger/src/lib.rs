@@ -107,6 +107,21 @@ pub struct UsageEvent {
     pub compute_ms: f64,
     pub status: String,
     pub created_at: i64,
+    /// `keyless` or `packed`.
+    pub results: String,
+    /// The packing key used (empty for keyless results).
+    pub key_id: String,
+}
+
+/// A packing key registered by a license.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackingKeyRecord {
+    pub key_id: String,
+    pub license_id: String,
+    pub customer_id: String,
+    pub parameter_set: String,
+    pub bytes: i64,
+    pub uploaded_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -356,7 +371,8 @@ impl Ledger {
             "WITH claim AS (INSERT INTO query_claims (license_id, query_id, claimed_at) VALUES ($1, $2, $12) \
              ON CONFLICT (license_id, query_id) DO NOTHING RETURNING 1), \
              event AS (INSERT INTO usage_events (query_id, license_id, customer_id, model, layer, tokens, upload_bytes, \
-             download_bytes, worker, compute_ms, status, created_at) SELECT $2, $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM claim), \
+             download_bytes, worker, compute_ms, status, created_at, results, key_id) \
+             SELECT $2, $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $19, $20 FROM claim), \
              {}, {} \
              UPDATE quota_usage SET reserved = reserved - $15, \
              used = used + CASE WHEN EXISTS (SELECT 1 FROM claim) THEN $15 ELSE 0 END \
@@ -384,6 +400,8 @@ impl Ledger {
             .bind(&r.license_id)
             .bind(&r.layer)
             .bind(r.period_start)
+            .bind(&e.results)
+            .bind(&e.key_id)
             .fetch_one(&self.pool)
             .await?;
         Ok(Settlement {
@@ -410,7 +428,8 @@ impl Ledger {
         if claimed {
             sqlx::query(
                 "INSERT INTO usage_events (query_id, license_id, customer_id, model, layer, tokens, upload_bytes, \
-                 download_bytes, worker, compute_ms, status, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                 download_bytes, worker, compute_ms, status, created_at, results, key_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
             )
             .bind(&e.query_id)
             .bind(&e.license_id)
@@ -424,6 +443,8 @@ impl Ledger {
             .bind(e.compute_ms)
             .bind(&e.status)
             .bind(e.created_at)
+            .bind(&e.results)
+            .bind(&e.key_id)
             .execute(&mut *tx)
             .await?;
             for (table, column, start) in [
@@ -484,11 +505,84 @@ impl Ledger {
         Ok(row.try_get::<i64, _>(0)?)
     }
 
+    /// Records a packing key uploaded by a license, and audits it. Idempotent: the same key id
+    /// again changes nothing and returns false.
+    pub async fn register_packing_key(
+        &self,
+        record: &PackingKeyRecord,
+        blob: &[u8],
+    ) -> Result<bool, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        let created = sqlx::query(
+            "INSERT INTO packing_keys (key_id, license_id, customer_id, parameter_set, bytes, key_blob, uploaded_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (key_id) DO NOTHING",
+        )
+        .bind(&record.key_id)
+        .bind(&record.license_id)
+        .bind(&record.customer_id)
+        .bind(&record.parameter_set)
+        .bind(record.bytes)
+        .bind(blob.to_vec())
+        .bind(record.uploaded_at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if created {
+            let details = format!(
+                "key {} ({}, {} bytes)",
+                record.key_id, record.parameter_set, record.bytes
+            );
+            insert_audit(
+                &mut tx,
+                record.uploaded_at,
+                &record.license_id,
+                "key.upload",
+                &record.license_id,
+                &details,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    /// A registered packing key: its record and its bytes.
+    pub async fn packing_key(
+        &self,
+        key_id: &str,
+    ) -> Result<Option<(PackingKeyRecord, Vec<u8>)>, LedgerError> {
+        let row = sqlx::query(
+            "SELECT key_id, license_id, customer_id, parameter_set, bytes, uploaded_at, key_blob \
+             FROM packing_keys WHERE key_id = $1",
+        )
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((packing_key_record(&r)?, r.try_get::<Vec<u8>, _>(6)?)))
+            .transpose()
+    }
+
+    /// The packing keys a license registered, oldest first.
+    pub async fn packing_keys(
+        &self,
+        license_id: &str,
+    ) -> Result<Vec<PackingKeyRecord>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT key_id, license_id, customer_id, parameter_set, bytes, uploaded_at \
+             FROM packing_keys WHERE license_id = $1 ORDER BY uploaded_at, key_id",
+        )
+        .bind(license_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(packing_key_record).collect()
+    }
+
     /// Usage rows of a license (newest last).
     pub async fn usage_events(&self, license_id: &str) -> Result<Vec<UsageEvent>, LedgerError> {
         let rows = sqlx::query(
-            "SELECT query_id, license_id, customer_id, model, layer, tokens, upload_bytes, download_bytes, worker, compute_ms, status, created_at \
-             FROM usage_events WHERE license_id = $1 ORDER BY created_at, query_id",
+            "SELECT query_id, license_id, customer_id, model, layer, tokens, upload_bytes, download_bytes, worker, compute_ms, status, created_at, \
+             results, key_id FROM usage_events WHERE license_id = $1 ORDER BY created_at, query_id",
         )
         .bind(license_id)
         .fetch_all(&self.pool)
@@ -634,6 +728,17 @@ async fn insert_audit(
     Ok(())
 }
 
+fn packing_key_record(r: &AnyRow) -> Result<PackingKeyRecord, LedgerError> {
+    Ok(PackingKeyRecord {
+        key_id: r.try_get(0)?,
+        license_id: r.try_get(1)?,
+        customer_id: r.try_get(2)?,
+        parameter_set: r.try_get(3)?,
+        bytes: r.try_get(4)?,
+        uploaded_at: r.try_get(5)?,
+    })
+}
+
 fn usage_event(r: &AnyRow) -> Result<UsageEvent, LedgerError> {
     Ok(UsageEvent {
         query_id: r.try_get(0)?,
@@ -648,5 +753,7 @@ fn usage_event(r: &AnyRow) -> Result<UsageEvent, LedgerError> {
         compute_ms: r.try_get(9)?,
         status: r.try_get(10)?,
         created_at: r.try_get(11)?,
+        results: r.try_get(12)?,
+        key_id: r.try_get(13)?,
     })
 }

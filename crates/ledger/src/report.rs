@@ -245,7 +245,7 @@ impl Ledger {
     ) -> Result<Vec<UsageEvent>, LedgerError> {
         let mut sql = String::from(
             "SELECT query_id, license_id, customer_id, model, layer, tokens, upload_bytes, download_bytes, worker, \
-             compute_ms, status, created_at FROM usage_events WHERE created_at >= $1 AND created_at < $2",
+             compute_ms, status, created_at, results, key_id FROM usage_events WHERE created_at >= $1 AND created_at < $2",
         );
         let (clauses, binds) = filter.clauses(2);
         sql.push_str(&clauses);

@@ -37,6 +37,8 @@ fn event(query_id: &str, layer: &str, tokens: i64, at: i64) -> UsageEvent {
         compute_ms: 1.5,
         status: "ok".into(),
         created_at: at,
+        results: "keyless".into(),
+        key_id: String::new(),
     }
 }
 
@@ -357,4 +359,56 @@ async fn postgres_reports_and_exports() {
 async fn sqlite_reports_and_exports() {
     let dir = tempfile::tempdir().unwrap();
     reports(sqlite(&dir).await).await;
+}
+
+async fn packing_keys(l: Ledger) {
+    setup(&l).await;
+    let record = PackingKeyRecord {
+        key_id: "00112233445566778899aabbccddeeff".into(),
+        license_id: "lic-1".into(),
+        customer_id: "acme".into(),
+        parameter_set: "hfhe-glwe-4096-v1".into(),
+        bytes: 5,
+        uploaded_at: NOW,
+    };
+    let blob = vec![1u8, 2, 3, 250, 0];
+    assert!(l.register_packing_key(&record, &blob).await.unwrap());
+    // Idempotent: the same key again is not a second upload.
+    assert!(!l.register_packing_key(&record, &blob).await.unwrap());
+    let (stored, bytes) = l.packing_key(&record.key_id).await.unwrap().unwrap();
+    assert_eq!((stored, bytes), (record.clone(), blob));
+    assert!(l
+        .packing_key("ffffffffffffffffffffffffffffffff")
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(l.packing_keys("lic-1").await.unwrap(), vec![record.clone()]);
+    assert!(l.packing_keys("lic-2").await.unwrap().is_empty());
+    let uploads: Vec<_> = l
+        .audit_log(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "key.upload")
+        .collect();
+    assert_eq!(uploads.len(), 1);
+    // A packed query records its encoding and key.
+    let r = l.reserve("lic-1", "l1", 0, 1000, 2).await.unwrap();
+    let mut e = event("q-packed", "l1", 2, NOW);
+    e.results = "packed".into();
+    e.key_id = record.key_id.clone();
+    assert!(l.settle(&r, &e).await.unwrap().billed);
+    let rows = l.usage_events("lic-1").await.unwrap();
+    assert_eq!(rows.last().unwrap(), &e);
+}
+
+#[tokio::test]
+async fn postgres_stores_packing_keys() {
+    packing_keys(postgres().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_stores_packing_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    packing_keys(sqlite(&dir).await).await;
 }

@@ -284,7 +284,7 @@ pub struct AuditLog {
 }
 
 /// Column names of the CSV export, in order.
-pub const USAGE_CSV_COLUMNS: [&str; 12] = [
+pub const USAGE_CSV_COLUMNS: [&str; 14] = [
     "created_at_ms",
     "query_id",
     "license_id",
@@ -297,4 +297,6 @@ pub const USAGE_CSV_COLUMNS: [&str; 12] = [
     "worker",
     "compute_ms",
     "status",
+    "results",
+    "key_id",
 ];

@@ -5,6 +5,8 @@
 //! |---|---|---|---|
 //! | GET | `/v1/models/{model}/layers` | - | [`ModelLayers`] (JSON) |
 //! | POST | `/v1/models/{model}/layers/{layer}/apply` | encrypted batch | encrypted result |
+//! | PUT | `/v1/keys` (gateway) | packing key | [`KeyRegistered`] (JSON) |
+//! | PUT | `/v1/keys/{key_id}` (worker, from the gateway) | packing key | [`KeyRegistered`] (JSON) |
 //! | GET | `/healthz`, `/readyz` | - | 200, or 503 while not ready |
 //!
 //! The gateway adds usage and administration routes: see [`admin`].
@@ -12,8 +14,17 @@
 //! Requests to apply carry a [`QUERY_ID_HEADER`] (a retry reuses it: it is billed once) and, at
 //! the gateway, `Authorization: Bearer <license JWT>`. Every error answer is an [`ErrorBody`] with
 //! a stable code from [`codes`].
+//!
+//! # Packed results
+//!
+//! A batch's wire header names the result encoding it was encrypted for. A batch for packed
+//! results also names, in [`KEY_ID_HEADER`], the packing key the client registered with
+//! `PUT /v1/keys` under the same license: the gateway refuses a missing key (`key_required`), an
+//! unknown one (`unknown_key`) and one registered by another license (`key_not_owned`). Between
+//! gateway and worker the request also carries [`LICENSE_ID_HEADER`]; a worker that has not
+//! loaded the key answers `key_not_loaded` and the gateway pushes the key to it and retries.
 
-use fhe_linear::{BlockLayout, LayerShape, LayerSpec, ParameterSet};
+use fhe_linear::{BlockLayout, LayerShape, LayerSpec, ParameterSet, ResultEncoding};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -26,6 +37,53 @@ pub const QUERY_ID_HEADER: &str = "x-query-id";
 pub const COMPUTE_MS_HEADER: &str = "x-compute-ms";
 /// Media type of ciphertext bodies.
 pub const CIPHERTEXT_CONTENT_TYPE: &str = "application/vnd.hybrid-fhe.ciphertext";
+/// Media type of packing key bodies.
+pub const PACKING_KEY_CONTENT_TYPE: &str = "application/vnd.hybrid-fhe.packing-key";
+/// The packing key a request for packed results uses (a [`key_id`]).
+pub const KEY_ID_HEADER: &str = "x-packing-key";
+/// Gateway to worker: the license a request (or a key) belongs to.
+pub const LICENSE_ID_HEADER: &str = "x-license-id";
+
+/// Path of the key registration at the gateway.
+pub fn keys_path() -> String {
+    format!("/{API_VERSION}/keys")
+}
+
+/// Path of one key at a worker.
+pub fn key_path(key_id: &str) -> String {
+    format!("/{API_VERSION}/keys/{key_id}")
+}
+
+/// The id of a packing key registered under a license: 32 hex digits of
+/// SHA-256(license id, 0, key bytes). The same key under another license has another id.
+pub fn key_id(license_id: &str, key: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(license_id.as_bytes());
+    h.update([0u8]);
+    h.update(key);
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether `s` looks like a [`key_id`].
+pub fn is_key_id(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The answer to a key registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeyRegistered {
+    pub key_id: String,
+    pub parameter_set: String,
+    pub bytes: usize,
+    /// False when the same key was already registered (the upload is idempotent).
+    pub created: bool,
+}
 
 /// Stable error codes of the service.
 pub mod codes {
@@ -38,6 +96,13 @@ pub mod codes {
     pub const OVERLOADED: &str = "overloaded";
     pub const NOT_READY: &str = "not_ready";
     pub const INTERNAL: &str = "internal";
+    pub const KEY_REQUIRED: &str = "key_required";
+    pub const UNKNOWN_KEY: &str = "unknown_key";
+    pub const KEY_NOT_OWNED: &str = "key_not_owned";
+    pub const KEY_NOT_LOADED: &str = "key_not_loaded";
+    pub const KEY_PARAMETER_MISMATCH: &str = "key_parameter_mismatch";
+    pub const INVALID_KEY: &str = "invalid_key";
+    pub const RESULTS_NOT_SERVED: &str = "results_not_served";
 }
 
 /// The JSON body of every error answer.
@@ -115,6 +180,21 @@ pub struct LayerInfo {
     pub t_b: usize,
     pub input_bits: u32,
     pub output_bits: u32,
+    /// The packed-result variant of the layer, when the server offers one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packed: Option<LayerVariant>,
+}
+
+/// One more way a server computes a layer (today: packed results).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LayerVariant {
+    pub results: String,
+    pub parameter_set: String,
+    pub n_i: usize,
+    pub n_o: usize,
+    pub t_b: usize,
+    pub input_bits: u32,
+    pub output_bits: u32,
 }
 
 /// The layers a server offers for one model.
@@ -145,31 +225,75 @@ impl LayerInfo {
             t_b: spec.layout.t_b,
             input_bits: spec.input_bits,
             output_bits: spec.output_bits,
+            packed: None,
         }
     }
 
-    /// Rebuilds the spec, refusing parameters this build does not know or whose precisions do
-    /// not follow from the noise budget.
+    /// Adds the packed variant.
+    pub fn with_packed(mut self, spec: &LayerSpec) -> Self {
+        self.packed = Some(LayerVariant {
+            results: spec.encoding.as_str().to_string(),
+            parameter_set: spec.params.name.to_string(),
+            n_i: spec.layout.n_i,
+            n_o: spec.layout.n_o,
+            t_b: spec.layout.t_b,
+            input_bits: spec.input_bits,
+            output_bits: spec.output_bits,
+        });
+        self
+    }
+
+    /// Rebuilds the (keyless) spec, refusing parameters this build does not know or whose
+    /// precisions do not follow from the noise budget.
     pub fn to_spec(&self) -> Result<LayerSpec, SpecError> {
-        let params = ParameterSet::by_name(&self.parameter_set)
-            .ok_or_else(|| SpecError::UnknownParameterSet(self.parameter_set.clone()))?;
-        let layout = BlockLayout {
-            n_i: self.n_i,
-            n_o: self.n_o,
-            t_b: self.t_b,
-        };
-        let spec = LayerSpec::new(params, LayerShape::new(self.d_in, self.d_out), layout).map_err(
-            |e| SpecError::Invalid {
+        self.rebuild(
+            ResultEncoding::Keyless,
+            &self.parameter_set,
+            (self.n_i, self.n_o, self.t_b),
+            (self.input_bits, self.output_bits),
+        )
+    }
+
+    /// Rebuilds the packed spec, if the server offers one (same checks as [`LayerInfo::to_spec`]).
+    pub fn packed_spec(&self) -> Option<Result<LayerSpec, SpecError>> {
+        let v = self.packed.as_ref()?;
+        if v.results != ResultEncoding::Packed.as_str() {
+            return Some(Err(SpecError::Invalid {
+                name: self.name.to_string(),
+                reason: format!("unknown result encoding `{}`", v.results),
+            }));
+        }
+        Some(self.rebuild(
+            ResultEncoding::Packed,
+            &v.parameter_set,
+            (v.n_i, v.n_o, v.t_b),
+            (v.input_bits, v.output_bits),
+        ))
+    }
+
+    fn rebuild(
+        &self,
+        encoding: ResultEncoding,
+        parameter_set: &str,
+        (n_i, n_o, t_b): (usize, usize, usize),
+        bits: (u32, u32),
+    ) -> Result<LayerSpec, SpecError> {
+        let params = ParameterSet::by_name(parameter_set)
+            .ok_or_else(|| SpecError::UnknownParameterSet(parameter_set.to_string()))?;
+        let layout = BlockLayout { n_i, n_o, t_b };
+        let shape = LayerShape::new(self.d_in, self.d_out);
+        let spec = LayerSpec::with_encoding(params, shape, layout, encoding).map_err(|e| {
+            SpecError::Invalid {
                 name: self.name.to_string(),
                 reason: e.to_string(),
-            },
-        )?;
-        if (spec.input_bits, spec.output_bits) != (self.input_bits, self.output_bits) {
+            }
+        })?;
+        if (spec.input_bits, spec.output_bits) != bits {
             return Err(SpecError::Invalid {
                 name: self.name.to_string(),
                 reason: format!(
                     "precisions {}/{} differ from the budget's {}/{}",
-                    self.input_bits, self.output_bits, spec.input_bits, spec.output_bits
+                    bits.0, bits.1, spec.input_bits, spec.output_bits
                 ),
             });
         }
@@ -215,5 +339,35 @@ mod tests {
             apply_path(&Name::parse("m").unwrap(), &Name::parse("l").unwrap()),
             "/v1/models/m/layers/l/apply"
         );
+    }
+
+    #[test]
+    fn packed_variants_round_trip_and_key_ids_bind_the_license() {
+        let shape = LayerShape::new(64, 192);
+        let keyless = LayerSpec::choose(&fhe_linear::HFHE_GLWE_2048_V1, shape, 1).unwrap();
+        let layout = BlockLayout {
+            n_i: 64,
+            n_o: 64,
+            t_b: 1,
+        };
+        let packed = LayerSpec::packed(&fhe_linear::HFHE_GLWE_4096_V1, shape, layout).unwrap();
+        let info = LayerInfo::from_spec(Name::parse("l").unwrap(), &keyless).with_packed(&packed);
+        let json = serde_json::to_string(&info).unwrap();
+        let back: LayerInfo = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.packed_spec().unwrap().unwrap(), packed);
+        assert_eq!(back.to_spec().unwrap(), keyless);
+        let mut bad = back;
+        bad.packed.as_mut().unwrap().n_i = 1024;
+        assert!(bad.packed_spec().unwrap().is_err());
+        // Older descriptions without a packed variant still parse.
+        let plain =
+            serde_json::to_string(&LayerInfo::from_spec(Name::parse("l").unwrap(), &keyless))
+                .unwrap();
+        assert!(!plain.contains("packed"));
+        let a = key_id("license-a", b"key");
+        assert!(is_key_id(&a));
+        assert_ne!(a, key_id("license-b", b"key"));
+        assert_eq!(a, key_id("license-a", b"key"));
+        assert!(!is_key_id("../etc"));
     }
 }

@@ -324,6 +324,8 @@ pub(crate) async fn usage_export(
                                     e.worker.clone(),
                                     format!("{:.3}", e.compute_ms),
                                     e.status.clone(),
+                                    e.results.clone(),
+                                    e.key_id.clone(),
                                 ])?;
                             }
                             Ok(())

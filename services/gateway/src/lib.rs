@@ -10,6 +10,7 @@
 mod admin;
 mod admission;
 pub mod config;
+mod keys;
 mod metrics;
 mod openapi;
 mod routes;
@@ -91,6 +92,7 @@ pub struct AppState {
     pub workers: workers::WorkerPool,
     pub admission: admission::Admission,
     pub metrics: Metrics,
+    pub key_owners: keys::KeyOwners,
 }
 
 /// A gateway bound to its ports.
@@ -120,6 +122,7 @@ impl Application {
             workers,
             ledger,
             config,
+            key_owners: keys::KeyOwners::default(),
         });
         Ok(Application {
             api,

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
     pub tokens_metered: IntCounter,
+    pub key_uploads: IntCounter,
+    pub key_upload_bytes: IntCounter,
+    pub key_pushes: IntCounter,
     pub quota_rejections: IntCounter,
     /// Rows sent to one protected layer beyond its input width within a quota period
     /// (enough to solve for the layer's weights): alerts, not a guarantee.
@@ -49,6 +52,21 @@ impl Metrics {
             .expect("metric");
         let tokens_metered =
             IntCounter::new("gateway_tokens_metered_total", "Tokens billed").expect("metric");
+        let key_uploads = IntCounter::new(
+            "gateway_packing_key_uploads_total",
+            "Packing keys registered",
+        )
+        .expect("metric");
+        let key_upload_bytes = IntCounter::new(
+            "gateway_packing_key_upload_bytes_total",
+            "Bytes of packing keys registered",
+        )
+        .expect("metric");
+        let key_pushes = IntCounter::new(
+            "gateway_packing_key_pushes_total",
+            "Packing keys sent to workers that had not loaded them",
+        )
+        .expect("metric");
         let quota_rejections = IntCounter::new(
             "gateway_quota_rejections_total",
             "Requests refused for quota",
@@ -74,6 +92,9 @@ impl Metrics {
                 Box::new(bytes_in.clone()),
                 Box::new(bytes_out.clone()),
                 Box::new(tokens_metered.clone()),
+                Box::new(key_uploads.clone()),
+                Box::new(key_upload_bytes.clone()),
+                Box::new(key_pushes.clone()),
                 Box::new(quota_rejections.clone()),
                 Box::new(extraction_alerts.clone()),
                 Box::new(workers_healthy.clone()),
@@ -88,6 +109,9 @@ impl Metrics {
             bytes_in,
             bytes_out,
             tokens_metered,
+            key_uploads,
+            key_upload_bytes,
+            key_pushes,
             quota_rejections,
             extraction_alerts,
             workers_healthy,

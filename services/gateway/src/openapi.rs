@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{admin, routes};
+use crate::{admin, keys, routes};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,7 @@ use crate::{admin, routes};
     paths(
         routes::apply,
         routes::layers,
+        keys::put_key,
         routes::healthz,
         routes::readyz,
         admin::customer_usage,

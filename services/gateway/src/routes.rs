@@ -8,16 +8,16 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
-use fhe_linear::Limits;
+use fhe_linear::{Limits, ResultEncoding};
 use ledger::{LedgerError, UsageEvent};
 use license::{LicenseClaims, QuotaPeriod};
 use protocol::{codes, ErrorBody, ModelLayers, Name};
 use service_kit::{outcome, ApiError};
 
 use crate::workers::ForwardError;
-use crate::{admin, AppState};
+use crate::{admin, keys, AppState};
 
 pub(crate) fn ledger_down(e: LedgerError) -> ApiError {
     tracing::error!(error = %e, "ledger unavailable: refusing the request");
@@ -143,14 +143,16 @@ pub(crate) fn record(state: &AppState, route: &str, response: &Response) {
 /// query id.
 #[utoipa::path(post, path = "/v1/models/{model}/layers/{layer}/apply", tag = "inference",
     params(("model" = String, Path), ("layer" = String, Path),
-        ("x-query-id" = String, Header, description = "1 to 128 of A-Z a-z 0-9 - _; a retry reuses it")),
+        ("x-query-id" = String, Header, description = "1 to 128 of A-Z a-z 0-9 - _; a retry reuses it"),
+        ("x-packing-key" = Option<String>, Header, description = "packed results: the key id from PUT /v1/keys")),
     request_body(content = Vec<u8>, content_type = "application/vnd.hybrid-fhe.ciphertext"),
     security(("license" = [])),
     responses(
         (status = 200, description = "encrypted result", content_type = "application/vnd.hybrid-fhe.ciphertext", body = Vec<u8>),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 413, body = ErrorBody),
-        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub(crate) async fn apply(
     State(state): State<Arc<AppState>>,
     Path((model, layer)): Path<(String, String)>,
@@ -221,6 +223,12 @@ async fn apply_inner(
         ApiError::new(status, code, e.to_string())
     })?;
     let tokens = header.tokens;
+    let key_id = match header.encoding {
+        ResultEncoding::Keyless => None,
+        ResultEncoding::Packed => {
+            Some(keys::check_request_key(state, headers, &claims.jti, &header).await?)
+        }
+    };
     state
         .admission
         .take_rate(&claims.jti, claims.rate_limit_per_minute, tokens)
@@ -276,14 +284,16 @@ async fn apply_inner(
     state.metrics.bytes_in.inc_by(body.len() as u64);
 
     let forward_started = Instant::now();
-    let sent = state
-        .workers
-        .send(
-            reqwest::Method::POST,
-            &protocol::apply_path(&model, &layer),
-            Some(body.clone()),
-        )
-        .await;
+    let path = protocol::apply_path(&model, &layer);
+    let sent = match &key_id {
+        None => {
+            state
+                .workers
+                .send(reqwest::Method::POST, &path, Some(body.clone()))
+                .await
+        }
+        Some(key_id) => forward_packed(state, &path, &body, key_id, &claims.jti).await,
+    };
     *in_worker = Some(forward_started.elapsed());
     let answer = match sent {
         Ok(a) if a.status == 200 => a,
@@ -329,6 +339,8 @@ async fn apply_inner(
         compute_ms: answer.compute_ms,
         status: "ok".into(),
         created_at: now,
+        results: header.encoding.as_str().into(),
+        key_id: key_id.clone().unwrap_or_default(),
     };
     // Not recorded, not returned: the client retries with the same query id.
     let settled = state
@@ -349,6 +361,62 @@ async fn apply_inner(
         answer.body,
         answer.compute_ms,
     ))
+}
+
+/// Forwards a request for packed results with its key id; a worker that has not loaded the key
+/// gets it from the ledger and the request again.
+async fn forward_packed(
+    state: &AppState,
+    path: &str,
+    body: &Bytes,
+    key_id: &str,
+    license_id: &str,
+) -> Result<crate::workers::Answer, ForwardError> {
+    let headers = [
+        (protocol::KEY_ID_HEADER, key_id),
+        (protocol::LICENSE_ID_HEADER, license_id),
+    ];
+    let answer = state
+        .workers
+        .send_with(reqwest::Method::POST, path, Some(body.clone()), &headers)
+        .await?;
+    let missing = answer.status == StatusCode::CONFLICT.as_u16()
+        && serde_json::from_slice::<ErrorBody>(&answer.body)
+            .is_ok_and(|e| e.code == codes::KEY_NOT_LOADED);
+    if !missing {
+        return Ok(answer);
+    }
+    let blob = match keys::key_bytes(state, key_id).await {
+        Ok(blob) => blob,
+        Err(_) => return Ok(answer),
+    };
+    state.metrics.key_pushes.inc();
+    let unreachable = |e: String| ForwardError::Unreachable(e);
+    let pushed = state
+        .workers
+        .request(
+            &answer.worker,
+            reqwest::Method::PUT,
+            &protocol::key_path(key_id),
+            Some(blob),
+            &[(protocol::LICENSE_ID_HEADER, license_id)],
+        )
+        .await
+        .map_err(unreachable)?;
+    if pushed.status != 200 {
+        return Ok(pushed);
+    }
+    state
+        .workers
+        .request(
+            &answer.worker,
+            reqwest::Method::POST,
+            path,
+            Some(body.clone()),
+            &headers,
+        )
+        .await
+        .map_err(unreachable)
 }
 
 /// The protected layers a model serves, with what a client needs to encrypt for them.
@@ -432,6 +500,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/admin/audit", get(admin::audit_log))
         .route("/v1/models/{model}/layers", get(layers))
         .route("/v1/models/{model}/layers/{layer}/apply", post(apply))
+        // Packing keys may be larger than the largest ciphertext a gateway accepts.
+        .route(
+            "/v1/keys",
+            put(keys::put_key).layer(DefaultBodyLimit::max(keys::max_key_bytes().max(limit))),
+        )
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

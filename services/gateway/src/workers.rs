@@ -142,45 +142,69 @@ impl WorkerPool {
         path: &str,
         body: Option<Bytes>,
     ) -> Result<Answer, ForwardError> {
+        self.send_with(method, path, body, &[]).await
+    }
+
+    /// [`WorkerPool::send`] with extra request headers.
+    pub async fn send_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, ForwardError> {
         let mut last_error = String::from("no worker configured");
         for worker in self.order().into_iter().take(2) {
-            let mut request = self
-                .client
-                .request(method.clone(), format!("{}{path}", worker.url));
-            if let Some(b) = &body {
-                request = request
-                    .header(
-                        reqwest::header::CONTENT_TYPE,
-                        protocol::CIPHERTEXT_CONTENT_TYPE,
-                    )
-                    .body(b.clone());
-            }
-            match request.send().await {
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let compute_ms = response
-                        .headers()
-                        .get(protocol::COMPUTE_MS_HEADER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0.0);
-                    match response.bytes().await {
-                        Ok(body) => {
-                            return Ok(Answer {
-                                worker: worker.url.clone(),
-                                status,
-                                compute_ms,
-                                body,
-                            })
-                        }
-                        Err(e) => last_error = e.to_string(),
-                    }
-                }
-                Err(e) => last_error = e.to_string(),
+            match self
+                .request(&worker.url, method.clone(), path, body.clone(), headers)
+                .await
+            {
+                Ok(answer) => return Ok(answer),
+                Err(e) => last_error = e,
             }
             worker.healthy.store(false, Ordering::Relaxed);
         }
         Err(ForwardError::Unreachable(last_error))
+    }
+
+    /// One request to the worker at `url` (bodies are ciphertexts, or packing keys on `PUT`).
+    pub async fn request(
+        &self,
+        url: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, String> {
+        let content_type = if method == reqwest::Method::PUT {
+            protocol::PACKING_KEY_CONTENT_TYPE
+        } else {
+            protocol::CIPHERTEXT_CONTENT_TYPE
+        };
+        let mut request = self.client.request(method, format!("{url}{path}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(b) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(b);
+        }
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let compute_ms = response
+            .headers()
+            .get(protocol::COMPUTE_MS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let body = response.bytes().await.map_err(|e| e.to_string())?;
+        Ok(Answer {
+            worker: url.to_string(),
+            status,
+            compute_ms,
+            body,
+        })
     }
 }
 

@@ -199,6 +199,7 @@ async fn admin_api_issues_reports_exports_and_revokes() {
     let tokens: Vec<&str> = rows.iter().map(|r| &r[6]).collect();
     assert_eq!(tokens, ["2", "3", "1"]);
     assert!(rows.iter().all(|r| &r[2] == "lic-api" && &r[3] == "acme"));
+    assert!(rows.iter().all(|r| &r[12] == "keyless" && r[13].is_empty()));
 
     // List, revoke, refused.
     let a = call(

@@ -23,6 +23,10 @@ pub struct Settings {
     pub max_concurrency: Option<usize>,
     /// How long a request waits for a compute slot before 503.
     pub queue_timeout_ms: Option<u64>,
+    /// Also serve packed results (default true: a second set of weight transforms per layer).
+    pub packed_results: Option<bool>,
+    /// Prepared packing keys kept in memory (default 64, about 6 MB each).
+    pub key_cache_entries: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,8 @@ impl Settings {
             max_body_bytes: self.max_body_bytes.or(base.max_body_bytes),
             max_concurrency: self.max_concurrency.or(base.max_concurrency),
             queue_timeout_ms: self.queue_timeout_ms.or(base.queue_timeout_ms),
+            packed_results: self.packed_results.or(base.packed_results),
+            key_cache_entries: self.key_cache_entries.or(base.key_cache_entries),
         }
     }
 
@@ -68,6 +74,12 @@ impl Settings {
         }
         if let Some(v) = self.queue_timeout_ms {
             config.queue_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = self.packed_results {
+            config.packed_results = v;
+        }
+        if let Some(v) = self.key_cache_entries {
+            config.key_cache_entries = v;
         }
         Ok(config)
     }

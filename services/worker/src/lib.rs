@@ -5,6 +5,7 @@
 //! background: `/readyz` answers 503 until every layer is compiled.
 
 pub mod config;
+pub mod keys;
 mod metrics;
 mod routes;
 
@@ -35,6 +36,10 @@ pub struct WorkerConfig {
     /// Requests computed at once; more wait up to `queue_timeout`, then get 503.
     pub max_concurrency: usize,
     pub queue_timeout: Duration,
+    /// Also compile each layer for packed results (a second set of weight transforms).
+    pub packed_results: bool,
+    /// Prepared packing keys kept (least recently used out first).
+    pub key_cache_entries: usize,
 }
 
 impl WorkerConfig {
@@ -47,6 +52,8 @@ impl WorkerConfig {
             max_body_bytes: 64 << 20,
             max_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
             queue_timeout: Duration::from_secs(2),
+            packed_results: true,
+            key_cache_entries: 64,
         }
     }
 }
@@ -64,10 +71,11 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
-/// One layer ready to serve.
+/// One layer ready to serve: keyless, and packed when configured.
 pub struct ServedLayer {
     pub spec: LayerSpec,
     pub compiled: CompiledLayer,
+    pub packed: Option<CompiledLayer>,
 }
 
 /// Everything loaded from the bundles.
@@ -83,10 +91,28 @@ pub struct AppState {
     pub permits: Arc<Semaphore>,
     pub config: WorkerConfig,
     pub metrics: Metrics,
+    pub keys: keys::KeyCache,
 }
 
-/// Loads and compiles every layer of every bundle.
-pub fn load_bundles(paths: &[PathBuf]) -> Result<Loaded, WorkerError> {
+/// The packed-result spec a worker offers for a layer: the planner's choice for bandwidth at one
+/// token per request.
+pub fn packed_spec(shape: fhe_linear::LayerShape) -> Result<LayerSpec, fhe_linear::FheError> {
+    let planner = fhe_linear::Planner {
+        max_t_b: 1,
+        ..fhe_linear::Planner::default()
+    };
+    Ok(planner
+        .plan(
+            shape,
+            1,
+            fhe_linear::Preference::Bandwidth,
+            &[fhe_linear::ResultEncoding::Packed],
+        )?
+        .spec)
+}
+
+/// Loads and compiles every layer of every bundle (twice with `packed`: keyless and packed).
+pub fn load_bundles(paths: &[PathBuf], packed: bool) -> Result<Loaded, WorkerError> {
     let mut loaded = Loaded::default();
     for path in paths {
         let bundle = hybrid_model::bundle::load_server_bundle(path).map_err(|source| {
@@ -107,10 +133,25 @@ pub fn load_bundles(paths: &[PathBuf]) -> Result<Loaded, WorkerError> {
                 .map_err(|e| invalid(e.to_string()))?;
             let compiled = CompiledLayer::compile(spec, &layer.weights.values, &layer.bias)
                 .map_err(|e| invalid(e.to_string()))?;
-            infos.push(LayerInfo::from_spec(name.clone(), &spec));
+            let mut info = LayerInfo::from_spec(name.clone(), &spec);
+            let packed = if packed {
+                let spec = packed_spec(layer.shape()).map_err(|e| invalid(e.to_string()))?;
+                info = info.with_packed(&spec);
+                Some(
+                    CompiledLayer::compile(spec, &layer.weights.values, &layer.bias)
+                        .map_err(|e| invalid(e.to_string()))?,
+                )
+            } else {
+                None
+            };
+            infos.push(info);
             loaded.layers.insert(
                 (model.clone(), name),
-                Arc::new(ServedLayer { spec, compiled }),
+                Arc::new(ServedLayer {
+                    spec,
+                    compiled,
+                    packed,
+                }),
             );
         }
         loaded.models.insert(
@@ -140,17 +181,20 @@ impl Application {
             loaded: OnceLock::new(),
             permits: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
             metrics: Metrics::new(),
+            keys: keys::KeyCache::new(config.key_cache_entries),
             config,
         });
         let loader = state.clone();
-        tokio::task::spawn_blocking(move || match load_bundles(&loader.config.bundles) {
-            Ok(loaded) => {
-                let n = loaded.layers.len();
-                loader.metrics.layers_loaded.set(n as i64);
-                let _ = loader.loaded.set(loaded);
-                tracing::info!(layers = n, "bundles loaded, ready");
+        tokio::task::spawn_blocking(move || {
+            match load_bundles(&loader.config.bundles, loader.config.packed_results) {
+                Ok(loaded) => {
+                    let n = loaded.layers.len();
+                    loader.metrics.layers_loaded.set(n as i64);
+                    let _ = loader.loaded.set(loaded);
+                    tracing::info!(layers = n, "bundles loaded, ready");
+                }
+                Err(e) => tracing::error!(error = %e, "loading bundles failed; not ready"),
             }
-            Err(e) => tracing::error!(error = %e, "loading bundles failed; not ready"),
         });
         Ok(Application {
             api,

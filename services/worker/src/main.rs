@@ -33,6 +33,12 @@ struct Args {
     /// How long a request waits for a compute slot before 503 [default: 2000].
     #[arg(long, env = "WORKER_QUEUE_TIMEOUT_MS")]
     queue_timeout_ms: Option<u64>,
+    /// Also serve packed results [default: true].
+    #[arg(long, env = "WORKER_PACKED_RESULTS")]
+    packed_results: Option<bool>,
+    /// Prepared packing keys kept in memory [default: 64].
+    #[arg(long, env = "WORKER_KEY_CACHE_ENTRIES")]
+    key_cache_entries: Option<usize>,
 }
 
 #[tokio::main]
@@ -50,6 +56,8 @@ async fn main() -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         max_concurrency: args.max_concurrency,
         queue_timeout_ms: args.queue_timeout_ms,
+        packed_results: args.packed_results,
+        key_cache_entries: args.key_cache_entries,
     };
     let app = Application::build(flags.over(file).resolve()?).await?;
     tracing::info!(

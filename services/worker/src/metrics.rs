@@ -15,6 +15,8 @@ pub struct Metrics {
     pub response_bytes: IntCounter,
     pub inflight: IntGauge,
     pub layers_loaded: IntGauge,
+    pub keys_cached: IntGauge,
+    pub key_loads: IntCounter,
 }
 
 impl Metrics {
@@ -46,6 +48,16 @@ impl Metrics {
         let layers_loaded =
             IntGauge::new("worker_layers_loaded", "Protected layers ready to serve")
                 .expect("metric");
+        let keys_cached = IntGauge::new(
+            "worker_packing_keys_cached",
+            "Prepared packing keys in the cache",
+        )
+        .expect("metric");
+        let key_loads = IntCounter::new(
+            "worker_packing_key_loads_total",
+            "Packing keys received and prepared",
+        )
+        .expect("metric");
         let names = service_kit::register_metrics(
             &registry,
             vec![
@@ -55,6 +67,8 @@ impl Metrics {
                 Box::new(response_bytes.clone()),
                 Box::new(inflight.clone()),
                 Box::new(layers_loaded.clone()),
+                Box::new(keys_cached.clone()),
+                Box::new(key_loads.clone()),
             ],
         );
         Metrics {
@@ -66,6 +80,8 @@ impl Metrics {
             response_bytes,
             inflight,
             layers_loaded,
+            keys_cached,
+            key_loads,
         }
     }
 }

@@ -1,0 +1,208 @@
+//! Packing keys: registered once per license (`PUT /v1/keys`), stored in the ledger, checked on
+//! every request for packed results, and pushed to workers that have not loaded them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use fhe_linear::wire::Header;
+use fhe_linear::PackingKey;
+use ledger::PackingKeyRecord;
+use protocol::{codes, ErrorBody, KeyRegistered};
+use service_kit::ApiError;
+
+use crate::routes::{authenticate, ledger_down, now_ms, record};
+use crate::AppState;
+
+/// Owners of the keys seen recently (key id -> (license id, parameter set id)): requests for
+/// packed results skip the ledger round trip. Keys are immutable, so entries never go stale;
+/// the map is cleared when it grows past its bound.
+#[derive(Default)]
+pub struct KeyOwners(Mutex<HashMap<String, (String, u16)>>);
+
+const OWNERS_BOUND: usize = 100_000;
+
+impl KeyOwners {
+    fn get(&self, key_id: &str) -> Option<(String, u16)> {
+        self.0.lock().expect("key owners").get(key_id).cloned()
+    }
+
+    fn insert(&self, key_id: &str, owner: (String, u16)) {
+        let mut map = self.0.lock().expect("key owners");
+        if map.len() >= OWNERS_BOUND {
+            map.clear();
+        }
+        map.insert(key_id.to_string(), owner);
+    }
+}
+
+/// Registers the caller's packing key (the body: `fhe_linear`'s packing key format) under its
+/// license. Idempotent; the upload is recorded with its size and audited.
+#[utoipa::path(put, path = "/v1/keys", tag = "inference",
+    request_body(content = Vec<u8>, content_type = "application/vnd.hybrid-fhe.packing-key"),
+    security(("license" = [])),
+    responses(
+        (status = 201, description = "registered", body = KeyRegistered),
+        (status = 200, description = "already registered", body = KeyRegistered),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn put_key(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let response = put_key_inner(&state, &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    record(&state, "put_key", &response);
+    response
+}
+
+/// The largest packing key of any parameter set this build knows.
+pub(crate) fn max_key_bytes() -> usize {
+    fhe_linear::PARAMETER_SETS
+        .iter()
+        .filter_map(PackingKey::serialized_len)
+        .max()
+        .unwrap_or(0)
+}
+
+async fn put_key_inner(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let claims = authenticate(state, headers).await?;
+    let body = body.map_err(|e| ApiError::body(e, state.config.max_body_bytes))?;
+    if body.len() > max_key_bytes() {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::BODY_TOO_LARGE,
+            format!("a packing key has at most {} bytes", max_key_bytes()),
+        ));
+    }
+    let key = PackingKey::from_bytes(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, codes::INVALID_KEY, e.to_string()))?;
+    let key_id = protocol::key_id(&claims.jti, &body);
+    let record = PackingKeyRecord {
+        key_id: key_id.clone(),
+        license_id: claims.jti.clone(),
+        customer_id: claims.sub.clone(),
+        parameter_set: key.params().name.to_string(),
+        bytes: body.len() as i64,
+        uploaded_at: now_ms(),
+    };
+    let created = state
+        .ledger
+        .register_packing_key(&record, &body)
+        .await
+        .map_err(ledger_down)?;
+    state
+        .key_owners
+        .insert(&key_id, (claims.jti.clone(), key.params().id.0));
+    if created {
+        state.metrics.key_uploads.inc();
+        state.metrics.key_upload_bytes.inc_by(body.len() as u64);
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(KeyRegistered {
+            key_id,
+            parameter_set: record.parameter_set,
+            bytes: body.len(),
+            created,
+        }),
+    )
+        .into_response())
+}
+
+/// Checks the key a request for packed results names: present, registered, registered by this
+/// license, for the batch's parameter set. Returns its id.
+pub(crate) async fn check_request_key(
+    state: &AppState,
+    headers: &HeaderMap,
+    license_id: &str,
+    batch: &Header,
+) -> Result<String, ApiError> {
+    let key_id = headers
+        .get(protocol::KEY_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| protocol::is_key_id(v))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                codes::KEY_REQUIRED,
+                format!(
+                    "packed results need a registered packing key: PUT {} then send {}",
+                    protocol::keys_path(),
+                    protocol::KEY_ID_HEADER
+                ),
+            )
+        })?
+        .to_string();
+    let owner = match state.key_owners.get(&key_id) {
+        Some(owner) => owner,
+        None => {
+            let (record, _) = state
+                .ledger
+                .packing_key(&key_id)
+                .await
+                .map_err(ledger_down)?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        codes::UNKNOWN_KEY,
+                        format!("no packing key {key_id}"),
+                    )
+                })?;
+            let params = fhe_linear::ParameterSet::by_name(&record.parameter_set)
+                .map(|p| p.id.0)
+                .unwrap_or(0);
+            let owner = (record.license_id, params);
+            state.key_owners.insert(&key_id, owner.clone());
+            owner
+        }
+    };
+    if owner.0 != license_id {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            codes::KEY_NOT_OWNED,
+            "the packing key was registered by another license",
+        ));
+    }
+    if owner.1 != batch.param_set.0 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            codes::KEY_PARAMETER_MISMATCH,
+            "the packing key belongs to another parameter set than the batch",
+        ));
+    }
+    Ok(key_id)
+}
+
+/// The bytes of a registered key, to push to a worker.
+pub(crate) async fn key_bytes(state: &AppState, key_id: &str) -> Result<Bytes, ApiError> {
+    let (_, blob) = state
+        .ledger
+        .packing_key(key_id)
+        .await
+        .map_err(ledger_down)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                codes::UNKNOWN_KEY,
+                format!("no packing key {key_id}"),
+            )
+        })?;
+    Ok(Bytes::from(blob))
+}

@@ -1,0 +1,195 @@
+//! Packed results through the gateway and a worker: key registration, packed requests, refused
+//! keys, and the usage rows each writes.
+
+mod common;
+
+use common::*;
+use fhe_linear::{
+    ClientKey, EncryptedResult, LayerSpec, Limits, PackingKey, HFHE_GLWE_2048_V1, HFHE_GLWE_4096_V1,
+};
+use protocol::{KeyRegistered, ModelLayers};
+
+struct Client {
+    license: String,
+    key: ClientKey,
+    packing: Vec<u8>,
+}
+
+impl Client {
+    fn new(s: &Stack, id: &str) -> Client {
+        let key = ClientKey::generate(&HFHE_GLWE_4096_V1);
+        let packing = PackingKey::generate(&key).unwrap().to_bytes();
+        Client {
+            license: s.key.issue(&claims(id, 1000)).unwrap(),
+            key,
+            packing,
+        }
+    }
+
+    async fn register(&self, s: &Stack, body: Vec<u8>) -> (u16, serde_json::Value) {
+        let answer = reqwest::Client::new()
+            .put(format!("{}/v1/keys", s.url))
+            .bearer_auth(&self.license)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = answer.status().as_u16();
+        let bytes = answer.bytes().await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    /// Posts a batch with an optional key id; returns status, error code and body.
+    async fn post(
+        &self,
+        s: &Stack,
+        query: &str,
+        key_id: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, String, Vec<u8>) {
+        let mut request = reqwest::Client::new()
+            .post(s.apply_url(LAYER))
+            .bearer_auth(&self.license)
+            .header(protocol::QUERY_ID_HEADER, query)
+            .body(body);
+        if let Some(k) = key_id {
+            request = request.header(protocol::KEY_ID_HEADER, k);
+        }
+        let answer = request.send().await.unwrap();
+        let status = answer.status().as_u16();
+        let bytes = answer.bytes().await.unwrap().to_vec();
+        let code = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["code"].as_str().map(String::from))
+            .unwrap_or_default();
+        (status, code, bytes)
+    }
+}
+
+async fn specs(s: &Stack, license: &str) -> (LayerSpec, LayerSpec) {
+    let bytes = reqwest::Client::new()
+        .get(format!("{}/v1/models/tiny/layers", s.url))
+        .bearer_auth(license)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let layers: ModelLayers = serde_json::from_slice(&bytes).unwrap();
+    let info = layers
+        .layers
+        .iter()
+        .find(|l| l.name.as_str() == LAYER)
+        .unwrap();
+    (
+        info.to_spec().unwrap(),
+        info.packed_spec().unwrap().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_results_with_registered_keys_are_exact_metered_and_license_bound() {
+    let s = stack(postgres_url().await, 1, 0).await;
+    let alice = Client::new(&s, "lic-alice");
+    let bob = Client::new(&s, "lic-bob");
+    let (keyless_spec, packed_spec) = specs(&s, &alice.license).await;
+    assert_eq!(packed_spec.params.id, HFHE_GLWE_4096_V1.id);
+
+    // Registration: created once, then idempotent; a damaged key is refused.
+    let (status, body) = alice.register(&s, alice.packing.clone()).await;
+    assert_eq!(status, 201, "{body}");
+    let registered: KeyRegistered = serde_json::from_value(body).unwrap();
+    assert!(registered.created);
+    assert_eq!(registered.bytes, alice.packing.len());
+    let (status, body) = alice.register(&s, alice.packing.clone()).await;
+    assert_eq!((status, body["created"].as_bool()), (200, Some(false)));
+    let (status, body) = alice.register(&s, alice.packing[..1000].to_vec()).await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_key")));
+    let (status, bob_body) = bob.register(&s, bob.packing.clone()).await;
+    assert_eq!(status, 201);
+    let bob_key = bob_body["key_id"].as_str().unwrap().to_string();
+    let records = s.ledger.packing_keys("lic-alice").await.unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].bytes as usize, alice.packing.len());
+
+    // The same activations, keyless and packed, decode to the same Y.
+    let x: Vec<i8> = (0..2 * 64).map(|i| (i * 37 % 256) as u8 as i8).collect();
+    let keyless_key = ClientKey::generate(&HFHE_GLWE_2048_V1);
+    let upload = keyless_key
+        .encrypt(&keyless_spec, &x, 2)
+        .unwrap()
+        .to_bytes();
+    let (status, _, bytes) = alice.post(&s, "q-keyless", None, upload).await;
+    assert_eq!(status, 200);
+    let y_keyless = keyless_key
+        .decrypt(
+            &keyless_spec,
+            &EncryptedResult::from_bytes(&bytes, &Limits::default()).unwrap(),
+        )
+        .unwrap();
+    let packed_upload = alice.key.encrypt(&packed_spec, &x, 2).unwrap().to_bytes();
+    let (status, code, bytes) = alice
+        .post(
+            &s,
+            "q-packed",
+            Some(&registered.key_id),
+            packed_upload.clone(),
+        )
+        .await;
+    assert_eq!(status, 200, "{code}");
+    let result = EncryptedResult::from_bytes(&bytes, &Limits::default()).unwrap();
+    assert_eq!(alice.key.decrypt(&packed_spec, &result).unwrap(), y_keyless);
+    assert!(bytes.len() < packed_upload.len());
+    // The worker had not seen the key: the gateway pushed it once.
+    assert!(s
+        .metrics()
+        .await
+        .contains("gateway_packing_key_pushes_total 1"));
+    let (status, _, _) = alice
+        .post(
+            &s,
+            "q-packed-2",
+            Some(&registered.key_id),
+            packed_upload.clone(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(s
+        .metrics()
+        .await
+        .contains("gateway_packing_key_pushes_total 1"));
+
+    // Refused: no key, an unknown key, another license's key. Nothing is billed for them.
+    for (query, key, expected) in [
+        ("q-nokey", None, (400, "key_required")),
+        (
+            "q-unknown",
+            Some("0123456789abcdef0123456789abcdef"),
+            (404, "unknown_key"),
+        ),
+        ("q-bobs", Some(bob_key.as_str()), (403, "key_not_owned")),
+    ] {
+        let (status, code, _) = alice.post(&s, query, key, packed_upload.clone()).await;
+        assert_eq!((status, code.as_str()), expected, "{query}");
+    }
+
+    let rows = s.ledger.usage_events("lic-alice").await.unwrap();
+    let summary: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| (r.query_id.as_str(), r.results.as_str(), r.key_id.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("q-keyless", "keyless", ""),
+            ("q-packed", "packed", registered.key_id.as_str()),
+            ("q-packed-2", "packed", registered.key_id.as_str()),
+        ]
+    );
+    assert_eq!(rows[1].upload_bytes as usize, packed_upload.len());
+    assert_eq!(s.billable("lic-alice").await, 6);
+    assert!(s.ledger.usage_events("lic-bob").await.unwrap().is_empty());
+    let audit = s.ledger.audit_log(50).await.unwrap();
+    assert_eq!(audit.iter().filter(|e| e.action == "key.upload").count(), 2);
+}
