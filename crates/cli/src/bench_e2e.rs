@@ -97,6 +97,12 @@ pub struct E2eArgs {
     /// Work directory for bundles and the ledger [default: a temporary one, removed after].
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Result encoding of the remote runs: keyless, packed, or auto (the planner's choice).
+    #[arg(long, default_value = "keyless")]
+    results: String,
+    /// What --results auto optimises for: latency or bandwidth.
+    #[arg(long, default_value = "bandwidth")]
+    preference: String,
     #[arg(long)]
     json: bool,
 }
@@ -268,6 +274,8 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
             .args(["--bundle", out.join(SERVER_BUNDLE_FILE).to_str().unwrap()])
             .args(["--listen", &format!("127.0.0.1:{worker_port}")])
             .args(["--metrics-listen", "127.0.0.1:0"])
+            // Packed weight transforms only when packed results can be asked for.
+            .args(["--packed-results", &(args.results != "keyless").to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if let Some(t) = args.worker_threads {
@@ -320,13 +328,21 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
                 model: "model".into(),
                 license: Some(license),
                 stats: Some(stats.clone()),
+                results: hybrid_model::remote::ResultsMode::parse(&args.results, &args.preference)?,
+                keys: None,
             },
         )?;
+        let keys = stats.snapshot();
         let (prefill, decode, ids) =
             timed_generation(&mut model, &prompt, args.tokens, Some(&stats))?;
         let ms = decode.wall / decode.steps.max(1) as f64 * 1e3;
         runs.push(json!({
             "protected": set,
+            "results": args.results,
+            "key_upload_bytes": keys.key_upload_bytes,
+            "keygen_ms": keys.keygen_s * 1e3,
+            "key_upload_ms": keys.key_upload_s * 1e3,
+            "packed_queries": stats.snapshot().packed_queries,
             "protected_layers": layers,
             "compile_s": compile_time.as_secs_f64(),
             "worker_load_s": worker_load_s,

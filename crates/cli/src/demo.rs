@@ -52,6 +52,8 @@ pub struct DemoArgs {
     /// prompts).
     #[arg(long, default_value = "auto")]
     activations: String,
+    #[command(flatten)]
+    results: crate::keys_cmd::ResultsArgs,
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -249,8 +251,22 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         model: model_name.clone(),
         license: Some(license.clone()),
         stats: Some(stats.clone()),
+        results: args.results.mode()?,
+        keys: args.results.keys()?,
     };
     let mut model = build_remote(&client, remote)?;
+    let keys = stats.snapshot();
+    if keys.key_upload_bytes > 0 {
+        step(
+            json_out,
+            &format!(
+                "packed results: packing key of {:.2} MB generated in {:.0} ms, registered in {:.0} ms (once per license)",
+                keys.key_upload_bytes as f64 / 1e6,
+                keys.keygen_s * 1e3,
+                keys.key_upload_s * 1e3
+            ),
+        );
+    }
     let prompt = tokenizer
         .encode(args.prompt.as_str(), false)
         .map_err(anyhow::Error::msg)?
@@ -269,7 +285,7 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     let mut split = Split::default();
     let mut prefill = Split::default();
     let started = Instant::now();
-    let mut last = (Instant::now(), stats.snapshot());
+    let mut last = (Instant::now(), keys);
     let tokens = generate(&mut model, &prompt, &options, |t| {
         let snapshot = stats.snapshot();
         let wall = last.0.elapsed().as_secs_f64();
@@ -374,6 +390,13 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         "per_token": split.per_token(),
         "decode_tokens": decode_tokens,
         "queries": totals.queries,
+        "results": args.results.results,
+        "packed_queries": totals.packed_queries,
+        "packing_key": json!({
+            "bytes": totals.key_upload_bytes,
+            "keygen_ms": totals.keygen_s * 1e3,
+            "upload_ms": totals.key_upload_s * 1e3,
+        }),
         "upload_bytes_total": totals.upload_bytes,
         "download_bytes_total": totals.download_bytes,
         "billed_tokens": billed,
@@ -424,6 +447,14 @@ fn print_summary(report: &serde_json::Value, split: &Split, prefill: &Split) {
         ms(&p, "upload_bytes") / 1e3,
         ms(&p, "download_bytes") / 1e3,
     );
+    if report["packed_queries"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "    results: {} of {} queries packed (key {:.2} MB, uploaded once)",
+            report["packed_queries"],
+            report["queries"],
+            report["packing_key"]["bytes"].as_f64().unwrap_or(0.0) / 1e6
+        );
+    }
     println!(
         "==> usage billed by the ledger ({})",
         report["ledger"].as_str().unwrap_or("")

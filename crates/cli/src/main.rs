@@ -8,6 +8,7 @@ mod bench_accuracy;
 mod bench_e2e;
 mod bench_gateway;
 mod demo;
+mod keys_cmd;
 mod license_cmd;
 mod local;
 mod model_cmd;
@@ -39,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         what: license_cmd::LicenseCommand,
     },
+    /// The client's keys for packed results.
+    Keys {
+        #[command(subcommand)]
+        what: keys_cmd::KeysCommand,
+    },
     /// Usage ledger maintenance.
     Usage {
         #[command(subcommand)]
@@ -59,6 +65,7 @@ fn main() -> Result<()> {
         Command::Compile(args) => model_cmd::compile_cmd(args),
         Command::Generate(args) => model_cmd::generate_cmd(args),
         Command::License { what } => license_cmd::run(what),
+        Command::Keys { what } => keys_cmd::run(what),
         Command::Usage { what } => usage_cmd::run(what),
         Command::Synth(args) => bench_e2e::synth(args),
         Command::Bench { what } => bench::run(what),

@@ -310,6 +310,8 @@ pub struct GenerateArgs {
     /// Remote mode: the license token (JWT).
     #[arg(long, env = "HYBRID_LICENSE", hide_env_values = true)]
     license: Option<String>,
+    #[command(flatten)]
+    results: crate::keys_cmd::ResultsArgs,
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -331,6 +333,8 @@ pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
                         model: client.manifest.model.clone(),
                         license: args.license.clone(),
                         stats: None,
+                        results: args.results.mode()?,
+                        keys: args.results.keys()?,
                     };
                     build_remote(&client, remote)?
                 } else {

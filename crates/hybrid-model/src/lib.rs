@@ -104,6 +104,8 @@ pub enum ModelError {
     Wire(#[from] fhe_linear::WireError),
     #[error(transparent)]
     Quant(#[from] quant::QuantError),
+    #[error("key files: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Builds a model from checkpoint tensors with `protect` (names or patterns) running in `mode`.

@@ -6,8 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use fhe_linear::{ClientKey, EncryptedResult, LayerSpec, Limits};
-use protocol::{ErrorBody, ModelLayers, Name};
+use fhe_linear::{
+    ClientKey, EncryptedResult, LayerSpec, Limits, PackingKey, Planner, Preference, ResultEncoding,
+};
+use protocol::{ErrorBody, KeyRegistered, ModelLayers, Name};
 
 use crate::backend::ProtectedBackend;
 use crate::linear::ClientLayer;
@@ -24,6 +26,88 @@ pub struct RemoteConfig {
     pub license: Option<String>,
     /// Where to count time and bytes, if the caller wants them (see [`RemoteStats`]).
     pub stats: Option<Arc<RemoteStats>>,
+    /// How results come back (see [`ResultsMode`]).
+    pub results: ResultsMode,
+    /// The keys for packed results, if the caller keeps them (`hybrid keys gen`); otherwise
+    /// fresh ones are generated and registered when packed results are used.
+    pub keys: Option<Arc<PackedKeys>>,
+}
+
+/// Which result encoding the client asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultsMode {
+    /// One ciphertext per output block: no key, more bytes down.
+    Keyless,
+    /// Packed with the client's registered packing key: a one-time upload, fewer bytes.
+    Packed,
+    /// The planner's choice per request, for what the client cares about.
+    Auto(Preference),
+}
+
+impl ResultsMode {
+    /// `keyless`, `packed` or `auto` (with `preference`: `latency` or `bandwidth`).
+    pub fn parse(results: &str, preference: &str) -> Result<Self, ModelError> {
+        let preference = Preference::parse(preference).ok_or_else(|| {
+            ModelError::Bundle(format!(
+                "unknown preference `{preference}`: latency or bandwidth"
+            ))
+        })?;
+        match results {
+            "keyless" => Ok(ResultsMode::Keyless),
+            "packed" => Ok(ResultsMode::Packed),
+            "auto" => Ok(ResultsMode::Auto(preference)),
+            other => Err(ModelError::Bundle(format!(
+                "unknown results `{other}`: keyless, packed or auto"
+            ))),
+        }
+    }
+}
+
+/// A client's keys for packed results: its secret key of the packed parameter set and the
+/// public packing key derived from it. `Debug` prints neither.
+#[derive(Debug)]
+pub struct PackedKeys {
+    pub secret: ClientKey,
+    pub packing: PackingKey,
+}
+
+const SECRET_FILE: &str = "packed-secret.key";
+const PACKING_FILE: &str = "packing.key";
+
+impl PackedKeys {
+    /// Fresh keys for the packed parameter set.
+    pub fn generate() -> Result<Self, ModelError> {
+        let secret = ClientKey::generate(&fhe_linear::HFHE_GLWE_4096_V1);
+        let packing = PackingKey::generate(&secret)?;
+        Ok(PackedKeys { secret, packing })
+    }
+
+    /// Writes the secret key (owner-only permissions) and the packing key into `dir`.
+    pub fn save(&self, dir: &std::path::Path) -> Result<(), ModelError> {
+        std::fs::create_dir_all(dir)?;
+        let secret = dir.join(SECRET_FILE);
+        std::fs::write(&secret, self.secret.export_secret())?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
+        }
+        std::fs::write(dir.join(PACKING_FILE), self.packing.to_bytes())?;
+        Ok(())
+    }
+
+    /// Reads keys written by [`PackedKeys::save`], checking that they belong together is left to
+    /// the service's answers (a mismatched pair decrypts nothing).
+    pub fn load(dir: &std::path::Path) -> Result<Self, ModelError> {
+        let secret = ClientKey::import_secret(&std::fs::read(dir.join(SECRET_FILE))?)?;
+        let packing = PackingKey::from_bytes(&std::fs::read(dir.join(PACKING_FILE))?)?;
+        if secret.params().id != packing.params().id {
+            return Err(ModelError::Bundle(
+                "secret and packing keys of different parameter sets".into(),
+            ));
+        }
+        Ok(PackedKeys { secret, packing })
+    }
 }
 
 /// Running totals of the remote calls of a model: where the time of a protected layer goes
@@ -39,6 +123,10 @@ pub struct RemoteStats {
     decrypt_ns: AtomicU64,
     upload_bytes: AtomicU64,
     download_bytes: AtomicU64,
+    packed_queries: AtomicU64,
+    keygen_ns: AtomicU64,
+    key_upload_ns: AtomicU64,
+    key_upload_bytes: AtomicU64,
 }
 
 /// The totals of [`RemoteStats`] at one moment.
@@ -56,6 +144,12 @@ pub struct StatsSnapshot {
     pub decrypt_s: f64,
     pub upload_bytes: u64,
     pub download_bytes: u64,
+    /// Queries answered with packed results.
+    pub packed_queries: u64,
+    /// One-time costs of packed results: key generation, key registration and its size.
+    pub keygen_s: f64,
+    pub key_upload_s: f64,
+    pub key_upload_bytes: u64,
 }
 
 impl std::ops::Sub for StatsSnapshot {
@@ -70,6 +164,10 @@ impl std::ops::Sub for StatsSnapshot {
             decrypt_s: self.decrypt_s - o.decrypt_s,
             upload_bytes: self.upload_bytes - o.upload_bytes,
             download_bytes: self.download_bytes - o.download_bytes,
+            packed_queries: self.packed_queries - o.packed_queries,
+            keygen_s: self.keygen_s - o.keygen_s,
+            key_upload_s: self.key_upload_s - o.key_upload_s,
+            key_upload_bytes: self.key_upload_bytes - o.key_upload_bytes,
         }
     }
 }
@@ -86,6 +184,10 @@ impl std::ops::Add for StatsSnapshot {
             decrypt_s: self.decrypt_s + o.decrypt_s,
             upload_bytes: self.upload_bytes + o.upload_bytes,
             download_bytes: self.download_bytes + o.download_bytes,
+            packed_queries: self.packed_queries + o.packed_queries,
+            keygen_s: self.keygen_s + o.keygen_s,
+            key_upload_s: self.key_upload_s + o.key_upload_s,
+            key_upload_bytes: self.key_upload_bytes + o.key_upload_bytes,
         }
     }
 }
@@ -102,6 +204,10 @@ impl RemoteStats {
             decrypt_s: s(&self.decrypt_ns),
             upload_bytes: self.upload_bytes.load(Ordering::Relaxed),
             download_bytes: self.download_bytes.load(Ordering::Relaxed),
+            packed_queries: self.packed_queries.load(Ordering::Relaxed),
+            keygen_s: s(&self.keygen_ns),
+            key_upload_s: s(&self.key_upload_ns),
+            key_upload_bytes: self.key_upload_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -110,13 +216,29 @@ fn add_time(counter: &AtomicU64, since: Instant) {
     counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
+/// How the service computes one layer: keyless, and packed when it offers it.
+struct Served {
+    name: Name,
+    keyless: LayerSpec,
+    packed: Option<LayerSpec>,
+}
+
+/// Packed results in use: the keys and the id the service registered them under.
+struct Registered {
+    keys: Arc<PackedKeys>,
+    key_id: String,
+}
+
 /// Protected layers over HTTP.
 pub struct RemoteBackend {
     agent: ureq::Agent,
     config: RemoteConfig,
     model: Name,
     key: ClientKey,
-    specs: HashMap<String, (Name, LayerSpec)>,
+    specs: HashMap<String, Served>,
+    /// Registered on the first request that uses packed results.
+    packed: std::sync::Mutex<Option<Arc<Registered>>>,
+    planner: Planner,
     max_answer_bytes: u64,
 }
 
@@ -188,20 +310,130 @@ impl RemoteBackend {
                     layer.name, info.d_in, info.d_out, layer.d_in, layer.d_out
                 )));
             }
-            let spec = info
+            let keyless = info
                 .to_spec()
                 .map_err(|e| ModelError::Bundle(e.to_string()))?;
-            specs.insert(layer.name.clone(), (info.name.clone(), spec));
+            let packed = info
+                .packed_spec()
+                .transpose()
+                .map_err(|e| ModelError::Bundle(e.to_string()))?;
+            if config.results == ResultsMode::Packed && packed.is_none() {
+                return Err(ModelError::Bundle(format!(
+                    "the service offers no packed results for layer `{}`",
+                    layer.name
+                )));
+            }
+            specs.insert(
+                layer.name.clone(),
+                Served {
+                    name: info.name.clone(),
+                    keyless,
+                    packed,
+                },
+            );
         }
         let key = ClientKey::generate(&fhe_linear::HFHE_GLWE_2048_V1);
-        Ok(RemoteBackend {
+        let backend = RemoteBackend {
             agent,
             config,
             model,
             key,
             specs,
+            packed: std::sync::Mutex::new(None),
+            planner: Planner::default(),
             max_answer_bytes: 256 << 20,
+        };
+        // With packed results asked for, register the key now: its cost is paid up front.
+        if backend.config.results == ResultsMode::Packed {
+            backend.registered()?;
+        }
+        Ok(backend)
+    }
+
+    /// The registered packing key, registering it on first use.
+    fn registered(&self) -> Result<Arc<Registered>, ModelError> {
+        let mut slot = self.packed.lock().expect("packing key slot");
+        if let Some(r) = &*slot {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(self.register_keys()?);
+        *slot = Some(r.clone());
+        Ok(r)
+    }
+
+    /// The spec a request of `tokens` rows uses.
+    fn choose(&self, served: &Served, tokens: usize) -> Option<LayerSpec> {
+        match self.config.results {
+            ResultsMode::Keyless => Some(served.keyless),
+            ResultsMode::Packed => served.packed,
+            ResultsMode::Auto(preference) => {
+                let plans: Vec<_> = std::iter::once(served.keyless)
+                    .chain(served.packed)
+                    .map(|spec| self.planner.cost_of(spec, tokens))
+                    .collect();
+                self.planner.pick(&plans, preference).map(|p| p.spec)
+            }
+        }
+    }
+
+    /// Generates (or takes the configured) packing keys and registers them with the service.
+    fn register_keys(&self) -> Result<Registered, ModelError> {
+        let stats = self.config.stats.as_deref();
+        let keys = match &self.config.keys {
+            Some(keys) => keys.clone(),
+            None => {
+                let started = Instant::now();
+                let keys = Arc::new(PackedKeys::generate()?);
+                if let Some(st) = stats {
+                    add_time(&st.keygen_ns, started);
+                }
+                keys
+            }
+        };
+        let bytes = keys.packing.to_bytes();
+        let started = Instant::now();
+        let url = format!(
+            "{}{}",
+            self.config.url.trim_end_matches('/'),
+            protocol::keys_path()
+        );
+        let mut request = self
+            .agent
+            .put(&url)
+            .header("content-type", protocol::PACKING_KEY_CONTENT_TYPE);
+        if let Some(license) = &self.config.license {
+            request = request.header("authorization", &format!("Bearer {license}"));
+        }
+        let mut answer = request.send(&bytes[..]).map_err(transport)?;
+        let status = answer.status().as_u16();
+        let body = answer
+            .body_mut()
+            .with_config()
+            .limit(1 << 20)
+            .read_to_vec()
+            .map_err(transport)?;
+        if !(200..300).contains(&status) {
+            return Err(answer_error(status, &body));
+        }
+        let registered: KeyRegistered = serde_json::from_slice(&body).map_err(transport)?;
+        if let Some(st) = stats {
+            add_time(&st.key_upload_ns, started);
+            st.key_upload_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        Ok(Registered {
+            keys,
+            key_id: registered.key_id,
         })
+    }
+
+    /// The id of the registered packing key, once packed results were used.
+    pub fn packing_key_id(&self) -> Option<String> {
+        self.packed
+            .lock()
+            .expect("packing key slot")
+            .as_ref()
+            .map(|r| r.key_id.clone())
     }
 
     /// Status, body and the service's reported compute time in ms.
@@ -209,6 +441,7 @@ impl RemoteBackend {
         &self,
         url: &str,
         query_id: &str,
+        key_id: Option<&str>,
         body: &[u8],
     ) -> Result<(u16, Vec<u8>, f64), ModelError> {
         let mut request = self
@@ -216,6 +449,9 @@ impl RemoteBackend {
             .post(url)
             .header("content-type", protocol::CIPHERTEXT_CONTENT_TYPE)
             .header(protocol::QUERY_ID_HEADER, query_id);
+        if let Some(key_id) = key_id {
+            request = request.header(protocol::KEY_ID_HEADER, key_id);
+        }
         if let Some(license) = &self.config.license {
             request = request.header("authorization", &format!("Bearer {license}"));
         }
@@ -239,13 +475,25 @@ impl RemoteBackend {
 
 impl ProtectedBackend for RemoteBackend {
     fn apply(&self, layer: &str, x: &[i8], tokens: usize) -> Result<Vec<i64>, ModelError> {
-        let (name, spec) = self
+        let served = self
             .specs
             .get(layer)
             .ok_or_else(|| ModelError::MissingLayer(layer.to_string()))?;
+        let spec = &self
+            .choose(served, tokens)
+            .ok_or_else(|| ModelError::MissingLayer(layer.to_string()))?;
+        let registered = match spec.encoding {
+            ResultEncoding::Packed => Some(self.registered()?),
+            ResultEncoding::Keyless => None,
+        };
+        let (key, key_id) = match &registered {
+            Some(r) => (&r.keys.secret, Some(r.key_id.as_str())),
+            None => (&self.key, None),
+        };
+        let name = &served.name;
         let stats = self.config.stats.as_deref();
         let started = Instant::now();
-        let upload = self.key.encrypt(spec, x, tokens)?.to_bytes();
+        let upload = key.encrypt(spec, x, tokens)?.to_bytes();
         if let Some(st) = stats {
             add_time(&st.encrypt_ns, started);
         }
@@ -257,9 +505,9 @@ impl ProtectedBackend for RemoteBackend {
         // One query id per query: a retry after a lost connection is billed once.
         let query_id = uuid::Uuid::new_v4().to_string();
         let sent = Instant::now();
-        let (status, body, compute_ms) = match self.post(&url, &query_id, &upload) {
+        let (status, body, compute_ms) = match self.post(&url, &query_id, key_id, &upload) {
             Ok(answer) => answer,
-            Err(_) => self.post(&url, &query_id, &upload)?,
+            Err(_) => self.post(&url, &query_id, key_id, &upload)?,
         };
         if let Some(st) = stats {
             add_time(&st.network_ns, sent);
@@ -271,10 +519,13 @@ impl ProtectedBackend for RemoteBackend {
         }
         let received = Instant::now();
         let result = EncryptedResult::from_bytes(&body, &Limits::default())?;
-        let y = self.key.decrypt(spec, &result)?;
+        let y = key.decrypt(spec, &result)?;
         if let Some(st) = stats {
             add_time(&st.decrypt_ns, received);
             st.queries.fetch_add(1, Ordering::Relaxed);
+            if key_id.is_some() {
+                st.packed_queries.fetch_add(1, Ordering::Relaxed);
+            }
             st.rows.fetch_add(tokens as u64, Ordering::Relaxed);
             st.upload_bytes
                 .fetch_add(upload.len() as u64, Ordering::Relaxed);

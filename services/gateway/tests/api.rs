@@ -34,6 +34,8 @@ async fn remote_generation_through_the_gateway_is_exact_and_billed() {
             model: "tiny".into(),
             license: Some(lic),
             stats: None,
+            results: hybrid_model::remote::ResultsMode::Keyless,
+            keys: None,
         };
         let mut model = hybrid_model::build_remote(&client, remote).unwrap();
         assert_eq!(

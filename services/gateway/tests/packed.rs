@@ -193,3 +193,58 @@ async fn packed_results_with_registered_keys_are_exact_metered_and_license_bound
     let audit = s.ledger.audit_log(50).await.unwrap();
     assert_eq!(audit.iter().filter(|e| e.action == "key.upload").count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_generation_with_packed_results_matches_simulation() {
+    use hybrid_model::remote::{PackedKeys, RemoteConfig, RemoteStats, ResultsMode};
+    let db = tempfile::tempdir().unwrap();
+    let s = stack(sqlite_url(&db), 1, 0).await;
+    let license = s.key.issue(&claims("lic-sdk", 1000)).unwrap();
+    let (url, client_dir) = (s.url.clone(), s.client_dir.clone());
+    let stats = std::sync::Arc::new(RemoteStats::default());
+    let st = stats.clone();
+    tokio::task::spawn_blocking(move || {
+        let client = hybrid_model::bundle::load_client_bundle(&client_dir).unwrap();
+        let server = hybrid_model::bundle::load_server_bundle(
+            &client_dir.parent().unwrap().join("server.safetensors"),
+        )
+        .unwrap();
+        let prompt = [6, 60, 19, 40, 72];
+        let options = hybrid_model::GenerateOptions {
+            max_tokens: 4,
+            ..Default::default()
+        };
+        let mut simulate =
+            hybrid_model::build_from_bundles(&client, Some(&server), hybrid_model::Mode::Simulate)
+                .unwrap();
+        let want = hybrid_model::generate(&mut simulate, &prompt, &options, |_| {}).unwrap();
+        // Keys kept by the client (as `hybrid keys gen` writes them) and reused.
+        let dir = tempfile::tempdir().unwrap();
+        PackedKeys::generate().unwrap().save(dir.path()).unwrap();
+        let keys = std::sync::Arc::new(PackedKeys::load(dir.path()).unwrap());
+        let remote = RemoteConfig {
+            url,
+            model: "tiny".into(),
+            license: Some(license),
+            stats: Some(st),
+            results: ResultsMode::Packed,
+            keys: Some(keys),
+        };
+        let mut model = hybrid_model::build_remote(&client, remote).unwrap();
+        assert_eq!(
+            hybrid_model::generate(&mut model, &prompt, &options, |_| {}).unwrap(),
+            want
+        );
+    })
+    .await
+    .unwrap();
+    let totals = stats.snapshot();
+    assert_eq!(totals.packed_queries, totals.queries);
+    assert!(totals.key_upload_bytes > 1_000_000);
+    let rows = s.ledger.usage_events("lic-sdk").await.unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(rows
+        .iter()
+        .all(|r| r.results == "packed" && protocol::is_key_id(&r.key_id)));
+    assert_eq!(s.billable("lic-sdk").await, 8);
+}

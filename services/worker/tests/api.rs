@@ -90,6 +90,8 @@ async fn remote_generation_through_a_worker_equals_the_simulation() {
             model: "tiny".into(),
             license: None,
             stats: None,
+            results: hybrid_model::remote::ResultsMode::Keyless,
+            keys: None,
         };
         let mut model = build_remote(&client, remote).unwrap();
         assert_eq!(
@@ -101,6 +103,8 @@ async fn remote_generation_through_a_worker_equals_the_simulation() {
             model: "tiny".into(),
             license: None,
             stats: None,
+            results: hybrid_model::remote::ResultsMode::Keyless,
+            keys: None,
         };
         assert!(build_remote(&client, wrong).is_err());
     })
