@@ -123,7 +123,7 @@ fn add_rotated(p: &[u64], s: usize, out: &mut [u64]) {
 
 /// The automorphism exponent of level index `k` (1 = the last level, `g = N + 1`).
 pub fn galois_element(n: usize, k: u32) -> usize {
-    1 + (2 * n >> k)
+    1 + ((2 * n) >> k)
 }
 
 /// Splits a 64-bit value for the key switch's FFT: `v = hi * 2^42 + lo`, both signed.

@@ -333,3 +333,85 @@ async fn shutdown_finishes_requests_in_flight() {
         .unwrap()
         .unwrap();
 }
+
+/// Sends with headers; returns status and the error code (if any).
+fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    let mut request = ureq::http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let mut answer = agent().run(request.body(body.to_vec()).unwrap()).unwrap();
+    let status = answer.status().as_u16();
+    let bytes = answer.body_mut().read_to_vec().unwrap();
+    let code = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["code"].as_str().map(String::from))
+        .unwrap_or_default();
+    (status, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_requests_need_a_loaded_key_of_the_same_license() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, server_path) = compile_tiny(dir.path());
+    let worker = spawn_worker(server_path, 64 << 20).await;
+    let url = worker.url.clone();
+    tokio::task::spawn_blocking(move || {
+        let layers: protocol::ModelLayers = serde_json::from_slice(
+            &agent()
+                .get(format!("{url}/v1/models/tiny/layers"))
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_vec()
+                .unwrap(),
+        )
+        .unwrap();
+        let spec = layers.layers[0].packed_spec().unwrap().unwrap();
+        let apply = format!(
+            "{url}/v1/models/tiny/layers/{}/apply",
+            layers.layers[0].name
+        );
+        let key = fhe_linear::ClientKey::generate(spec.params);
+        let packing = fhe_linear::PackingKey::generate(&key).unwrap().to_bytes();
+        let key_id = protocol::key_id("lic-a", &packing);
+        let key_url = format!("{url}{}", protocol::key_path(&key_id));
+        let batch = key
+            .encrypt(&spec, &vec![1i8; spec.shape.d_in], 1)
+            .unwrap()
+            .to_bytes();
+        let as_a = [
+            (protocol::KEY_ID_HEADER, key_id.as_str()),
+            (protocol::LICENSE_ID_HEADER, "lic-a"),
+        ];
+        // Not loaded yet: the gateway is told to push it.
+        assert_eq!(
+            send("POST", &apply, &as_a, &batch),
+            (409, "key_not_loaded".into())
+        );
+        // A key id that is not the key's (or another license's) is refused.
+        let as_b = [(protocol::LICENSE_ID_HEADER, "lic-b")];
+        assert_eq!(
+            send("PUT", &key_url, &as_b, &packing),
+            (400, "invalid_key".into())
+        );
+        let as_a_only = [(protocol::LICENSE_ID_HEADER, "lic-a")];
+        assert_eq!(send("PUT", &key_url, &as_a_only, &packing[..500]).0, 400);
+        assert_eq!(send("PUT", &key_url, &as_a_only, &packing).0, 200);
+        assert_eq!(send("POST", &apply, &as_a, &batch).0, 200);
+        let wrong_license = [
+            (protocol::KEY_ID_HEADER, key_id.as_str()),
+            (protocol::LICENSE_ID_HEADER, "lic-b"),
+        ];
+        assert_eq!(
+            send("POST", &apply, &wrong_license, &batch),
+            (403, "key_not_owned".into())
+        );
+        assert_eq!(
+            send("POST", &apply, &as_a_only, &batch),
+            (400, "key_required".into())
+        );
+    })
+    .await
+    .unwrap();
+}
