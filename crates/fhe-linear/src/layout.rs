@@ -129,6 +129,12 @@ impl LayerSpec {
                     params.name
                 ))
             })?;
+            if packing.base_log == 0 || packing.base_log * packing.levels > 64 {
+                return Err(FheError::InvalidLayout(format!(
+                    "packing decomposition 2^{} x {} does not fit 64 bits",
+                    packing.base_log, packing.levels
+                )));
+            }
             if layout.n_i > 1 << packing.max_depth {
                 return Err(FheError::InvalidLayout(format!(
                     "n_i={} needs more than the {} packing levels of {}",

@@ -28,6 +28,34 @@
 //! the input blocks and returns, for each product, its full mask and only the useful coefficients
 //! of its body. No evaluation key is needed. Products are exact ([`fourier`]).
 //!
+//! # Packed results
+//!
+//! A second result encoding ([`ResultEncoding::Packed`], parameter set [`HFHE_GLWE_4096_V1`]) merges
+//! the products of `n_i` output blocks into one full ciphertext with the client's packing key
+//! ([`packing`]: automorphisms and key switching, `log2 n_i` levels), so that each output costs
+//! about two coefficients of download instead of `n_i`. The client generates the key once
+//! ([`PackingKey::generate`], 1.3 MB, seeded); the server prepares it once
+//! ([`PreparedPackingKey::prepare`]) and calls [`CompiledLayer::apply_packed`]. The results are
+//! exactly the keyless ones. [`plan`] chooses between the encodings and among block splits.
+//!
+//! ```
+//! use fhe_linear::*;
+//!
+//! let shape = LayerShape::new(256, 100);
+//! let layout = BlockLayout { n_i: 64, n_o: 64, t_b: 1 };
+//! let spec = LayerSpec::packed(&HFHE_GLWE_4096_V1, shape, layout).unwrap();
+//! let (w, b) = (vec![5i8; 256 * 100], vec![-3i64; 100]);
+//! let x: Vec<i8> = (0..256).map(|i| (i % 200 - 100) as i8).collect();
+//!
+//! let key = ClientKey::generate(&HFHE_GLWE_4096_V1);                  // client
+//! let packing = PackingKey::generate(&key).unwrap().to_bytes();        // client -> server, once
+//! let prepared = PreparedPackingKey::prepare(&PackingKey::from_bytes(&packing).unwrap());
+//! let layer = CompiledLayer::compile(spec, &w, &b).unwrap();           // server, once
+//! let batch = key.encrypt(&spec, &x, 1).unwrap();                      // client -> server
+//! let (result, _, _) = layer.apply_packed(&batch, &prepared).unwrap(); // server -> client
+//! assert_eq!(key.decrypt(&spec, &result).unwrap(), simulate(shape, &x, 1, &w, &b));
+//! ```
+//!
 //! # Noise budget
 //!
 //! See [`noise`]: encryption noise, its growth through the product (every output collects the
@@ -35,7 +63,8 @@
 //! `sigma^2 * ||W_block||_F^2`, budgeted for the worst weights), and the rounding of the
 //! modulus switches on upload and download. Wire precisions are the cheapest that keep the
 //! failure probability below 2^-40 per output (Gaussian tail, 7.2 standard deviations) with half
-//! a bit to spare; a test measures the noise and checks it against the model.
+//! a bit to spare; a test measures the noise and checks it against the model. Packed results add
+//! the packing levels' doubling and key-switch noise to the same budget (see [`noise`]).
 //!
 //! # What each side learns
 //!

@@ -98,9 +98,9 @@ impl Default for Planner {
         Planner {
             ns_per_input_coefficient: 88.0,
             ns_per_mac: 0.9,
-            ns_per_keyswitch_coefficient: 37.0,
+            ns_per_keyswitch_coefficient: 50.0,
             link_mbit_s: 100.0,
-            max_slowdown: 3.0,
+            max_slowdown: 4.0,
             max_t_b: 16,
         }
     }

@@ -239,3 +239,29 @@ fn packing_keys_are_validated() {
     )
     .is_err());
 }
+
+#[test]
+fn the_packing_decomposition_is_the_smallest_that_keeps_the_deepest_packing_exact() {
+    // The worst supported case: d_in = 8192 (the largest plaintext window of phi-1.5's layers)
+    // packed 512 at a time (the key's depth). Bases above 2^11 lose exactness in the f64 FFT.
+    let shape = LayerShape::new(8192, 2048);
+    let layout = BlockLayout {
+        n_i: 512,
+        n_o: 8,
+        t_b: 1,
+    };
+    let fits = |base_log: u32, levels: u32| {
+        let mut params = HFHE_GLWE_4096_V1;
+        let packing = params.packing.as_mut().unwrap();
+        (packing.base_log, packing.levels) = (base_log, levels);
+        let params: &'static ParameterSet = Box::leak(Box::new(params));
+        LayerSpec::packed(params, shape, layout).is_ok()
+    };
+    let chosen = HFHE_GLWE_4096_V1.packing.unwrap();
+    assert!(fits(chosen.base_log, chosen.levels));
+    for levels in 1..chosen.levels {
+        for base_log in 1..=11 {
+            assert!(!fits(base_log, levels), "2^{base_log} x {levels} would do");
+        }
+    }
+}
