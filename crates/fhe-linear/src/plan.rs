@@ -223,6 +223,41 @@ impl Planner {
             .ok_or_else(|| FheError::InvalidLayout(format!("no layout fits layer {shape}")))
     }
 
+    /// The layout of `encoding` a server should offer for requests of `tokens` rows: the fewest
+    /// bytes among its layouts whose server time stays within [`Planner::max_slowdown`] of the
+    /// fastest layout of *any* encoding (else its fastest layout).
+    pub fn offer(
+        &self,
+        shape: LayerShape,
+        tokens: usize,
+        encoding: ResultEncoding,
+    ) -> Result<Plan, FheError> {
+        let tokens = tokens.max(1);
+        let own = self.candidates(shape, tokens, encoding);
+        let fastest = [ResultEncoding::Keyless, ResultEncoding::Packed]
+            .iter()
+            .flat_map(|e| self.candidates(shape, tokens, *e))
+            .map(|p| p.server_ms)
+            .fold(f64::INFINITY, f64::min);
+        let limit = fastest * self.max_slowdown;
+        own.iter()
+            .filter(|p| p.server_ms <= limit)
+            .min_by(|a, b| {
+                a.cost
+                    .bytes
+                    .cmp(&b.cost.bytes)
+                    .then(a.server_ms.total_cmp(&b.server_ms))
+            })
+            .or_else(|| {
+                own.iter()
+                    .min_by(|a, b| a.server_ms.total_cmp(&b.server_ms))
+            })
+            .copied()
+            .ok_or_else(|| {
+                FheError::InvalidLayout(format!("no {encoding} layout fits layer {shape}"))
+            })
+    }
+
     /// Costs a given spec (e.g. one a server offers).
     pub fn cost_of(&self, spec: LayerSpec, tokens: usize) -> Plan {
         self.costed(spec, tokens.max(1))
@@ -251,6 +286,11 @@ mod tests {
             .unwrap();
         assert_eq!(keyless.spec.params.id, HFHE_GLWE_2048_V1.id);
         assert_eq!(keyless.key_bytes, 0);
+        // What a server offers for packed results: within reach of the keyless time.
+        let offer = planner.offer(shape, 1, ResultEncoding::Packed).unwrap();
+        assert_eq!(offer.spec.encoding, ResultEncoding::Packed);
+        assert!(offer.bytes_per_token() < 500_000.0, "{offer:?}");
+        assert!(offer.server_ms <= planner.max_slowdown * fast.server_ms.min(keyless.server_ms));
     }
 }
 

@@ -164,6 +164,18 @@ pub struct CustomerUsage {
     pub billable_tokens: i64,
     /// The license's usage over the requested window.
     pub report: UsageReport,
+    /// Packing keys the license registered (one-time uploads for packed results).
+    #[serde(default)]
+    pub packing_keys: Vec<PackingKeyUpload>,
+}
+
+/// One packing key upload, as part of a license's usage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PackingKeyUpload {
+    pub key_id: String,
+    pub parameter_set: String,
+    pub bytes: i64,
+    pub uploaded_at_ms: i64,
 }
 
 /// A license as administrators see it.

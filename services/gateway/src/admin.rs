@@ -219,6 +219,19 @@ pub(crate) async fn customer_usage(
             .collect();
         let f = filter(&q, period)?;
         let report = report(&state.ledger, &q, f, dims).await?;
+        let packing_keys = state
+            .ledger
+            .packing_keys(&claims.jti)
+            .await
+            .map_err(ledger_down)?
+            .into_iter()
+            .map(|k| PackingKeyUpload {
+                key_id: k.key_id,
+                parameter_set: k.parameter_set,
+                bytes: k.bytes,
+                uploaded_at_ms: k.uploaded_at,
+            })
+            .collect();
         Ok::<_, ApiError>(Json(CustomerUsage {
             license_id: claims.jti,
             customer: claims.sub,
@@ -228,6 +241,7 @@ pub(crate) async fn customer_usage(
             quota_tokens: claims.quota_tokens,
             billable_tokens: billed,
             report,
+            packing_keys,
         }))
     }
     .await;

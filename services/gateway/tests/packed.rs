@@ -190,6 +190,20 @@ async fn packed_results_with_registered_keys_are_exact_metered_and_license_bound
     assert_eq!(rows[1].upload_bytes as usize, packed_upload.len());
     assert_eq!(s.billable("lic-alice").await, 6);
     assert!(s.ledger.usage_events("lic-bob").await.unwrap().is_empty());
+    // The key upload is part of the license's usage, as the customer sees it.
+    let usage = reqwest::Client::new()
+        .get(format!("{}/v1/usage", s.url))
+        .bearer_auth(&alice.license)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let usage: protocol::admin::CustomerUsage = serde_json::from_slice(&usage).unwrap();
+    assert_eq!(usage.packing_keys.len(), 1);
+    assert_eq!(usage.packing_keys[0].key_id, registered.key_id);
+    assert_eq!(usage.packing_keys[0].bytes as usize, alice.packing.len());
     let audit = s.ledger.audit_log(50).await.unwrap();
     assert_eq!(audit.iter().filter(|e| e.action == "key.upload").count(), 2);
 }

@@ -94,20 +94,15 @@ pub struct AppState {
     pub keys: keys::KeyCache,
 }
 
-/// The packed-result spec a worker offers for a layer: the planner's choice for bandwidth at one
-/// token per request.
+/// The packed-result spec a worker offers for a layer: the planner's offer for one token per
+/// request (the fewest bytes within reach of the keyless server time).
 pub fn packed_spec(shape: fhe_linear::LayerShape) -> Result<LayerSpec, fhe_linear::FheError> {
     let planner = fhe_linear::Planner {
         max_t_b: 1,
         ..fhe_linear::Planner::default()
     };
     Ok(planner
-        .plan(
-            shape,
-            1,
-            fhe_linear::Preference::Bandwidth,
-            &[fhe_linear::ResultEncoding::Packed],
-        )?
+        .offer(shape, 1, fhe_linear::ResultEncoding::Packed)?
         .spec)
 }
 
