@@ -332,9 +332,10 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
                 keys: None,
             },
         )?;
-        let keys = stats.snapshot();
         let (prefill, decode, ids) =
             timed_generation(&mut model, &prompt, args.tokens, Some(&stats))?;
+        // Keys are generated and registered at connection (packed) or on first use (auto).
+        let keys = stats.snapshot();
         let ms = decode.wall / decode.steps.max(1) as f64 * 1e3;
         runs.push(json!({
             "protected": set,
@@ -342,7 +343,7 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
             "key_upload_bytes": keys.key_upload_bytes,
             "keygen_ms": keys.keygen_s * 1e3,
             "key_upload_ms": keys.key_upload_s * 1e3,
-            "packed_queries": stats.snapshot().packed_queries,
+            "packed_queries": keys.packed_queries,
             "protected_layers": layers,
             "compile_s": compile_time.as_secs_f64(),
             "worker_load_s": worker_load_s,

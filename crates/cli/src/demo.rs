@@ -448,11 +448,14 @@ fn print_summary(report: &serde_json::Value, split: &Split, prefill: &Split) {
         ms(&p, "download_bytes") / 1e3,
     );
     if report["packed_queries"].as_u64().unwrap_or(0) > 0 {
+        let key = &report["packing_key"];
         println!(
-            "    results: {} of {} queries packed (key {:.2} MB, uploaded once)",
+            "    results: {} of {} queries packed; packing key {:.2} MB, generated in {:.0} ms and registered in {:.0} ms, once",
             report["packed_queries"],
             report["queries"],
-            report["packing_key"]["bytes"].as_f64().unwrap_or(0.0) / 1e6
+            key["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            key["keygen_ms"].as_f64().unwrap_or(0.0),
+            key["upload_ms"].as_f64().unwrap_or(0.0),
         );
     }
     println!(

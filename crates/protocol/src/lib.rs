@@ -102,6 +102,7 @@ pub mod codes {
     pub const KEY_NOT_LOADED: &str = "key_not_loaded";
     pub const KEY_PARAMETER_MISMATCH: &str = "key_parameter_mismatch";
     pub const INVALID_KEY: &str = "invalid_key";
+    pub const TOO_MANY_KEYS: &str = "too_many_keys";
     pub const RESULTS_NOT_SERVED: &str = "results_not_served";
 }
 

@@ -27,6 +27,9 @@ pub struct KeyOwners(Mutex<HashMap<String, (String, u16)>>);
 
 const OWNERS_BOUND: usize = 100_000;
 
+/// Distinct packing keys one license may register (each is kept in the ledger).
+pub const MAX_KEYS_PER_LICENSE: usize = 8;
+
 impl KeyOwners {
     fn get(&self, key_id: &str) -> Option<(String, u16)> {
         self.0.lock().expect("key owners").get(key_id).cloned()
@@ -50,7 +53,8 @@ impl KeyOwners {
         (status = 201, description = "registered", body = KeyRegistered),
         (status = 200, description = "already registered", body = KeyRegistered),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub(crate) async fn put_key(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -89,6 +93,18 @@ async fn put_key_inner(
     let key = PackingKey::from_bytes(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, codes::INVALID_KEY, e.to_string()))?;
     let key_id = protocol::key_id(&claims.jti, &body);
+    let existing = state
+        .ledger
+        .packing_keys(&claims.jti)
+        .await
+        .map_err(ledger_down)?;
+    if existing.len() >= MAX_KEYS_PER_LICENSE && !existing.iter().any(|k| k.key_id == key_id) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            codes::TOO_MANY_KEYS,
+            format!("a license registers at most {MAX_KEYS_PER_LICENSE} packing keys"),
+        ));
+    }
     let record = PackingKeyRecord {
         key_id: key_id.clone(),
         license_id: claims.jti.clone(),

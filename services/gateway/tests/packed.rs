@@ -206,6 +206,23 @@ async fn packed_results_with_registered_keys_are_exact_metered_and_license_bound
     assert_eq!(usage.packing_keys[0].bytes as usize, alice.packing.len());
     let audit = s.ledger.audit_log(50).await.unwrap();
     assert_eq!(audit.iter().filter(|e| e.action == "key.upload").count(), 2);
+
+    // A license registers a bounded number of distinct keys (each is stored).
+    let carol = Client::new(&s, "lic-carol");
+    let variant = |i: u8| {
+        let mut k = carol.packing.clone();
+        *k.last_mut().unwrap() ^= i; // still a well-formed key, another key id
+        k
+    };
+    for i in 0..8 {
+        assert_eq!(carol.register(&s, variant(i)).await.0, 201, "key {i}");
+    }
+    let (status, body) = carol.register(&s, variant(8)).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("too_many_keys"))
+    );
+    assert_eq!(carol.register(&s, variant(3)).await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
