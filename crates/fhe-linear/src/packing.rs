@@ -582,6 +582,87 @@ mod tests {
         }
     }
 
+    /// Schoolbook negacyclic product of a 64-bit polynomial by a small signed one, mod 2^64.
+    fn schoolbook(a: &[u64], d: &[i64]) -> Vec<u64> {
+        let n = a.len();
+        let mut out = vec![0u64; n];
+        for (j, &dj) in d.iter().enumerate() {
+            if dj == 0 {
+                continue;
+            }
+            let dj = dj as u64;
+            for (i, &ai) in a.iter().enumerate() {
+                let p = ai.wrapping_mul(dj);
+                let k = i + j;
+                if k < n {
+                    out[k] = out[k].wrapping_add(p);
+                } else {
+                    out[k - n] = out[k - n].wrapping_sub(p);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn fourier_key_switch_matches_the_schoolbook_one_within_the_budgeted_error() {
+        use crate::params::HFHE_GLWE_4096_V1;
+        let client = ClientKey::generate(&HFHE_GLWE_4096_V1);
+        let key = PackingKey::generate(&client).unwrap();
+        let prepared = PreparedPackingKey::prepare(&key);
+        let (n, p) = (4096, key.packing);
+        let levels = p.levels as usize;
+        let mut state = 99u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state ^ (state >> 31)
+        };
+        let ct: Glwe = ((0..n).map(|_| next()).collect(), (0..n).map(|_| next()).collect());
+        let k = 3u32;
+        let mut fast = ct.clone();
+        prepared.keyswitch(k, &mut fast, &mut Workspace::new(n, levels));
+        // Schoolbook: digits of the mask times the key's (alpha, beta) of automorphism k.
+        let masks = expand_masks(key.seed, key.depth as usize * levels, n);
+        let mut digits = vec![vec![0i64; n]; levels];
+        let mut d = [0i64; 16];
+        for (j, &a) in ct.0.iter().enumerate() {
+            decompose(a, p.base_log, p.levels, &mut d[..levels]);
+            for l in 0..levels {
+                digits[l][j] = d[l];
+            }
+        }
+        let (mut mask, mut body) = (vec![0u64; n], ct.1.clone());
+        for (l, digit) in digits.iter().enumerate() {
+            let c = (k as usize - 1) * levels + l;
+            let alpha = &masks[c * n..(c + 1) * n];
+            let beta: Vec<u64> = key.bodies[c * n..(c + 1) * n]
+                .iter()
+                .map(|v| v << (64 - p.key_body_bits))
+                .collect();
+            for (m, v) in mask.iter_mut().zip(schoolbook(alpha, digit)) {
+                *m = m.wrapping_sub(v);
+            }
+            for (b, v) in body.iter_mut().zip(schoolbook(&beta, digit)) {
+                *b = b.wrapping_sub(v);
+            }
+        }
+        let errors: Vec<f64> = fast
+            .0
+            .iter()
+            .zip(&mask)
+            .chain(fast.1.iter().zip(&body))
+            .map(|(a, b)| a.wrapping_sub(*b) as i64 as f64)
+            .collect();
+        let worst = errors.iter().fold(0f64, |m, e| m.max(e.abs()));
+        let var = errors.iter().map(|e| e * e).sum::<f64>() / errors.len() as f64;
+        // The budget counts an FFT error of variance KEYSWITCH_FFT_VARIANCE (std 2^8); the high
+        // halves must be exact (an error there would be a multiple of 2^42).
+        assert!(var <= crate::noise::KEYSWITCH_FFT_VARIANCE, "error std 2^{:.1}", var.sqrt().log2());
+        assert!(worst < (1u64 << 20) as f64, "worst error 2^{:.1}", worst.log2());
+    }
+
     #[test]
     fn automorphisms_compose_and_invert() {
         let n = 16;
