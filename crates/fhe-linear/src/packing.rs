@@ -619,7 +619,10 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             state ^ (state >> 31)
         };
-        let ct: Glwe = ((0..n).map(|_| next()).collect(), (0..n).map(|_| next()).collect());
+        let ct: Glwe = (
+            (0..n).map(|_| next()).collect(),
+            (0..n).map(|_| next()).collect(),
+        );
         let k = 3u32;
         let mut fast = ct.clone();
         prepared.keyswitch(k, &mut fast, &mut Workspace::new(n, levels));
@@ -659,8 +662,16 @@ mod tests {
         let var = errors.iter().map(|e| e * e).sum::<f64>() / errors.len() as f64;
         // The budget counts an FFT error of variance KEYSWITCH_FFT_VARIANCE (std 2^8); the high
         // halves must be exact (an error there would be a multiple of 2^42).
-        assert!(var <= crate::noise::KEYSWITCH_FFT_VARIANCE, "error std 2^{:.1}", var.sqrt().log2());
-        assert!(worst < (1u64 << 20) as f64, "worst error 2^{:.1}", worst.log2());
+        assert!(
+            var <= crate::noise::KEYSWITCH_FFT_VARIANCE,
+            "error std 2^{:.1}",
+            var.sqrt().log2()
+        );
+        assert!(
+            worst < (1u64 << 20) as f64,
+            "worst error 2^{:.1}",
+            worst.log2()
+        );
     }
 
     #[test]

@@ -137,3 +137,59 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn packed_headers_are_checked() {
+    let (_, good) = valid_batch();
+    let patch = |at: usize, v: &[u8]| {
+        let mut b = good.clone();
+        b[at..at + v.len()].copy_from_slice(v);
+        b
+    };
+    // A batch for packed results under the keyless parameter set (no packing keys).
+    assert_eq!(code(&patch(7, &[2])), "ciphertext_invalid_header");
+    assert_eq!(code(&patch(7, &[9])), "ciphertext_unknown_result_encoding");
+    // A batch prepared for packed results is refused by a keyless layer, and vice versa.
+    let shape = LayerShape::new(64, 8);
+    let layout = BlockLayout {
+        n_i: 64,
+        n_o: 64,
+        t_b: 1,
+    };
+    let packed = LayerSpec::packed(&HFHE_GLWE_4096_V1, shape, layout).unwrap();
+    let keyless = LayerSpec::new(&HFHE_GLWE_4096_V1, shape, layout).unwrap();
+    let key = ClientKey::generate(&HFHE_GLWE_4096_V1);
+    let x = vec![1i8; 64];
+    let (w, b) = (vec![1i8; 64 * 8], vec![0i64; 8]);
+    let packed_batch = key.encrypt(&packed, &x, 1).unwrap();
+    let keyless_layer = CompiledLayer::compile(keyless, &w, &b).unwrap();
+    assert_eq!(
+        keyless_layer.apply(&packed_batch).unwrap_err().code(),
+        "layer_mismatch"
+    );
+    let packed_layer = CompiledLayer::compile(packed, &w, &b).unwrap();
+    let keyless_batch = key.encrypt(&keyless, &x, 1).unwrap();
+    assert_eq!(
+        packed_layer.apply(&keyless_batch).unwrap_err().code(),
+        "key_required"
+    );
+    let prepared = PreparedPackingKey::prepare(&PackingKey::generate(&key).unwrap());
+    assert_eq!(
+        packed_layer
+            .apply_packed(&keyless_batch, &prepared)
+            .unwrap_err()
+            .code(),
+        "layer_mismatch"
+    );
+    // A packed result whose payload length does not match its header.
+    let (result, _, _) = packed_layer.apply_packed(&packed_batch, &prepared).unwrap();
+    let mut bytes = result.to_bytes();
+    assert!(EncryptedResult::from_bytes(&bytes, &Limits::default()).is_ok());
+    bytes.pop();
+    assert_eq!(
+        EncryptedResult::from_bytes(&bytes, &Limits::default())
+            .unwrap_err()
+            .code(),
+        "ciphertext_truncated"
+    );
+}
