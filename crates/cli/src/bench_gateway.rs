@@ -80,15 +80,21 @@ async fn bench(args: GatewayArgs) -> Result<()> {
         &mut |_, _, _| {},
     )?;
 
-    let worker = worker::Application::build(worker::WorkerConfig::local(vec![server])).await?;
+    // Keyless requests only: no packed weight transforms.
+    let mut config = worker::WorkerConfig::local(vec![server]);
+    config.packed_results = false;
+    let worker = worker::Application::build(config).await?;
     let worker_url = format!("http://127.0.0.1:{}", worker.port());
     tokio::spawn(worker.run_until_stopped(std::future::pending()));
-    wait_ready(
+    if !wait_ready(
         &worker_url,
         Duration::from_millis(10),
-        Duration::from_secs(5),
+        Duration::from_secs(60),
     )
-    .await;
+    .await
+    {
+        anyhow::bail!("the worker at {worker_url} did not finish loading");
+    }
     let client = reqwest::Client::new();
 
     let database_url = if args.database_url == "sqlite" {

@@ -172,6 +172,16 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
                 .await?;
         let worker_url = format!("http://127.0.0.1:{}", worker.port());
         tokio::spawn(worker.run_until_stopped(stopped(stop_rx.clone())));
+        // The worker compiles its layers (keyless and packed) before it is ready.
+        if !wait_ready(
+            &worker_url,
+            Duration::from_millis(50),
+            Duration::from_secs(120),
+        )
+        .await
+        {
+            bail!("the worker at {worker_url} did not finish loading its layers")
+        }
         let config = gateway::GatewayConfig::local(
             &database_url,
             keyset,
