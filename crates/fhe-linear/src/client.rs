@@ -91,11 +91,6 @@ impl ClientKey {
         &self.key
     }
 
-    /// The key's planar spectrum.
-    pub(crate) fn key_fourier(&self) -> &[f64] {
-        &self.key_fourier
-    }
-
     /// Exports the secret key for persistence on the client. Whoever holds these bytes can decrypt
     /// everything this key encrypted: store them like a password.
     pub fn export_secret(&self) -> Vec<u8> {
@@ -135,6 +130,45 @@ impl ClientKey {
         Ok(Self::from_coefficients(params, key))
     }
 
+    /// `count` seeded GLWE ciphertexts of size N under this key, in parallel: masks from one fresh
+    /// public seed (returned), bodies `a*s + e` with Gaussian `e` from a private CSPRNG, each then
+    /// finished by `finish(index, body)` (add the message, round). Batches and packing keys alike.
+    pub(crate) fn seeded_encryptions(
+        &self,
+        count: usize,
+        finish: impl Fn(usize, &mut [u64]) + Sync,
+    ) -> (u128, Vec<u64>) {
+        let n = self.params.polynomial_size;
+        let mut seeder = new_seeder();
+        let seed = seeder.seed().0;
+        let masks = expand_masks(seed, count, n);
+        let mut noise_master = RandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
+        let noise_seeds: Vec<u128> = (0..count)
+            .map(|_| noise_master.random_uniform::<u128>())
+            .collect();
+        let noise =
+            Gaussian::from_dispersion_parameter(StandardDev(self.params.noise_std_relative), 0.0);
+        let fourier = Fourier::get(n);
+        let mut bodies = vec![0u64; count * n];
+        bodies.par_chunks_mut(n).enumerate().for_each_init(
+            || fourier.scratch(),
+            |scratch, (c, body)| {
+                fourier.mul_u64_by_small(
+                    &masks[c * n..(c + 1) * n],
+                    &self.key_fourier,
+                    body,
+                    scratch,
+                );
+                let mut gen = RandomGenerator::<DefaultRandomGenerator>::new(Seed(noise_seeds[c]));
+                gen.unsigned_integer_slice_wrapping_add_random_from_distribution_assign(
+                    body, noise,
+                );
+                finish(c, body);
+            },
+        );
+        (seed, bodies)
+    }
+
     /// Encrypts `tokens` rows of `spec.shape.d_in` activations (row-major) for the layer `spec`.
     ///
     /// Every input polynomial becomes one GLWE ciphertext `(a, b = a*s + e + Delta*m)`: `a` comes
@@ -147,7 +181,7 @@ impl ClientKey {
         tokens: usize,
     ) -> Result<EncryptedBatch, FheError> {
         self.check_params(spec)?;
-        let (d_in, n) = (spec.shape.d_in, spec.polynomial_size());
+        let d_in = spec.shape.d_in;
         if tokens == 0 || x.len() != tokens * d_in {
             return Err(FheError::DataShape(format!(
                 "{} activations for {tokens} tokens of width {d_in}",
@@ -156,42 +190,16 @@ impl ClientKey {
         }
         let blocks = spec.input_blocks();
         let count = spec.token_groups(tokens) * blocks;
-
-        let mut seeder = new_seeder();
-        let seed = seeder.seed().0;
-        let masks = expand_masks(seed, count, n);
-        let mut noise_master = RandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
-        let noise_seeds: Vec<u128> = (0..count)
-            .map(|_| noise_master.random_uniform::<u128>())
-            .collect();
-        let noise =
-            Gaussian::from_dispersion_parameter(StandardDev(self.params.noise_std_relative), 0.0);
         let delta_log2 = spec.delta_log2();
-        let fourier = Fourier::get(n);
-
-        let mut bodies = vec![0u64; count * n];
-        bodies.par_chunks_mut(n).enumerate().for_each_init(
-            || fourier.scratch(),
-            |scratch, (c, body)| {
-                let (g, b) = (c / blocks, c % blocks);
-                fourier.mul_u64_by_small(
-                    &masks[c * n..(c + 1) * n],
-                    &self.key_fourier,
-                    body,
-                    scratch,
-                );
-                let mut gen = RandomGenerator::<DefaultRandomGenerator>::new(Seed(noise_seeds[c]));
-                gen.unsigned_integer_slice_wrapping_add_random_from_distribution_assign(
-                    body, noise,
-                );
-                spec.for_each_activation(x, tokens, g, b, |k, v| {
-                    body[k] = body[k].wrapping_add((v as i64 as u64) << delta_log2);
-                });
-                for v in body.iter_mut() {
-                    *v = round_to_bits(*v, spec.input_bits);
-                }
-            },
-        );
+        let (seed, bodies) = self.seeded_encryptions(count, |c, body| {
+            let (g, b) = (c / blocks, c % blocks);
+            spec.for_each_activation(x, tokens, g, b, |k, v| {
+                body[k] = body[k].wrapping_add((v as i64 as u64) << delta_log2);
+            });
+            for v in body.iter_mut() {
+                *v = round_to_bits(*v, spec.input_bits);
+            }
+        });
         let mut header = Header::for_spec(spec, PayloadKind::Batch, tokens, spec.input_bits);
         header.seed = seed;
         Ok(EncryptedBatch { header, bodies })

@@ -217,27 +217,29 @@ pub fn mul_acc(acc: &mut [f64], x: &[f64], w: &[f64]) {
     mul_acc_generic(acc, x, w)
 }
 
+/// Schoolbook product in Z_{2^64}[X]/(X^N + 1) of a 64-bit polynomial by a small signed one: the
+/// reference the FFT products are tested against.
+#[cfg(test)]
+pub(crate) fn schoolbook(a: &[u64], w: &[i64]) -> Vec<u64> {
+    let n = a.len();
+    let mut out = vec![0u64; n];
+    for i in 0..n {
+        for j in 0..n {
+            let p = a[i].wrapping_mul(w[j] as u64);
+            let k = i + j;
+            if k < n {
+                out[k] = out[k].wrapping_add(p);
+            } else {
+                out[k - n] = out[k - n].wrapping_sub(p);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Schoolbook product in Z_{2^64}[X]/(X^N + 1).
-    fn naive(a: &[u64], w: &[i64]) -> Vec<u64> {
-        let n = a.len();
-        let mut out = vec![0u64; n];
-        for i in 0..n {
-            for j in 0..n {
-                let p = a[i].wrapping_mul(w[j] as u64);
-                let k = i + j;
-                if k < n {
-                    out[k] = out[k].wrapping_add(p);
-                } else {
-                    out[k - n] = out[k - n].wrapping_sub(p);
-                }
-            }
-        }
-        out
-    }
 
     fn lcg(state: &mut u64) -> u64 {
         *state = state
@@ -279,7 +281,7 @@ mod tests {
             f.forward(|j| w[j] as f64, &mut wf, &mut scratch);
             let mut out = vec![0u64; n];
             f.mul_u64_by_small(&a, &wf, &mut out, &mut scratch);
-            assert_eq!(out, naive(&a, &w));
+            assert_eq!(out, schoolbook(&a, &w));
         }
     }
 }

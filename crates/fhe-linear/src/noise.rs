@@ -116,13 +116,15 @@ pub fn packed_result_variance(
     input_bits: u32,
     output_bits: u32,
 ) -> f64 {
-    let sigma = params.noise_std();
-    let input = sigma * sigma + rounding_variance(input_bits);
+    // The keyless terms with the product noise grown 4^L (the same as weights 2^L times larger),
+    // plus the key switches of every level.
     let growth = 4f64.powi(depth as i32);
-    let n = params.polynomial_size as f64;
-    input * block_weight_norm_sq * growth
-        + keyswitch_variance(params) * (growth - 1.0) / 3.0
-        + (n + 1.0) * rounding_variance(output_bits)
+    result_variance(
+        params,
+        block_weight_norm_sq * growth,
+        input_bits,
+        output_bits,
+    ) + keyswitch_variance(params) * (growth - 1.0) / 3.0
 }
 
 /// Largest squared Frobenius norm of `n_o` rows of `d_in` weights.

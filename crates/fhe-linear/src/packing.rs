@@ -40,8 +40,6 @@
 //! [`crate::noise::KEYSWITCH_FFT_VARIANCE`]). A test compares against the schoolbook switch.
 
 use rayon::prelude::*;
-use tfhe::core_crypto::commons::math::random::{RandomGenerator, Seed};
-use tfhe::core_crypto::prelude::*;
 
 use crate::client::{expand_masks, round_to_bits};
 use crate::fourier::{mul_acc, Fourier, Scratch};
@@ -168,40 +166,21 @@ impl PackingKey {
         let n = params.polynomial_size;
         let depth = packing.max_depth;
         let levels = packing.levels as usize;
-        let count = depth as usize * levels;
-        let mut seeder = new_seeder();
-        let seed = seeder.seed().0;
-        let masks = expand_masks(seed, count, n);
-        let mut noise_master = RandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
-        let noise_seeds: Vec<u128> = (0..count)
-            .map(|_| noise_master.random_uniform::<u128>())
+        // tau_g(s) of each automorphism, once.
+        let tau_s: Vec<Vec<u64>> = (1..=depth)
+            .map(|k| {
+                let mut t = vec![0u64; n];
+                automorphism(key.coefficients(), galois_element(n, k), &mut t);
+                t
+            })
             .collect();
-        let noise =
-            Gaussian::from_dispersion_parameter(StandardDev(params.noise_std_relative), 0.0);
-        let fourier = Fourier::get(n);
-        let secret = key.coefficients();
-        let mut bodies = vec![0u64; count * n];
-        bodies.par_chunks_mut(n).enumerate().for_each_init(
-            || (fourier.scratch(), vec![0u64; n]),
-            |(scratch, tau_s), (c, body)| {
-                let (k, l) = (c / levels + 1, c % levels + 1);
-                fourier.mul_u64_by_small(
-                    &masks[c * n..(c + 1) * n],
-                    key.key_fourier(),
-                    body,
-                    scratch,
-                );
-                let mut gen = RandomGenerator::<DefaultRandomGenerator>::new(Seed(noise_seeds[c]));
-                gen.unsigned_integer_slice_wrapping_add_random_from_distribution_assign(
-                    body, noise,
-                );
-                automorphism(secret, galois_element(n, k as u32), tau_s);
-                let scale = 64 - l as u32 * packing.base_log;
-                for (b, t) in body.iter_mut().zip(tau_s.iter()) {
-                    *b = round_to_bits(b.wrapping_add(t << scale), packing.key_body_bits);
-                }
-            },
-        );
+        let (seed, bodies) = key.seeded_encryptions(depth as usize * levels, |c, body| {
+            let (k, l) = (c / levels, c % levels + 1);
+            let scale = 64 - l as u32 * packing.base_log;
+            for (b, t) in body.iter_mut().zip(&tau_s[k]) {
+                *b = round_to_bits(b.wrapping_add(t << scale), packing.key_body_bits);
+            }
+        });
         Ok(PackingKey {
             params,
             packing,
@@ -542,6 +521,7 @@ impl Workspace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fourier::schoolbook;
 
     #[test]
     fn decomposition_recomposes_the_rounded_value() {
@@ -580,28 +560,6 @@ mod tests {
                 v
             );
         }
-    }
-
-    /// Schoolbook negacyclic product of a 64-bit polynomial by a small signed one, mod 2^64.
-    fn schoolbook(a: &[u64], d: &[i64]) -> Vec<u64> {
-        let n = a.len();
-        let mut out = vec![0u64; n];
-        for (j, &dj) in d.iter().enumerate() {
-            if dj == 0 {
-                continue;
-            }
-            let dj = dj as u64;
-            for (i, &ai) in a.iter().enumerate() {
-                let p = ai.wrapping_mul(dj);
-                let k = i + j;
-                if k < n {
-                    out[k] = out[k].wrapping_add(p);
-                } else {
-                    out[k - n] = out[k - n].wrapping_sub(p);
-                }
-            }
-        }
-        out
     }
 
     #[test]

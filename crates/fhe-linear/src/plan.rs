@@ -106,6 +106,14 @@ impl Default for Planner {
     }
 }
 
+/// The least estimated server time of `plans` (infinite for none).
+fn fastest_ms(plans: &[Plan]) -> f64 {
+    plans
+        .iter()
+        .map(|p| p.server_ms)
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// The work and bytes of `spec` for `tokens` tokens.
 pub fn cost(spec: &LayerSpec, tokens: usize) -> Cost {
     let n = spec.polynomial_size() as f64;
@@ -187,24 +195,24 @@ impl Planner {
             |f: &dyn Fn(&Plan) -> f64| plans.iter().min_by(|a, b| f(a).total_cmp(&f(b))).copied();
         match preference {
             Preference::Latency => by(&|p| self.latency_ms(p)),
-            Preference::Bandwidth => {
-                let fastest = plans
-                    .iter()
-                    .map(|p| p.server_ms)
-                    .fold(f64::INFINITY, f64::min);
-                let limit = fastest * self.max_slowdown;
-                plans
-                    .iter()
-                    .filter(|p| p.server_ms <= limit)
-                    .min_by(|a, b| {
-                        a.cost
-                            .bytes
-                            .cmp(&b.cost.bytes)
-                            .then(a.server_ms.total_cmp(&b.server_ms))
-                    })
-                    .copied()
-            }
+            Preference::Bandwidth => self.fewest_bytes_within(plans, fastest_ms(plans)),
         }
+    }
+
+    /// Of `plans`, the fewest bytes (then the least time) among those within
+    /// [`Planner::max_slowdown`] of `fastest_ms`.
+    fn fewest_bytes_within(&self, plans: &[Plan], fastest_ms: f64) -> Option<Plan> {
+        let limit = fastest_ms * self.max_slowdown;
+        plans
+            .iter()
+            .filter(|p| p.server_ms <= limit)
+            .min_by(|a, b| {
+                a.cost
+                    .bytes
+                    .cmp(&b.cost.bytes)
+                    .then(a.server_ms.total_cmp(&b.server_ms))
+            })
+            .copied()
     }
 
     /// The plan for a layer: over the allowed encodings, every layout, then [`Planner::pick`].
@@ -234,25 +242,16 @@ impl Planner {
     ) -> Result<Plan, FheError> {
         let tokens = tokens.max(1);
         let own = self.candidates(shape, tokens, encoding);
-        let fastest = [ResultEncoding::Keyless, ResultEncoding::Packed]
+        let all: Vec<Plan> = [ResultEncoding::Keyless, ResultEncoding::Packed]
             .iter()
             .flat_map(|e| self.candidates(shape, tokens, *e))
-            .map(|p| p.server_ms)
-            .fold(f64::INFINITY, f64::min);
-        let limit = fastest * self.max_slowdown;
-        own.iter()
-            .filter(|p| p.server_ms <= limit)
-            .min_by(|a, b| {
-                a.cost
-                    .bytes
-                    .cmp(&b.cost.bytes)
-                    .then(a.server_ms.total_cmp(&b.server_ms))
-            })
+            .collect();
+        self.fewest_bytes_within(&own, fastest_ms(&all))
             .or_else(|| {
                 own.iter()
                     .min_by(|a, b| a.server_ms.total_cmp(&b.server_ms))
+                    .copied()
             })
-            .copied()
             .ok_or_else(|| {
                 FheError::InvalidLayout(format!("no {encoding} layout fits layer {shape}"))
             })

@@ -303,29 +303,18 @@ impl CompiledLayer {
         drop(sums);
         let product_ms = started.elapsed().as_secs_f64() * 1e3;
         let started = std::time::Instant::now();
-        let mut packs = key.pack(products, spec.layout.n_i)?;
-        // The bias, at the output's Delta, on every output's packed position.
-        for t in 0..tokens {
-            for (row, bias) in self.packed_bias.iter().enumerate() {
-                let (p, c) = spec.output_position(t, row);
-                packs[p].1[c] = packs[p].1[c].wrapping_add(*bias);
-            }
-        }
-        let out_bits = spec.output_bits;
+        let packs = key.pack(products, spec.layout.n_i)?;
+        let (out_bits, d_out) = (spec.output_bits, spec.shape.d_out);
         let n = spec.polynomial_size();
         let mut coefficients = Vec::with_capacity(spec.result_coefficients(tokens));
         for ((mask, body), outputs) in packs.iter().zip(spec.packed_outputs(tokens)) {
             coefficients.extend(mask.iter().map(|v| round_to_bits(*v, out_bits)));
-            coefficients.extend(
-                outputs
-                    .iter()
-                    .map(|(_, c)| round_to_bits(body[*c], out_bits)),
-            );
+            // Each output's body plus its bias at the output's Delta.
+            coefficients.extend(outputs.iter().map(|(i, c)| {
+                round_to_bits(body[*c].wrapping_add(self.packed_bias[i % d_out]), out_bits)
+            }));
         }
-        debug_assert_eq!(
-            coefficients.len(),
-            packs.len() * n + tokens * spec.shape.d_out
-        );
+        debug_assert_eq!(coefficients.len(), packs.len() * n + tokens * d_out);
         let pack_ms = started.elapsed().as_secs_f64() * 1e3;
         let header = Header::for_spec(spec, PayloadKind::Result, tokens, out_bits);
         Ok((
