@@ -246,6 +246,32 @@ fn transport(e: impl std::fmt::Display) -> ModelError {
     ModelError::Transport(e.to_string())
 }
 
+/// Adds the license, when there is one, as a bearer token.
+fn with_license<B>(
+    request: ureq::RequestBuilder<B>,
+    license: &Option<String>,
+) -> ureq::RequestBuilder<B> {
+    match license {
+        Some(license) => request.header("authorization", &format!("Bearer {license}")),
+        None => request,
+    }
+}
+
+/// Status and body (at most `limit` bytes) of an answer.
+fn read_answer(
+    answer: &mut ureq::http::Response<ureq::Body>,
+    limit: u64,
+) -> Result<(u16, Vec<u8>), ModelError> {
+    let status = answer.status().as_u16();
+    let body = answer
+        .body_mut()
+        .with_config()
+        .limit(limit)
+        .read_to_vec()
+        .map_err(transport)?;
+    Ok((status, body))
+}
+
 /// Turns a non-success answer into an error with the service's code.
 fn answer_error(status: u16, body: &[u8]) -> ModelError {
     match serde_json::from_slice::<ErrorBody>(body) {
@@ -276,18 +302,10 @@ impl RemoteBackend {
             config.url.trim_end_matches('/'),
             protocol::layers_path(&model)
         );
-        let mut request = agent.get(&url);
-        if let Some(license) = &config.license {
-            request = request.header("authorization", &format!("Bearer {license}"));
-        }
-        let mut answer = request.call().map_err(transport)?;
-        let status = answer.status().as_u16();
-        let body = answer
-            .body_mut()
-            .with_config()
-            .limit(16 << 20)
-            .read_to_vec()
+        let mut answer = with_license(agent.get(&url), &config.license)
+            .call()
             .map_err(transport)?;
+        let (status, body) = read_answer(&mut answer, 16 << 20)?;
         if status != 200 {
             return Err(answer_error(status, &body));
         }
@@ -397,21 +415,14 @@ impl RemoteBackend {
             self.config.url.trim_end_matches('/'),
             protocol::keys_path()
         );
-        let mut request = self
+        let request = self
             .agent
             .put(&url)
             .header("content-type", protocol::PACKING_KEY_CONTENT_TYPE);
-        if let Some(license) = &self.config.license {
-            request = request.header("authorization", &format!("Bearer {license}"));
-        }
-        let mut answer = request.send(&bytes[..]).map_err(transport)?;
-        let status = answer.status().as_u16();
-        let body = answer
-            .body_mut()
-            .with_config()
-            .limit(1 << 20)
-            .read_to_vec()
+        let mut answer = with_license(request, &self.config.license)
+            .send(&bytes[..])
             .map_err(transport)?;
+        let (status, body) = read_answer(&mut answer, 1 << 20)?;
         if !(200..300).contains(&status) {
             return Err(answer_error(status, &body));
         }
@@ -452,23 +463,16 @@ impl RemoteBackend {
         if let Some(key_id) = key_id {
             request = request.header(protocol::KEY_ID_HEADER, key_id);
         }
-        if let Some(license) = &self.config.license {
-            request = request.header("authorization", &format!("Bearer {license}"));
-        }
-        let mut answer = request.send(body).map_err(transport)?;
-        let status = answer.status().as_u16();
+        let mut answer = with_license(request, &self.config.license)
+            .send(body)
+            .map_err(transport)?;
         let compute_ms = answer
             .headers()
             .get(protocol::COMPUTE_MS_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
-        let bytes = answer
-            .body_mut()
-            .with_config()
-            .limit(self.max_answer_bytes)
-            .read_to_vec()
-            .map_err(transport)?;
+        let (status, bytes) = read_answer(&mut answer, self.max_answer_bytes)?;
         Ok((status, bytes, compute_ms))
     }
 }
