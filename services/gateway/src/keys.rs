@@ -169,18 +169,7 @@ pub(crate) async fn check_request_key(
     let owner = match state.key_owners.get(&key_id) {
         Some(owner) => owner,
         None => {
-            let (record, _) = state
-                .ledger
-                .packing_key(&key_id)
-                .await
-                .map_err(ledger_down)?
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        codes::UNKNOWN_KEY,
-                        format!("no packing key {key_id}"),
-                    )
-                })?;
+            let (record, _) = registered_key(state, &key_id).await?;
             let params = fhe_linear::ParameterSet::by_name(&record.parameter_set)
                 .map(|p| p.id.0)
                 .unwrap_or(0);
@@ -206,9 +195,12 @@ pub(crate) async fn check_request_key(
     Ok(key_id)
 }
 
-/// The bytes of a registered key, to push to a worker.
-pub(crate) async fn key_bytes(state: &AppState, key_id: &str) -> Result<Bytes, ApiError> {
-    let (_, blob) = state
+/// A registered key's record and bytes, or `unknown_key`.
+async fn registered_key(
+    state: &AppState,
+    key_id: &str,
+) -> Result<(PackingKeyRecord, Vec<u8>), ApiError> {
+    state
         .ledger
         .packing_key(key_id)
         .await
@@ -219,6 +211,10 @@ pub(crate) async fn key_bytes(state: &AppState, key_id: &str) -> Result<Bytes, A
                 codes::UNKNOWN_KEY,
                 format!("no packing key {key_id}"),
             )
-        })?;
-    Ok(Bytes::from(blob))
+        })
+}
+
+/// The bytes of a registered key, to push to a worker.
+pub(crate) async fn key_bytes(state: &AppState, key_id: &str) -> Result<Bytes, ApiError> {
+    Ok(Bytes::from(registered_key(state, key_id).await?.1))
 }

@@ -53,10 +53,7 @@ async fn call(
     let answer = request.send().await.unwrap();
     let status = answer.status().as_u16();
     let body = answer.bytes().await.unwrap().to_vec();
-    let code = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["code"].as_str().map(String::from))
-        .unwrap_or_default();
+    let code = error_code(&body);
     Answer { status, code, body }
 }
 

@@ -15,20 +15,12 @@ async fn remote_generation_through_the_gateway_is_exact_and_billed() {
     let license = s.key.issue(&claims("lic-gen", 1000)).unwrap();
     let (url, client_dir, lic) = (s.url.clone(), s.client_dir.clone(), license.clone());
     tokio::task::spawn_blocking(move || {
-        let client = hybrid_model::bundle::load_client_bundle(&client_dir).unwrap();
-        let server = hybrid_model::bundle::load_server_bundle(
-            &client_dir.parent().unwrap().join("server.safetensors"),
-        )
-        .unwrap();
         let prompt = [6, 60, 19, 40, 72];
         let options = hybrid_model::GenerateOptions {
             max_tokens: 6,
             ..Default::default()
         };
-        let mut simulate =
-            hybrid_model::build_from_bundles(&client, Some(&server), hybrid_model::Mode::Simulate)
-                .unwrap();
-        let want = hybrid_model::generate(&mut simulate, &prompt, &options, |_| {}).unwrap();
+        let (client, want) = simulated_generation(&client_dir, &prompt, &options);
         let remote = hybrid_model::remote::RemoteConfig {
             url,
             model: "tiny".into(),

@@ -58,11 +58,7 @@ impl Client {
         let answer = request.send().await.unwrap();
         let status = answer.status().as_u16();
         let bytes = answer.bytes().await.unwrap().to_vec();
-        let code = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v["code"].as_str().map(String::from))
-            .unwrap_or_default();
-        (status, code, bytes)
+        (status, error_code(&bytes), bytes)
     }
 }
 
@@ -235,20 +231,12 @@ async fn remote_generation_with_packed_results_matches_simulation() {
     let stats = std::sync::Arc::new(RemoteStats::default());
     let st = stats.clone();
     tokio::task::spawn_blocking(move || {
-        let client = hybrid_model::bundle::load_client_bundle(&client_dir).unwrap();
-        let server = hybrid_model::bundle::load_server_bundle(
-            &client_dir.parent().unwrap().join("server.safetensors"),
-        )
-        .unwrap();
         let prompt = [6, 60, 19, 40, 72];
         let options = hybrid_model::GenerateOptions {
             max_tokens: 4,
             ..Default::default()
         };
-        let mut simulate =
-            hybrid_model::build_from_bundles(&client, Some(&server), hybrid_model::Mode::Simulate)
-                .unwrap();
-        let want = hybrid_model::generate(&mut simulate, &prompt, &options, |_| {}).unwrap();
+        let (client, want) = simulated_generation(&client_dir, &prompt, &options);
         // Keys kept by the client (as `hybrid keys gen` writes them) and reused.
         let dir = tempfile::tempdir().unwrap();
         PackedKeys::generate().unwrap().save(dir.path()).unwrap();

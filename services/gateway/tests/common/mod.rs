@@ -173,6 +173,33 @@ pub async fn stack_named(
     }
 }
 
+/// The `code` of an error body (empty for anything else).
+pub fn error_code(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["code"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// The tiny stack's client bundle, and what the simulation of its bundles generates for `prompt`
+/// (the reference a remote generation must equal).
+pub fn simulated_generation(
+    client_dir: &Path,
+    prompt: &[u32],
+    options: &hybrid_model::GenerateOptions,
+) -> (hybrid_model::bundle::ClientBundle, Vec<u32>) {
+    let client = hybrid_model::bundle::load_client_bundle(client_dir).unwrap();
+    let server = hybrid_model::bundle::load_server_bundle(
+        &client_dir.parent().unwrap().join("server.safetensors"),
+    )
+    .unwrap();
+    let mut simulate =
+        hybrid_model::build_from_bundles(&client, Some(&server), hybrid_model::Mode::Simulate)
+            .unwrap();
+    let want = hybrid_model::generate(&mut simulate, prompt, options, |_| {}).unwrap();
+    (client, want)
+}
+
 pub fn batch(tokens: usize) -> Vec<u8> {
     let spec = LayerSpec::choose(&HFHE_GLWE_2048_V1, LayerShape::new(64, 192), 1).unwrap();
     let key = ClientKey::generate(&HFHE_GLWE_2048_V1);
@@ -204,11 +231,7 @@ impl Stack {
         let answer = request.send().await.unwrap();
         let status = answer.status().as_u16();
         let bytes = answer.bytes().await.unwrap();
-        let code = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v["code"].as_str().map(String::from))
-            .unwrap_or_default();
-        (status, code)
+        (status, error_code(&bytes))
     }
 
     /// The gateway's Prometheus exposition.
