@@ -172,16 +172,6 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
                 .await?;
         let worker_url = format!("http://127.0.0.1:{}", worker.port());
         tokio::spawn(worker.run_until_stopped(stopped(stop_rx.clone())));
-        // The worker compiles its layers (keyless and packed) before it is ready.
-        if !wait_ready(
-            &worker_url,
-            Duration::from_millis(50),
-            Duration::from_secs(120),
-        )
-        .await
-        {
-            bail!("the worker at {worker_url} did not finish loading its layers")
-        }
         let config = gateway::GatewayConfig::local(
             &database_url,
             keyset,
@@ -192,10 +182,11 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         let gateway_url = format!("http://127.0.0.1:{}", gateway.port());
         let ledger = gateway.ledger();
         tokio::spawn(gateway.run_until_stopped(stopped(stop_rx.clone())));
+        // Ready once a worker has compiled its layers (keyless and packed) and said so.
         if !wait_ready(
             &gateway_url,
             Duration::from_millis(50),
-            Duration::from_secs(30),
+            Duration::from_secs(120),
         )
         .await
         {

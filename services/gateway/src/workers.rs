@@ -98,9 +98,12 @@ impl WorkerPool {
                     .find(|w| w.url == url)
                     .cloned()
                     .unwrap_or_else(|| {
+                        // Unhealthy until its /readyz answers: a worker still compiling its
+                        // layers must not make the gateway look ready. Requests may still try
+                        // it when no worker is known healthy.
                         Arc::new(Worker {
                             url,
-                            healthy: AtomicBool::new(true),
+                            healthy: AtomicBool::new(false),
                         })
                     })
             })
