@@ -1,17 +1,22 @@
 //! `hybrid bench accuracy`: what protecting layers costs in accuracy on a real model
-//! (SmolLM2-135M-Instruct, Llama architecture, from its GGUF file). For each bit width and set of
+//! (SmolLM2-135M-Instruct by default, or any model `--model` reads) on fixed prompts or the
+//! vendor's own (`--prompts FILE`). For each bit width and set of
 //! protected layers, the `simulate` model (bit-exact with `execute`) is compared to the float
 //! model (`disable`) on fixed prompts: greedy tokens until the first divergence, next-token
 //! agreement under teacher forcing on the float model's continuation, and that continuation's
 //! perplexity under both.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use hybrid_model::llama::{load_gguf, Llama, Smoothing};
-use hybrid_model::{generate, GenerateOptions, Mode};
+use hybrid_model::{
+    build, build_with, compile, generate, names, Checkpoint, GenerateOptions, Mode,
+};
+
+use crate::model_cmd::load_source;
 use serde_json::json;
 
 /// Prompts of various kinds: facts, instructions, code, arithmetic, lists, dialogue, prose.
@@ -54,23 +59,28 @@ const CALIBRATION: &[&str] = &[
 
 #[derive(Args)]
 pub struct AccuracyArgs {
-    /// The GGUF file [default: fetched by crates/hybrid-model/scripts/fetch-smollm2.sh].
-    #[arg(long)]
-    gguf: Option<PathBuf>,
+    /// The model: `smollm2` (fetched once), a Llama GGUF file, a Hugging Face directory,
+    /// `tiny` or `tiny-llama`.
+    #[arg(long, alias = "gguf", default_value = "smollm2")]
+    model: String,
     /// Bit widths of weights and activations.
     #[arg(long, value_delimiter = ',', default_values_t = vec![6u32, 7, 8])]
     bits: Vec<u32>,
-    /// Sets of protected layers: `one` (block 0's q_proj), `attention` (every q, k, v, o
+    /// Sets of protected layers: `one` (block 0's q_proj), `attention` (every attention
     /// projection), `all` (every linear of every block), or a pattern.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["one".to_string(), "attention".into(), "all".into()])]
     sets: Vec<String>,
     /// Greedy tokens per prompt.
     #[arg(long, default_value_t = 32)]
     tokens: usize,
-    /// Prompts used (the first N of the fixed list).
-    #[arg(long, default_value_t = PROMPTS.len())]
-    prompts: usize,
-    /// Activation smoothing: none, norm-gain (fold the RMSNorm gain into the weights), or
+    /// Evaluation prompts, one per line (`\n` in a line is a newline) [default: a fixed set of
+    /// 22 prompts of various kinds].
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Use only the first N prompts.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Activation smoothing: none, norm-gain (fold the input norm's gain into the weights), or
     /// calibrated[:ALPHA] (divide channels by their calibrated maximum^ALPHA, default 0.5).
     #[arg(long, default_value = "none")]
     smoothing: String,
@@ -87,6 +97,18 @@ fn set_patterns(set: &str) -> Vec<String> {
     }
 }
 
+/// Prompts from a file: one per line, blank lines skipped, `\n` standing for a newline.
+pub(crate) fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let prompts: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.replace("\\n", "\n"))
+        .collect();
+    anyhow::ensure!(!prompts.is_empty(), "{}: no prompt", path.display());
+    Ok(prompts)
+}
+
 /// Mean negative log-likelihood of `tokens[from..]` given what precedes each.
 fn nll(log_probs: &candle_core::Tensor, tokens: &[u32], from: usize) -> Result<f64> {
     let rows = log_probs.to_vec2::<f32>()?;
@@ -101,29 +123,71 @@ fn argmaxes(log_probs: &candle_core::Tensor) -> Result<Vec<u32>> {
     Ok(log_probs.argmax(1)?.to_vec1::<u32>()?)
 }
 
+/// How activations are prepared before quantization.
+enum Smoothing {
+    None,
+    NormGain,
+    Calibrated { alpha: f32, prompts: Vec<Vec<u32>> },
+}
+
+impl Smoothing {
+    /// The per-input-channel factors of the layers `patterns` protects.
+    fn factors(
+        &self,
+        src: &Checkpoint,
+        patterns: &[String],
+    ) -> Result<Option<HashMap<String, Vec<f32>>>> {
+        let cfg = &src.config;
+        let protected = names::resolve(patterns, cfg.naming(), cfg.num_hidden_layers())?;
+        Ok(match self {
+            Smoothing::None => None,
+            Smoothing::NormGain => {
+                let mut out = HashMap::new();
+                for layer in &protected {
+                    let norm = layer
+                        .parts
+                        .first()
+                        .and_then(|m| cfg.naming().input_norm(*m));
+                    if let Some(norm) = norm {
+                        let gain = src
+                            .tensors
+                            .get(&format!("{norm}.weight"))
+                            .with_context(|| format!("no tensor {norm}.weight"))?
+                            .to_vec1::<f32>()?;
+                        let gain = gain
+                            .into_iter()
+                            .map(|g| if g.abs() > 1e-6 { g } else { 1.0 })
+                            .collect();
+                        out.insert(layer.name.clone(), gain);
+                    }
+                }
+                // Layers without an input norm keep their activations as they are.
+                for layer in &protected {
+                    let d_in = layer
+                        .parts
+                        .first()
+                        .and_then(|m| src.tensors.get(&format!("{}.weight", m.hf_name())))
+                        .map_or(Ok(0), |w| w.dim(1))?;
+                    out.entry(layer.name.clone())
+                        .or_insert_with(|| vec![1.0; d_in]);
+                }
+                Some(out)
+            }
+            Smoothing::Calibrated { alpha, prompts } => {
+                let max = compile::calibrate(cfg, &src.tensors, &protected, prompts)?;
+                Some(compile::smoothing_factors(&max, &protected, *alpha))
+            }
+        })
+    }
+}
+
 pub fn run(args: AccuracyArgs) -> Result<()> {
-    let gguf = match &args.gguf {
-        Some(p) => p.clone(),
-        None => {
-            let script = concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../hybrid-model/scripts/fetch-smollm2.sh"
-            );
-            let out = std::process::Command::new("bash").arg(script).output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "fetching SmolLM2 failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-        }
-    };
-    let checkpoint = load_gguf(&gguf).with_context(|| gguf.display().to_string())?;
-    let (cfg, tensors, tok) = (
-        &checkpoint.config,
-        &checkpoint.tensors,
-        &checkpoint.tokenizer,
-    );
+    let src = load_source(&args.model)?;
+    let (cfg, tensors) = (&src.config, &src.tensors);
+    let tok = src
+        .tokenizer
+        .as_ref()
+        .context("the model has no tokenizer")?;
     let encode = |text: &str| -> Result<Vec<u32>> {
         Ok(tok
             .encode(text, false)
@@ -138,37 +202,33 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
     {
         ("none", _) => Smoothing::None,
         ("norm-gain", _) => Smoothing::NormGain,
-        ("calibrated", alpha) => {
-            let alpha = if alpha.is_empty() {
+        ("calibrated", alpha) => Smoothing::Calibrated {
+            alpha: if alpha.is_empty() {
                 0.5
             } else {
                 alpha.parse()?
-            };
-            let prompts = CALIBRATION
+            },
+            prompts: CALIBRATION
                 .iter()
                 .map(|t| encode(t))
-                .collect::<Result<Vec<_>>>()?;
-            Smoothing::Calibrated {
-                alpha,
-                channel_max: std::sync::Arc::new(Llama::calibrate(cfg, tensors, &prompts)?),
-            }
-        }
+                .collect::<Result<Vec<_>>>()?,
+        },
         _ => anyhow::bail!(
             "--smoothing: none, norm-gain or calibrated[:ALPHA], not `{}`",
             args.smoothing
         ),
     };
-    let prompts: Vec<Vec<u32>> = PROMPTS
+    let texts: Vec<String> = match &args.prompts {
+        Some(path) => read_prompts(path)?,
+        None => PROMPTS.iter().map(|p| p.to_string()).collect(),
+    };
+    let prompts: Vec<Vec<u32>> = texts
         .iter()
-        .take(args.prompts)
-        .map(|p| {
-            Ok(tok
-                .encode(*p, false)
-                .map_err(anyhow::Error::msg)?
-                .get_ids()
-                .to_vec())
-        })
+        .take(args.limit.unwrap_or(usize::MAX))
+        .map(|p| encode(p))
+        .filter(|p| !matches!(p, Ok(ids) if ids.is_empty()))
         .collect::<Result<_>>()?;
+    anyhow::ensure!(!prompts.is_empty(), "no prompt to evaluate");
     let options = GenerateOptions {
         max_tokens: args.tokens,
         eos_token: None,
@@ -177,10 +237,10 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
 
     // The float model's continuations, predictions and likelihoods: the reference.
     let started = Instant::now();
-    let mut float = Llama::build(cfg, tensors, &[], Mode::Disable, 8)?;
+    let mut float = build(cfg, tensors, &[], Mode::Disable, 8)?;
     let mut reference = Vec::new();
     for prompt in &prompts {
-        let continuation = generate(&mut float, prompt, &options, |_| {})?;
+        let continuation = generate(float.as_mut(), prompt, &options, |_| {})?;
         let mut all = prompt.clone();
         all.extend(&continuation);
         let log_probs = float.teacher_forced(&all)?;
@@ -200,13 +260,15 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
     for set in &args.sets {
         for &bits in &args.bits {
             let started = Instant::now();
-            let mut model = Llama::build_with(
+            let patterns = set_patterns(set);
+            let factors = smoothing.factors(&src, &patterns)?;
+            let mut model = build_with(
                 cfg,
                 tensors,
-                &set_patterns(set),
+                &patterns,
                 Mode::Simulate,
                 bits,
-                smoothing.clone(),
+                factors.as_ref(),
             )?;
             let (mut prefix, mut agree, mut predictions, mut nll_sum) =
                 (0usize, 0usize, 0usize, 0.0);
@@ -215,7 +277,7 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
             let mut gaps = Vec::new();
             for (prompt, (continuation, all, want, _, float_rows)) in prompts.iter().zip(&reference)
             {
-                let got = generate(&mut model, prompt, &options, |_| {})?;
+                let got = generate(model.as_mut(), prompt, &options, |_| {})?;
                 prefix += got
                     .iter()
                     .zip(continuation)
@@ -267,7 +329,8 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
     }
     let report = json!({
         "bench": "accuracy",
-        "model": gguf.file_name().and_then(|n| n.to_str()),
+        "model": src.default_name(),
+        "prompt_file": args.prompts,
         "prompts": prompts.len(),
         "tokens": args.tokens,
         "float_perplexity": float_ppl,

@@ -14,7 +14,9 @@ use clap::Args;
 use hybrid_model::bundle::{load_client_bundle, SERVER_BUNDLE_FILE};
 use hybrid_model::compile::{compile, Activations, CompileOptions};
 use hybrid_model::remote::{RemoteConfig, RemoteStats};
-use hybrid_model::{build, build_remote, generate, GenerateOptions, Mode, Phi, PhiConfig};
+use hybrid_model::{
+    build, build_remote, generate, Architecture, CausalLm, GenerateOptions, Mode, PhiConfig,
+};
 use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
 use serde_json::json;
 
@@ -76,14 +78,14 @@ pub fn synth(args: SynthArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct E2eArgs {
-    /// A phi checkpoint directory (config.json, *.safetensors), e.g. written by `hybrid synth`.
+    /// A checkpoint directory (e.g. written by `hybrid synth`), a Llama GGUF file, `smollm2`,
+    /// `tiny` or `tiny-llama`.
     #[arg(long)]
-    model: PathBuf,
-    /// Sets of protected layers to measure, one per flag, each comma-separated names or patterns.
-    #[arg(long = "protect", default_values_t = vec![
-        "layers.1.mixer.Wqkv".to_string(),
-        "layers.*.mixer.Wqkv".to_string(),
-    ])]
+    model: String,
+    /// Sets of protected layers to measure, one per flag, each comma-separated names or patterns
+    /// [default: phi: `layers.1.mixer.Wqkv`, then `layers.*.mixer.Wqkv`; Llama: `blk.0.attn_q`,
+    /// every attention projection, every linear].
+    #[arg(long = "protect")]
     protect_sets: Vec<String>,
     #[arg(long, default_value_t = 8)]
     prompt_tokens: usize,
@@ -172,7 +174,7 @@ fn wait_ready(url: &str, what: &str, limit: Duration) -> Result<()> {
 
 /// Generates and times each decode step; `stats` splits remote time when given.
 fn timed_generation(
-    model: &mut Phi,
+    model: &mut dyn CausalLm,
     prompt: &[u32],
     tokens: usize,
     stats: Option<&RemoteStats>,
@@ -210,11 +212,23 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
             eprintln!("==> {m}");
         }
     };
-    say(format!("loading {}", args.model.display()));
+    say(format!("loading {}", args.model));
     let loaded = Instant::now();
-    let src = load_source(args.model.to_str().context("model path")?)?;
+    let src = load_source(&args.model)?;
     let load_s = loaded.elapsed().as_secs_f64();
-    let vocab = src.config.vocab_size as u32;
+    let vocab = src.config.vocab_size() as u32;
+    let protect_sets = match (args.protect_sets.is_empty(), src.config.architecture()) {
+        (false, _) => args.protect_sets.clone(),
+        (true, Architecture::Phi) => vec![
+            "layers.1.mixer.Wqkv".to_string(),
+            "layers.*.mixer.Wqkv".to_string(),
+        ],
+        (true, Architecture::Llama) => vec![
+            "blk.0.attn_q".to_string(),
+            "blk.*.attn_*".to_string(),
+            "blk.*.attn_*,blk.*.ffn_*".to_string(),
+        ],
+    };
     // A fixed pseudo-random prompt (token ids), the same for every run.
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab)
@@ -229,21 +243,19 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
         8,
     )?;
     let (local_prefill, local_decode, local_ids) =
-        timed_generation(&mut local, &prompt, args.tokens, None)?;
+        timed_generation(local.as_mut(), &prompt, args.tokens, None)?;
     drop(local);
     let local_ms = local_decode.wall / local_decode.steps.max(1) as f64 * 1e3;
 
     // Compile every set first, then let the checkpoint go: the client runs from its bundle.
     let mut sets = Vec::new();
-    for (i, set) in args.protect_sets.iter().enumerate() {
+    for (i, set) in protect_sets.iter().enumerate() {
         let protect: Vec<String> = set.split(',').map(|s| s.trim().to_string()).collect();
         say(format!("compiling with {set} protected"));
         let out = dir.join(format!("set{i}"));
         let started = Instant::now();
         let manifest = compile(
-            &src.config,
-            &src.tensors,
-            None,
+            &src,
             &CompileOptions {
                 model_name: "model".into(),
                 protect,
@@ -333,7 +345,7 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
             },
         )?;
         let (prefill, decode, ids) =
-            timed_generation(&mut model, &prompt, args.tokens, Some(&stats))?;
+            timed_generation(model.as_mut(), &prompt, args.tokens, Some(&stats))?;
         // Keys are generated and registered at connection (packed) or on first use (auto).
         let keys = stats.snapshot();
         let ms = decode.wall / decode.steps.max(1) as f64 * 1e3;

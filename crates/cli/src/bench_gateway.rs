@@ -70,10 +70,9 @@ async fn bench(args: GatewayArgs) -> Result<()> {
     );
     tiny.hidden_size = args.hidden;
     tiny.intermediate_size = 4 * args.hidden;
+    let weights = hybrid_model::tiny::random_weights(&tiny, 7)?;
     compile(
-        &tiny,
-        &hybrid_model::tiny::random_weights(&tiny, 7)?,
-        None,
+        &hybrid_model::Checkpoint::new(tiny.clone(), weights),
         &options,
         &client_dir,
         &server,

@@ -12,11 +12,13 @@ use clap::Args;
 use hybrid_model::bundle::{load_client_bundle, SERVER_BUNDLE_FILE};
 use hybrid_model::compile::CompileOptions;
 use hybrid_model::remote::{RemoteConfig, RemoteStats};
-use hybrid_model::{build, build_remote, generate, GenerateOptions, Mode};
+use hybrid_model::{
+    build, build_remote, generate, Architecture, Checkpoint, GenerateOptions, Mode,
+};
 use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
 use serde_json::json;
 
-use crate::local::{eos_token, wait_ready, WorkDir};
+use crate::local::{chat_prompt, wait_ready, WorkDir};
 use crate::model_cmd::{
     compile_with_progress, load_source, tokenize_all, TextStream, DEFAULT_CALIBRATION,
 };
@@ -26,18 +28,19 @@ const AUDIENCE: &str = "hybrid-gateway";
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// `tiny` (built in, offline), or a Hugging Face model directory (e.g. phi-1.5's).
-    #[arg(long, default_value = "tiny")]
+    /// `smollm2` (SmolLM2-135M-Instruct, fetched once into the user's cache; `tiny` when it
+    /// cannot be fetched), `tiny`, `tiny-llama`, a Llama GGUF file or a Hugging Face model
+    /// directory.
+    #[arg(long, default_value = "smollm2")]
     model: String,
-    /// Layers to protect (either naming, or patterns such as `layers.*.mixer.Wqkv`).
-    #[arg(long, default_values_t = vec!["layers.1.mixer.Wqkv".to_string()])]
+    /// Layers to protect (either naming, or patterns) [default: see `default_protection`].
+    #[arg(long)]
     protect: Vec<String>,
-    #[arg(
-        long,
-        default_value = "the customer has a license for the model and the data is"
-    )]
-    prompt: String,
-    #[arg(long, default_value_t = 16)]
+    /// The prompt; for a model with a chat template, the user's message [default: a question
+    /// for chat models, a sentence for the others].
+    #[arg(long)]
+    prompt: Option<String>,
+    #[arg(long, default_value_t = 24)]
     max_tokens: usize,
     /// Ledger: postgres://... [default: an embedded SQLite file in the work directory].
     #[arg(long, hide_env_values = true)]
@@ -59,27 +62,28 @@ pub struct DemoArgs {
     json: bool,
 }
 
-/// The id the service knows the model by: `tiny`, or the directory's name made URL-safe.
-fn model_id(model: &str) -> String {
-    let base = std::path::Path::new(model)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("model");
-    let id: String = base
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '-'
+/// The layers the demo protects when `--protect` is not given. phi: block 0's fused q/k/v
+/// projection (one request per token). Llama: every attention projection of the first two
+/// blocks (8 layers); the cost of each protected Llama layer is one more round trip per token
+/// (see BENCHMARKS.md), which this keeps a demo's pace.
+fn default_protection(arch: Architecture) -> Vec<String> {
+    match arch {
+        Architecture::Phi => vec!["layers.1.mixer.Wqkv".into()],
+        Architecture::Llama => vec!["blk.0.attn_*".into(), "blk.1.attn_*".into()],
+    }
+}
+
+/// The model: `smollm2` falls back to `tiny` (saying why) when it cannot be fetched.
+fn open_model(model: &str, json: bool) -> Result<Checkpoint> {
+    match load_source(model) {
+        Ok(src) => Ok(src),
+        Err(e) if model == "smollm2" => {
+            if !json {
+                println!("==> SmolLM2 is not available here ({e:#}); running on `tiny` instead");
             }
-        })
-        .take(128)
-        .collect();
-    if id.is_empty() {
-        "model".into()
-    } else {
-        id
+            load_source("tiny")
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -105,24 +109,27 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     let json_out = args.json;
     // 1. The vendor compiles the model: a client bundle for the customer, a server bundle (the
     //    protected weights) for the workers.
+    let src = open_model(&args.model, json_out)?;
+    let protect = match args.protect.is_empty() {
+        true => default_protection(src.config.architecture()),
+        false => args.protect.clone(),
+    };
+    let model_name = src.default_name();
     step(
         json_out,
         &format!(
-            "compiling `{}` with {} protected",
-            args.model,
-            args.protect.join(", ")
+            "compiling `{model_name}` with {} protected",
+            protect.join(", ")
         ),
     );
-    let src = load_source(&args.model)?;
     let tokenizer = src
         .tokenizer
         .clone()
         .context("the model has no tokenizer.json")?;
     let prompts: Vec<String> = DEFAULT_CALIBRATION.iter().map(|s| s.to_string()).collect();
-    let model_name = model_id(&args.model);
     let options = CompileOptions {
         model_name: model_name.clone(),
-        protect: args.protect.clone(),
+        protect,
         n_bits: 8,
         calibration: tokenize_all(Some(&tokenizer), &prompts)?,
         activations: args.activations.parse()?,
@@ -130,7 +137,7 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     let client_dir = dir.join("client");
     let server_path = dir.join(SERVER_BUNDLE_FILE);
     let started = Instant::now();
-    let manifest = compile_with_progress(&src, Some(&tokenizer), &options, dir, !json_out)?;
+    let manifest = compile_with_progress(&src, &options, dir, !json_out)?;
     let compile_s = started.elapsed().as_secs_f64();
     let protected: Vec<String> = manifest.layers.iter().map(|l| l.name.clone()).collect();
     if !json_out {
@@ -268,26 +275,42 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
             ),
         );
     }
+    let eos = src.eos();
+    let (shown, text) = match (&src.chat_template, &args.prompt) {
+        (Some(template), question) => {
+            let question = question
+                .clone()
+                .unwrap_or_else(|| "What is the capital of France?".into());
+            let text = chat_prompt(Some(template), &tokenizer, eos, &question)?;
+            (format!("[user] {question}\n    [assistant] "), text)
+        }
+        (None, prompt) => {
+            let prompt = prompt.clone().unwrap_or_else(|| {
+                "the customer has a license for the model and the data is".into()
+            });
+            (format!("{prompt} "), prompt)
+        }
+    };
     let prompt = tokenizer
-        .encode(args.prompt.as_str(), false)
+        .encode(text.as_str(), false)
         .map_err(anyhow::Error::msg)?
         .get_ids()
         .to_vec();
     let options = GenerateOptions {
         max_tokens: args.max_tokens,
-        eos_token: eos_token(&tokenizer),
+        eos_token: eos,
         ..GenerateOptions::default()
     };
     step(json_out, "generating through the gateway (remote mode)");
     if !json_out {
-        print!("    {} ", args.prompt);
+        print!("    {shown}");
     }
     let mut stream = TextStream::new(&tokenizer);
     let mut split = Split::default();
     let mut prefill = Split::default();
     let started = Instant::now();
     let mut last = (Instant::now(), keys);
-    let tokens = generate(&mut model, &prompt, &options, |t| {
+    let tokens = generate(model.as_mut(), &prompt, &options, |t| {
         let snapshot = stats.snapshot();
         let wall = last.0.elapsed().as_secs_f64();
         if prefill.steps == 0 {
@@ -346,7 +369,7 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
             Mode::Disable,
             8,
         )?;
-        let reference = generate(&mut clear, &prompt, &options, |_| {})?;
+        let reference = generate(clear.as_mut(), &prompt, &options, |_| {})?;
         let same = tokens
             .iter()
             .zip(&reference)
@@ -379,7 +402,8 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
 
     let decode_tokens = split.steps;
     let report = json!({
-        "model": args.model,
+        "model": model_name,
+        "architecture": src.config.architecture().name(),
         "protected": protected,
         "ledger": ledger_kind,
         "prompt_tokens": prompt.len(),

@@ -56,9 +56,22 @@ pub async fn wait_ready(url: &str, every: Duration, limit: Duration) -> bool {
     false
 }
 
-/// The end-of-text token of a tokenizer, under the names phi and GPT-2 style vocabularies use.
+/// The end-of-text token of a tokenizer, under the names phi, GPT-2 and ChatML vocabularies use.
 pub fn eos_token(tokenizer: &tokenizers::Tokenizer) -> Option<u32> {
-    tokenizer
-        .token_to_id("<eos>")
-        .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
+    hybrid_model::checkpoint::eos_in_vocabulary(tokenizer)
+}
+
+/// `question` as a user message rendered with the model's chat template.
+pub fn chat_prompt(
+    template: Option<&str>,
+    tokenizer: &tokenizers::Tokenizer,
+    eos: Option<u32>,
+    question: &str,
+) -> Result<String> {
+    let template = template.ok_or_else(|| anyhow::anyhow!("the model has no chat template"))?;
+    let eos = eos
+        .and_then(|id| tokenizer.id_to_token(id))
+        .unwrap_or_default();
+    let template = hybrid_model::chat::ChatTemplate::new(template, "", &eos)?;
+    Ok(template.render(&[hybrid_model::chat::Message::user(question)], true)?)
 }

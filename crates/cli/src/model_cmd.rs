@@ -1,82 +1,33 @@
 //! `hybrid compile` and `hybrid generate`: the SDK on the command line.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
 use clap::Args;
 use hybrid_model::bundle::{load_client_bundle, load_server_bundle, SERVER_BUNDLE_FILE};
 use hybrid_model::compile::{compile, CompileOptions};
 use hybrid_model::remote::RemoteConfig;
 use hybrid_model::{
-    build, build_from_bundles, build_remote, generate, GenerateOptions, Mode, Phi, PhiConfig,
+    build, build_from_bundles, build_remote, generate, Checkpoint, GenerateOptions, Mode, Model,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokenizers::Tokenizer;
 
-/// A model: its configuration, checkpoint tensors and tokenizer.
-pub(crate) struct Source {
-    pub name: String,
-    pub config: PhiConfig,
-    pub tensors: HashMap<String, Tensor>,
-    pub tokenizer: Option<Tokenizer>,
+/// The model named by `--model`: `tiny`, `tiny-llama`, `smollm2`, a GGUF file, a Hugging Face
+/// directory, or (with `--features hf-hub`) a hub id.
+pub(crate) fn load_source(model: &str) -> Result<Checkpoint> {
+    if !Path::new(model).exists() && model.contains('/') && cfg!(feature = "hf-hub") {
+        return Ok(Checkpoint::from_dir(&download(model)?)?);
+    }
+    Ok(Checkpoint::open(model)?)
 }
 
-/// `tiny` (built in, offline), a Hugging Face model directory, or a hub id.
-pub(crate) fn load_source(model: &str) -> Result<Source> {
-    if model == "tiny" {
-        return Ok(Source {
-            name: "tiny".into(),
-            config: hybrid_model::tiny::tiny_config(),
-            tensors: hybrid_model::tiny::tiny_weights()?,
-            tokenizer: Some(hybrid_model::tiny::tiny_tokenizer()?),
-        });
-    }
-    let downloaded;
-    let dir = if Path::new(model).is_dir() {
-        Path::new(model)
-    } else if model.contains('/') && cfg!(feature = "hf-hub") {
-        downloaded = download(model)?;
-        downloaded.as_path()
-    } else {
-        bail!(
-            "model `{model}` is neither `tiny` nor a directory (config.json, *.safetensors, tokenizer.json){}",
-            if cfg!(feature = "hf-hub") { "" } else { "; hub ids need a build with --features hf-hub" }
-        );
-    };
-    let config: PhiConfig =
-        serde_json::from_slice(&std::fs::read(dir.join("config.json")).context("config.json")?)
-            .context("config.json is not a phi configuration")?;
-    let mut tensors = HashMap::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        bail!("{} has no *.safetensors file", dir.display());
-    }
-    for f in files {
-        tensors.extend(
-            hybrid_model::bundle::load_safetensors(&f).with_context(|| f.display().to_string())?,
-        );
-    }
-    let tok = dir.join("tokenizer.json");
-    let tokenizer = if tok.exists() {
-        Some(Tokenizer::from_file(&tok).map_err(anyhow::Error::msg)?)
-    } else {
-        None
-    };
-    Ok(Source {
-        name: dir.display().to_string(),
-        config,
-        tensors,
-        tokenizer,
-    })
+/// The name a bundle of `src` is served under: `--name`, else the model's own.
+pub(crate) fn model_name(src: &Checkpoint, name: Option<&str>) -> String {
+    name.map(String::from).unwrap_or_else(|| src.default_name())
 }
 
 /// Downloads a model from the Hugging Face hub into its cache; returns the snapshot directory.
@@ -85,6 +36,7 @@ fn download(id: &str) -> Result<PathBuf> {
     let repo = hf_hub::api::sync::Api::new()?.model(id.to_string());
     let config = repo.get("config.json")?;
     let _ = repo.get("tokenizer.json");
+    let _ = repo.get("tokenizer_config.json");
     match repo.get("model.safetensors.index.json") {
         Ok(index) => {
             let index: serde_json::Value = serde_json::from_slice(&std::fs::read(index)?)?;
@@ -124,8 +76,7 @@ fn progress_bar() -> ProgressBar {
 
 /// Compiles `src` into `out/client/` and `out/server.safetensors`, with a progress bar when `show`.
 pub(crate) fn compile_with_progress(
-    src: &Source,
-    tokenizer: Option<&Tokenizer>,
+    src: &Checkpoint,
     options: &CompileOptions,
     out: &Path,
     show: bool,
@@ -135,9 +86,7 @@ pub(crate) fn compile_with_progress(
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let manifest = compile(
-        &src.config,
-        &src.tensors,
-        tokenizer,
+        src,
         options,
         &out.join("client"),
         &out.join(SERVER_BUNDLE_FILE),
@@ -153,9 +102,13 @@ pub(crate) fn compile_with_progress(
 
 #[derive(Args)]
 pub struct CompileArgs {
-    /// `tiny`, or a Hugging Face model directory.
+    /// `tiny`, `tiny-llama`, `smollm2` (fetched once), a Llama GGUF file, or a Hugging Face
+    /// model directory (phi or Llama architecture).
     #[arg(long, default_value = "tiny")]
     model: String,
+    /// The model's name in the bundle, licenses and routes [default: the model's own name].
+    #[arg(long)]
+    name: Option<String>,
     /// Layers to protect (names in either naming, or patterns such as `layers.*.mixer.Wqkv`).
     #[arg(long, required = true)]
     protect: Vec<String>,
@@ -195,7 +148,7 @@ pub fn compile_cmd(args: CompileArgs) -> Result<()> {
     };
     let calibration = tokenize_all(src.tokenizer.as_ref(), &prompts)?;
     let options = CompileOptions {
-        model_name: src.name.clone(),
+        model_name: model_name(&src, args.name.as_deref()),
         protect: args.protect,
         n_bits: args.n_bits,
         calibration,
@@ -204,14 +157,10 @@ pub fn compile_cmd(args: CompileArgs) -> Result<()> {
     let client_dir = args.out.join("client");
     let server_path = args.out.join(SERVER_BUNDLE_FILE);
     let started = Instant::now();
-    let manifest = compile_with_progress(
-        &src,
-        src.tokenizer.as_ref(),
-        &options,
-        &args.out,
-        !args.json,
-    )?;
+    let manifest = compile_with_progress(&src, &options, &args.out, !args.json)?;
     let report = json!({
+        "model": manifest.model,
+        "architecture": manifest.architecture,
         "client_bundle": client_dir,
         "server_bundle": server_path,
         "protected": manifest.layers.iter().map(|l| json!({"name": l.name, "d_in": l.d_in, "d_out": l.d_out})).collect::<Vec<_>>(),
@@ -279,7 +228,8 @@ pub(crate) fn tokenize_all(
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// `tiny`, or a Hugging Face model directory (ignored with --bundle).
+    /// `tiny`, `tiny-llama`, `smollm2`, a Llama GGUF file, or a Hugging Face model directory
+    /// (ignored with --bundle).
     #[arg(long, default_value = "tiny")]
     model: String,
     /// A directory written by `hybrid compile` (client/ and server.safetensors).
@@ -293,6 +243,10 @@ pub struct GenerateArgs {
     mode: String,
     #[arg(long)]
     prompt: String,
+    /// Render the prompt as a user message with the model's chat template (instruction-tuned
+    /// models).
+    #[arg(long)]
+    chat: bool,
     #[arg(long, default_value_t = 16)]
     max_tokens: usize,
     /// Sampling temperature (greedy when absent).
@@ -317,52 +271,96 @@ pub struct GenerateArgs {
     json: bool,
 }
 
+/// What generation needs of a model, whether it came from a bundle or a checkpoint.
+struct Loaded {
+    model: Model,
+    tokenizer: Option<Tokenizer>,
+    eos_token: Option<u32>,
+    chat_template: Option<String>,
+    protected: Vec<String>,
+}
+
 pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
     let mode: Mode = args.mode.parse()?;
-    let (mut model, tokenizer, protected): (Phi, Option<Tokenizer>, Vec<String>) =
-        match &args.bundle {
-            Some(dir) => {
-                let client = load_client_bundle(&dir.join("client"))?;
-                let model = if mode == Mode::Remote {
-                    let url = args
-                        .url
-                        .clone()
-                        .context("remote mode needs --url (or HYBRID_URL)")?;
-                    let remote = RemoteConfig {
-                        url,
-                        model: client.manifest.model.clone(),
-                        license: args.license.clone(),
-                        stats: None,
-                        results: args.results.mode()?,
-                        keys: args.results.keys()?,
-                    };
-                    build_remote(&client, remote)?
-                } else {
-                    let server_path = dir.join(SERVER_BUNDLE_FILE);
-                    let server = if server_path.exists() {
-                        Some(load_server_bundle(&server_path)?)
-                    } else {
-                        None
-                    };
-                    build_from_bundles(&client, server.as_ref(), mode)?
+    let loaded = match &args.bundle {
+        Some(dir) => {
+            let client = load_client_bundle(&dir.join("client"))?;
+            let model = if mode == Mode::Remote {
+                let url = args
+                    .url
+                    .clone()
+                    .context("remote mode needs --url (or HYBRID_URL)")?;
+                let remote = RemoteConfig {
+                    url,
+                    model: client.manifest.model.clone(),
+                    license: args.license.clone(),
+                    stats: None,
+                    results: args.results.mode()?,
+                    keys: args.results.keys()?,
                 };
-                let names = client
+                build_remote(&client, remote)?
+            } else {
+                let server_path = dir.join(SERVER_BUNDLE_FILE);
+                let server = if server_path.exists() {
+                    Some(load_server_bundle(&server_path)?)
+                } else {
+                    None
+                };
+                build_from_bundles(&client, server.as_ref(), mode)?
+            };
+            let eos_token = client
+                .manifest
+                .eos_token_id
+                .or_else(|| client.tokenizer.as_ref().and_then(crate::local::eos_token));
+            Loaded {
+                model,
+                eos_token,
+                chat_template: client.manifest.chat_template.clone(),
+                protected: client
                     .manifest
                     .layers
                     .iter()
                     .map(|l| l.name.clone())
-                    .collect();
-                (model, client.tokenizer, names)
+                    .collect(),
+                tokenizer: client.tokenizer,
             }
-            None => {
-                let src = load_source(&args.model)?;
-                let model = build(&src.config, &src.tensors, &args.protect, mode, args.n_bits)?;
-                (model, src.tokenizer, args.protect.clone())
+        }
+        None => {
+            if mode == Mode::Remote {
+                bail!(
+                    "remote mode runs a compiled bundle: give --bundle DIR (see `hybrid compile`)"
+                );
             }
-        };
+            let src = load_source(&args.model)?;
+            Loaded {
+                model: build(&src.config, &src.tensors, &args.protect, mode, args.n_bits)?,
+                eos_token: src.eos(),
+                chat_template: src.chat_template.clone(),
+                protected: args.protect.clone(),
+                tokenizer: src.tokenizer,
+            }
+        }
+    };
+    let Loaded {
+        mut model,
+        tokenizer,
+        eos_token,
+        chat_template,
+        protected,
+    } = loaded;
     let tokenizer = tokenizer.context("the model has no tokenizer.json")?;
+    let text = if args.chat {
+        crate::local::chat_prompt(
+            chat_template.as_deref(),
+            &tokenizer,
+            eos_token,
+            &args.prompt,
+        )?
+    } else {
+        args.prompt.clone()
+    };
     let prompt = tokenizer
-        .encode(args.prompt.as_str(), false)
+        .encode(text.as_str(), false)
         .map_err(anyhow::Error::msg)?
         .get_ids()
         .to_vec();
@@ -371,12 +369,12 @@ pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
-        eos_token: crate::local::eos_token(&tokenizer),
+        eos_token,
     };
     let started = Instant::now();
     let mut first_token_ms = None;
     let mut stream = TextStream::new(&tokenizer);
-    let tokens = generate(&mut model, &prompt, &options, |t| {
+    let tokens = generate(model.as_mut(), &prompt, &options, |t| {
         first_token_ms.get_or_insert(started.elapsed().as_secs_f64() * 1e3);
         if !args.json {
             stream.push(t);

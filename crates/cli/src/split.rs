@@ -33,6 +33,7 @@ impl Split {
             "decrypt_ms": r.decrypt_s / n * 1e3,
             "upload_bytes": r.upload_bytes as f64 / n,
             "download_bytes": r.download_bytes as f64 / n,
+            "round_trips": r.queries as f64 / n,
         })
     }
 }

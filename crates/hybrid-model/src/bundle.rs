@@ -2,11 +2,13 @@
 //! keeps (the server bundle), versioned and paired by content hash.
 //!
 //! Client bundle (a directory):
-//! - `config.json`: the model configuration;
-//! - `model.safetensors`: every tensor of the model *except* the protected layers' weights and
-//!   biases (they are removed, not zeroed);
+//! - `config.json`: the model configuration (Hugging Face's, naming its architecture);
+//! - `model.safetensors` (models read from safetensors) or `model.gguf` (models read from a GGUF
+//!   file, every local tensor in its own quantization): every tensor of the model *except* the
+//!   protected layers' weights and biases (they are removed, not zeroed);
 //! - `tokenizer.json` (when the model has one);
-//! - `hybrid-manifest.json`: [`ClientManifest`].
+//! - `hybrid-manifest.json`: [`ClientManifest`] (also the chat template and end-of-sequence
+//!   token, when the model has them).
 //!
 //! Server bundle (one file, `server.safetensors`): the protected layers' quantized weights as
 //! `I8` tensors named after the layers, and a [`ServerManifest`] in the safetensors metadata.
@@ -26,14 +28,16 @@ use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 use crate::backend::ServerLayer;
-use crate::config::PhiConfig;
+use crate::config::ModelConfig;
 use crate::linear::ClientLayer;
-use crate::names::{self, Module};
+use crate::names::Module;
 use crate::ModelError;
 
 pub const BUNDLE_FORMAT_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "hybrid-manifest.json";
 pub const CLIENT_WEIGHTS_FILE: &str = "model.safetensors";
+/// The client's weights of a model read from a GGUF file.
+pub const CLIENT_GGUF_FILE: &str = "model.gguf";
 pub const SERVER_BUNDLE_FILE: &str = "server.safetensors";
 const SERVER_METADATA_KEY: &str = "hybrid-fhe";
 
@@ -69,6 +73,26 @@ pub struct ClientManifest {
     /// The accuracy of the activation quantization that was measured and not chosen.
     #[serde(default)]
     pub alternative: Option<CalibrationReport>,
+    /// The model's architecture (`phi`, `llama`): must match `config.json`'s.
+    #[serde(default = "default_architecture")]
+    pub architecture: String,
+    /// The file holding the client's tensors ([`CLIENT_WEIGHTS_FILE`] or [`CLIENT_GGUF_FILE`]).
+    #[serde(default = "default_weights_file")]
+    pub weights_file: String,
+    /// The model's chat template (Jinja), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+    /// The token that ends a generation, when the model names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<u32>,
+}
+
+fn default_architecture() -> String {
+    "phi".into()
+}
+
+fn default_weights_file() -> String {
+    CLIENT_WEIGHTS_FILE.into()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -303,7 +327,7 @@ pub fn load_server_bundle(path: &Path) -> Result<ServerBundle, ModelError> {
 
 /// A loaded client bundle.
 pub struct ClientBundle {
-    pub config: PhiConfig,
+    pub config: ModelConfig,
     pub tensors: HashMap<String, Tensor>,
     pub manifest: ClientManifest,
     pub tokenizer: Option<Tokenizer>,
@@ -312,7 +336,7 @@ pub struct ClientBundle {
 impl ClientBundle {
     /// The protected layers with the modules each computes.
     pub fn protected(&self) -> Result<Vec<(Vec<Module>, ClientLayer)>, ModelError> {
-        let all = names::all_names(self.config.num_hidden_layers);
+        let all = self.config.naming().layers(self.config.num_hidden_layers());
         self.manifest
             .layers
             .iter()
@@ -348,13 +372,34 @@ pub fn load_client_bundle(dir: &Path) -> Result<ClientBundle, ModelError> {
             manifest.format_version
         )));
     }
-    let config: PhiConfig = serde_json::from_slice(&read(&dir.join("config.json"))?)
-        .map_err(|e| bundle_err(format!("config.json: {e}")))?;
-    let (tensors, sha) = read_safetensors_hashed(&dir.join(CLIENT_WEIGHTS_FILE))?;
+    let config = ModelConfig::from_json(&read(&dir.join("config.json"))?)?;
+    if config.architecture().name() != manifest.architecture {
+        return Err(bundle_err(format!(
+            "config.json describes a {} model, the manifest a {} model",
+            config.architecture().name(),
+            manifest.architecture
+        )));
+    }
+    let weights = dir.join(&manifest.weights_file);
+    let (tensors, sha) = match manifest.weights_file.as_str() {
+        CLIENT_WEIGHTS_FILE => read_safetensors_hashed(&weights)?,
+        CLIENT_GGUF_FILE => {
+            // Hash first: the tensors are read only from a file the manifest vouches for.
+            let sha = sha256_hex(&read(&weights)?);
+            if sha != manifest.client_weights_sha256 {
+                return Err(bundle_err(
+                    "model.gguf does not match its manifest (modified?)",
+                ));
+            }
+            (crate::gguf::load_tensors(&weights)?, sha)
+        }
+        other => return Err(bundle_err(format!("unknown client weights file `{other}`"))),
+    };
     if sha != manifest.client_weights_sha256 {
-        return Err(bundle_err(
-            "model.safetensors does not match its manifest (modified?)",
-        ));
+        return Err(bundle_err(format!(
+            "{} does not match its manifest (modified?)",
+            manifest.weights_file
+        )));
     }
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
@@ -370,22 +415,46 @@ pub fn load_client_bundle(dir: &Path) -> Result<ClientBundle, ModelError> {
     })
 }
 
+/// The client's tensors, as a bundle stores them.
+pub enum ClientWeights<'a> {
+    /// Written as `model.safetensors`.
+    Tensors(HashMap<String, Tensor>),
+    /// The GGUF file `source` without the tensors named (Hugging Face names) in `removed`,
+    /// written as `model.gguf`; the other tensors keep their quantization.
+    GgufWithout {
+        source: &'a Path,
+        removed: Vec<String>,
+    },
+}
+
 /// Writes the client bundle directory.
 pub fn write_client_bundle(
     dir: &Path,
-    config: &PhiConfig,
-    tensors: &HashMap<String, Tensor>,
+    config: &ModelConfig,
+    weights: ClientWeights,
     tokenizer: Option<&Tokenizer>,
     mut manifest: ClientManifest,
 ) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(|e| bundle_err(format!("{}: {e}", dir.display())))?;
-    write(
-        &dir.join("config.json"),
-        &serde_json::to_vec_pretty(config).map_err(bundle_err)?,
-    )?;
-    let path = dir.join(CLIENT_WEIGHTS_FILE);
-    candle_core::safetensors::save(tensors, &path)?;
-    manifest.client_weights_sha256 = sha256_hex(&read(&path)?);
+    write(&dir.join("config.json"), &config.to_json()?)?;
+    let file = match weights {
+        ClientWeights::Tensors(tensors) => {
+            candle_core::safetensors::save(&tensors, dir.join(CLIENT_WEIGHTS_FILE))?;
+            CLIENT_WEIGHTS_FILE
+        }
+        ClientWeights::GgufWithout { source, removed } => {
+            crate::gguf::write_without(source, &dir.join(CLIENT_GGUF_FILE), &removed)?;
+            CLIENT_GGUF_FILE
+        }
+    };
+    for stale in [CLIENT_WEIGHTS_FILE, CLIENT_GGUF_FILE] {
+        if stale != file {
+            std::fs::remove_file(dir.join(stale)).ok();
+        }
+    }
+    manifest.weights_file = file.to_string();
+    manifest.architecture = config.architecture().name().to_string();
+    manifest.client_weights_sha256 = sha256_hex(&read(&dir.join(file))?);
     if let Some(t) = tokenizer {
         t.save(dir.join("tokenizer.json"), false)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;

@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Tensor;
-use tokenizers::Tokenizer;
 
 use crate::bundle::{
     self, CalibrationReport, ClientManifest, ServerLayerInfo, ServerManifest, BUNDLE_FORMAT_VERSION,
 };
-use crate::config::PhiConfig;
-use crate::model::Phi;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::transformer::{CausalLm, Model};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device};
@@ -22,7 +22,7 @@ use crate::linear::{
     per_module, ChannelMax, HybridProvider, Linear, LinearProvider, LocalLinear, LocalProvider,
     Recording,
 };
-use crate::{build, names, vendor, Mode, ModelError};
+use crate::{build, load_model, names, vendor, Mode, ModelError};
 
 /// How protected layers quantize their inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,9 +108,10 @@ impl LinearProvider for RecordingProvider {
     }
 }
 
-/// The largest magnitude of each input channel of each protected layer on the prompts.
-fn calibrate(
-    cfg: &PhiConfig,
+/// The largest magnitude of each input channel of each protected layer on the prompts, run
+/// through the float model.
+pub fn calibrate(
+    cfg: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
     protected: &[names::ProtectedLayer],
     prompts: &[Vec<u32>],
@@ -121,7 +122,7 @@ fn calibrate(
         stats: stats.clone(),
     };
     let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
-    let mut model = Phi::load(cfg, vb, &provider)?;
+    let mut model = load_model(cfg, vb, &provider)?;
     for p in prompts.iter().filter(|p| !p.is_empty()) {
         model.clear_kv_cache();
         model.forward_all(p)?;
@@ -151,10 +152,12 @@ fn static_scales(
         .collect())
 }
 
-/// Smoothing factors per protected layer: each channel's calibrated maximum to the power 1/2.
-fn smoothing_factors(
+/// Smoothing factors per protected layer: each channel's calibrated maximum to the power
+/// `alpha` (1/2 when compiling).
+pub fn smoothing_factors(
     channel_max: &HashMap<String, Vec<f32>>,
     protected: &[names::ProtectedLayer],
+    alpha: f32,
 ) -> HashMap<String, Vec<f32>> {
     protected
         .iter()
@@ -163,7 +166,7 @@ fn smoothing_factors(
             Some((
                 l.name.clone(),
                 max.iter()
-                    .map(|m| if *m > 1e-6 { m.sqrt() } else { 1.0 })
+                    .map(|m| if *m > 1e-6 { m.powf(alpha) } else { 1.0 })
                     .collect(),
             ))
         })
@@ -172,11 +175,11 @@ fn smoothing_factors(
 
 /// A simulate-mode model from split layers (the client part built without protected tensors).
 fn simulated(
-    cfg: &PhiConfig,
+    cfg: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
     protected: &[names::ProtectedLayer],
     split: &[vendor::SplitLayer],
-) -> Result<Phi, ModelError> {
+) -> Result<Model, ModelError> {
     let backend = Arc::new(SimulateBackend::new(
         split.iter().map(|s| s.server.clone()).collect(),
     ));
@@ -192,14 +195,14 @@ fn simulated(
         DType::F32,
         &Device::Cpu,
     );
-    Ok(Phi::load(cfg, vb, &provider)?)
+    load_model(cfg, vb, &provider)
 }
 
 /// Teacher-forced comparison of two models over `prompts`: share of identical argmax next-token
 /// predictions and the largest logit difference.
 pub fn compare(
-    a: &mut Phi,
-    b: &mut Phi,
+    a: &mut dyn CausalLm,
+    b: &mut dyn CausalLm,
     prompts: &[Vec<u32>],
 ) -> Result<CalibrationReport, ModelError> {
     let (mut same, mut positions, mut max_err) = (0usize, 0usize, 0f32);
@@ -235,15 +238,15 @@ pub fn compare(
 /// Compiles `tensors` into a client bundle directory and a server bundle file. `progress` is
 /// called with (stage, done, total).
 pub fn compile(
-    cfg: &PhiConfig,
-    tensors: &HashMap<String, Tensor>,
-    tokenizer: Option<&Tokenizer>,
+    source: &Checkpoint,
     options: &CompileOptions,
     client_dir: &Path,
     server_path: &Path,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<ClientManifest, ModelError> {
-    let protected = names::resolve(&options.protect, cfg.num_hidden_layers)?;
+    let (cfg, tensors) = (&source.config, &source.tensors);
+    protocol::Name::parse(&options.model_name).map_err(|e| ModelError::Bundle(e.to_string()))?;
+    let protected = names::resolve(&options.protect, cfg.naming(), cfg.num_hidden_layers())?;
     if protected.is_empty() {
         return Err(ModelError::Bundle("no layer to protect".into()));
     }
@@ -286,7 +289,7 @@ pub fn compile(
     };
     let smoothed_split = match (&channel_max, choice) {
         (Some(max), Activations::Smoothed | Activations::Auto) => {
-            let factors = smoothing_factors(max, &protected);
+            let factors = smoothing_factors(max, &protected, 0.5);
             Some(vendor::split_layers(
                 tensors,
                 &protected,
@@ -316,7 +319,7 @@ pub fn compile(
         for (i, (name, split)) in candidates.iter().enumerate() {
             progress("calibrate", i, count);
             let mut model = simulated(cfg, tensors, &protected, split)?;
-            let mut report = compare(&mut float, &mut model, &prompts)?;
+            let mut report = compare(float.as_mut(), model.as_mut(), &prompts)?;
             report.activations = name.to_string();
             reports.push(report);
         }
@@ -381,14 +384,24 @@ pub fn compile(
         client_weights_sha256: String::new(),
         calibration,
         alternative,
+        architecture: cfg.architecture().name().to_string(),
+        weights_file: String::new(),
+        chat_template: source.chat_template.clone(),
+        eos_token_id: source.eos(),
     };
-    let client_tensors = vendor::client_tensors(tensors, &protected);
+    let weights = match &source.gguf {
+        Some(gguf) => bundle::ClientWeights::GgufWithout {
+            source: gguf,
+            removed: vendor::protected_tensor_names(&protected),
+        },
+        None => bundle::ClientWeights::Tensors(vendor::client_tensors(tensors, &protected)),
+    };
     bundle::write_client_bundle(
         client_dir,
         cfg,
-        &client_tensors,
-        tokenizer,
-        manifest.clone(),
+        weights,
+        source.tokenizer.as_ref(),
+        manifest,
     )?;
     Ok(bundle::load_client_bundle(client_dir)?.manifest)
 }

@@ -2,50 +2,8 @@
 
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
-use candle_core::Tensor;
-
-use crate::llama::Llama;
-use crate::model::Phi;
+use crate::transformer::CausalLm;
 use crate::ModelError;
-
-/// A causal language model with a KV cache: what generation needs.
-pub trait CausalLm {
-    /// Feeds `tokens` after the cached ones; returns the logits of the last position.
-    fn next_logits(&mut self, tokens: &[u32]) -> Result<Tensor, ModelError>;
-    fn clear_cache(&mut self);
-    fn context_length(&self) -> usize;
-    fn vocab_size(&self) -> usize;
-}
-
-impl CausalLm for Phi {
-    fn next_logits(&mut self, tokens: &[u32]) -> Result<Tensor, ModelError> {
-        Ok(self.forward(tokens)?)
-    }
-    fn clear_cache(&mut self) {
-        self.clear_kv_cache()
-    }
-    fn context_length(&self) -> usize {
-        self.config().max_position_embeddings
-    }
-    fn vocab_size(&self) -> usize {
-        self.config().vocab_size
-    }
-}
-
-impl CausalLm for Llama {
-    fn next_logits(&mut self, tokens: &[u32]) -> Result<Tensor, ModelError> {
-        self.forward(tokens)
-    }
-    fn clear_cache(&mut self) {
-        self.clear_kv_cache()
-    }
-    fn context_length(&self) -> usize {
-        self.config().max_position_embeddings
-    }
-    fn vocab_size(&self) -> usize {
-        self.config().vocab_size
-    }
-}
 
 /// How to pick the next tokens.
 #[derive(Debug, Clone)]
@@ -77,7 +35,7 @@ impl Default for GenerateOptions {
 /// Generates after `prompt` (token ids), calling `on_token` with each new token as soon as it
 /// is chosen. Clears the model's KV cache first.
 pub fn generate(
-    model: &mut impl CausalLm,
+    model: &mut dyn CausalLm,
     prompt: &[u32],
     options: &GenerateOptions,
     mut on_token: impl FnMut(u32),
@@ -105,9 +63,9 @@ pub fn generate(
         (Some(temperature), Some(p)) => Sampling::TopP { p, temperature },
     };
     let mut sampler = LogitsProcessor::from_sampling(options.seed, sampling);
-    model.clear_cache();
+    model.clear_kv_cache();
     let mut out = Vec::with_capacity(options.max_tokens);
-    let mut logits = model.next_logits(prompt)?;
+    let mut logits = model.forward(prompt)?;
     for _ in 0..options.max_tokens {
         let next = sampler.sample(&logits)?;
         out.push(next);
@@ -115,7 +73,7 @@ pub fn generate(
         if Some(next) == options.eos_token || out.len() == options.max_tokens {
             break;
         }
-        logits = model.next_logits(&[next])?;
+        logits = model.forward(&[next])?;
     }
     Ok(out)
 }

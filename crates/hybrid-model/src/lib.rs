@@ -1,24 +1,36 @@
-//! The client SDK's model: phi-1.5 (and smaller phi-architecture models) on candle, in which any
-//! chosen linear layers run as protected layers.
+//! The client SDK's model: decoder-only language models on candle (phi and Llama, one backbone),
+//! in which any chosen linear layers run as protected layers.
 //!
-//! - [`model`]: the transformer, every linear built through a [`linear::LinearProvider`];
-//! - [`names`]: module names in both namings users meet, and patterns;
+//! - [`transformer`]: what every architecture shares ([`CausalLm`], KV cache, causal mask,
+//!   rotary embeddings, attention); [`phi`] and [`llama`] build their blocks from it, every linear
+//!   through a [`linear::LinearProvider`];
+//! - [`config`]: configurations ([`ModelConfig`], read from Hugging Face `config.json`);
+//! - [`checkpoint`]: reading a model (`tiny`, a Hugging Face directory, a GGUF file, `smollm2`);
+//!   [`gguf`] reads GGUF files, [`fetch`] brings SmolLM2 into the user's cache;
+//! - [`names`]: module names in both namings of each architecture, and patterns;
 //! - [`vendor`]: splitting a checkpoint into the client's part and the server's quantized layers;
-//! - [`backend`]: where a protected layer's integer product runs ([`Mode`]);
-//! - [`generate`]: prefill + decode with sampling and a per-token callback;
-//! - [`tiny`]: a deterministic tiny model and tokenizer for offline use and tests.
+//! - [`compile`] and [`bundle`]: the client and server bundles;
+//! - [`backend`] and [`remote`]: where a protected layer's integer product runs ([`Mode`]);
+//! - [`generate`]: prefill + decode with sampling and a per-token callback; [`chat`] renders a
+//!   model's chat template;
+//! - [`tiny`]: deterministic tiny models and a tokenizer for offline use and tests.
 
 pub mod backend;
 pub mod bundle;
+pub mod chat;
+pub mod checkpoint;
 pub mod compile;
 pub mod config;
+pub mod fetch;
 pub mod generate;
+pub mod gguf;
 pub mod linear;
 pub mod llama;
-pub mod model;
 pub mod names;
+pub mod phi;
 pub mod remote;
 pub mod tiny;
+pub mod transformer;
 pub mod vendor;
 
 use std::collections::HashMap;
@@ -27,9 +39,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-pub use config::PhiConfig;
-pub use generate::{generate, CausalLm, GenerateOptions};
-pub use model::Phi;
+pub use checkpoint::Checkpoint;
+pub use config::{Architecture, LlamaConfig, ModelConfig, PhiConfig};
+pub use generate::{generate, GenerateOptions};
+pub use llama::Llama;
+pub use phi::Phi;
+pub use transformer::{CausalLm, Model};
 
 /// How protected layers are executed; the generation API is the same for all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,25 +121,62 @@ pub enum ModelError {
     Quant(#[from] quant::QuantError),
     #[error("key files: {0}")]
     Io(#[from] std::io::Error),
+    #[error("model configuration: {0}")]
+    Config(String),
+    #[error(
+        "unsupported architecture {0}; supported: Hugging Face directories of PhiForCausalLM, \
+         LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM, and GGUF files of the llama \
+         architecture"
+    )]
+    UnsupportedArchitecture(String),
+    #[error("gguf: {0}")]
+    Gguf(String),
+    #[error("model `{0}`: {1}")]
+    Source(String, String),
+}
+
+/// Builds the model of `cfg`'s architecture from `vb`, every linear through `provider`.
+pub fn load_model(
+    cfg: &ModelConfig,
+    vb: VarBuilder,
+    provider: &dyn linear::LinearProvider,
+) -> Result<Model, ModelError> {
+    Ok(match cfg {
+        ModelConfig::Phi(c) => Box::new(Phi::load(c, vb, provider)?),
+        ModelConfig::Llama(c) => Box::new(Llama::load(c, vb, provider)?),
+    })
 }
 
 /// Builds a model from checkpoint tensors with `protect` (names or patterns) running in `mode`.
 /// For `Simulate` and `Execute` the vendor's split happens in-process: the client part is built
 /// from a checkpoint *without* the protected tensors.
 pub fn build(
-    cfg: &PhiConfig,
+    cfg: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
     protect: &[String],
     mode: Mode,
     n_bits: u32,
-) -> Result<Phi, ModelError> {
-    let protected = names::resolve(protect, cfg.num_hidden_layers)?;
+) -> Result<Model, ModelError> {
+    build_with(cfg, tensors, protect, mode, n_bits, None)
+}
+
+/// [`build`] with per-input-channel smoothing factors for the protected layers (by layer name;
+/// see [`vendor::split_layers`]).
+pub fn build_with(
+    cfg: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    protect: &[String],
+    mode: Mode,
+    n_bits: u32,
+    input_scales: Option<&HashMap<String, Vec<f32>>>,
+) -> Result<Model, ModelError> {
     let dev = Device::Cpu;
     if mode == Mode::Disable {
         let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
-        return Ok(Phi::load(cfg, vb, &linear::LocalProvider)?);
+        return load_model(cfg, vb, &linear::LocalProvider);
     }
-    let split = vendor::split_layers(tensors, &protected, n_bits, None, None)?;
+    let protected = names::resolve(protect, cfg.naming(), cfg.num_hidden_layers())?;
+    let split = vendor::split_layers(tensors, &protected, n_bits, None, input_scales)?;
     let backend = backend_for(mode, split.iter().map(|s| s.server.clone()).collect())?;
     let provider = linear::HybridProvider::new(
         split.into_iter().map(|s| (s.modules, s.client)).collect(),
@@ -135,7 +187,7 @@ pub fn build(
         DType::F32,
         &dev,
     );
-    Ok(Phi::load(cfg, vb, &provider)?)
+    load_model(cfg, vb, &provider)
 }
 
 /// The backend computing protected layers in `mode` from the server's layers.
@@ -160,18 +212,25 @@ pub(crate) fn backend_for(
     })
 }
 
+/// The client's model from a client bundle, protected layers through `backend`.
+fn from_client_bundle(
+    client: &bundle::ClientBundle,
+    backend: Arc<dyn backend::ProtectedBackend>,
+) -> Result<Model, ModelError> {
+    let provider = linear::HybridProvider::new(client.protected()?, backend);
+    let vb = VarBuilder::from_tensors(client.tensors.clone(), DType::F32, &Device::Cpu);
+    load_model(&client.config, vb, &provider)
+}
+
 /// Builds the client's model from a client bundle with its protected layers computed by the
 /// service at `remote`.
 pub fn build_remote(
     client: &bundle::ClientBundle,
     remote: remote::RemoteConfig,
-) -> Result<Phi, ModelError> {
-    let protected = client.protected()?;
-    let layers: Vec<_> = protected.iter().map(|(_, l)| l.clone()).collect();
+) -> Result<Model, ModelError> {
+    let layers: Vec<_> = client.manifest.layers.clone();
     let backend = Arc::new(remote::RemoteBackend::connect(remote, &layers)?);
-    let provider = linear::HybridProvider::new(protected, backend);
-    let vb = VarBuilder::from_tensors(client.tensors.clone(), DType::F32, &Device::Cpu);
-    Ok(Phi::load(&client.config, vb, &provider)?)
+    from_client_bundle(client, backend)
 }
 
 /// Builds the client's model from a client bundle; `simulate` and `execute` also need the
@@ -180,7 +239,7 @@ pub fn build_from_bundles(
     client: &bundle::ClientBundle,
     server: Option<&bundle::ServerBundle>,
     mode: Mode,
-) -> Result<Phi, ModelError> {
+) -> Result<Model, ModelError> {
     let servers = match (mode, server) {
         (Mode::Simulate | Mode::Execute, Some(server)) => {
             client.check_pair(server)?;
@@ -193,8 +252,5 @@ pub fn build_from_bundles(
         }
         _ => vec![],
     };
-    let backend = backend_for(mode, servers)?;
-    let provider = linear::HybridProvider::new(client.protected()?, backend);
-    let vb = VarBuilder::from_tensors(client.tensors.clone(), DType::F32, &Device::Cpu);
-    Ok(Phi::load(&client.config, vb, &provider)?)
+    from_client_bundle(client, backend_for(mode, servers)?)
 }

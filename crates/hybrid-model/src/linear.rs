@@ -36,12 +36,15 @@ impl LocalLinear {
         LocalLinear(candle_nn::Linear::new(weight, bias))
     }
 
+    /// The module's weight `(d_out, d_in)`, with its bias when the checkpoint has one.
     pub fn load(module: Module, d_in: usize, d_out: usize, vb: &VarBuilder) -> Result<Self> {
-        Ok(LocalLinear(candle_nn::linear(
-            d_in,
-            d_out,
-            vb.pp(module.hf_name()),
-        )?))
+        let vb = vb.pp(module.hf_name());
+        let weight = vb.get((d_out, d_in), "weight")?;
+        let bias = match vb.contains_tensor("bias") {
+            true => Some(vb.get(d_out, "bias")?),
+            false => None,
+        };
+        Ok(LocalLinear(candle_nn::Linear::new(weight, bias)))
     }
 }
 

@@ -1,5 +1,5 @@
-//! A tiny phi-architecture model and tokenizer, deterministic from a seed: lets the SDK, the CLI
-//! and the tests run offline without downloading weights.
+//! Tiny models (phi and Llama architecture) and a tokenizer, deterministic from a seed: let the
+//! SDK, the CLI and the tests run offline without downloading weights.
 
 use std::collections::HashMap;
 
@@ -8,7 +8,8 @@ use tokenizers::models::wordlevel::WordLevel;
 use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::Tokenizer;
 
-use crate::config::PhiConfig;
+use crate::checkpoint::Checkpoint;
+use crate::config::{LlamaConfig, PhiConfig};
 use crate::names::{Module, Proj};
 use crate::ModelError;
 
@@ -114,6 +115,88 @@ pub fn random_weights(cfg: &PhiConfig, seed: u64) -> Result<HashMap<String, Tens
 /// The tiny model's weights (seed 1).
 pub fn tiny_weights() -> Result<HashMap<String, Tensor>, ModelError> {
     random_weights(&tiny_config(), 1)
+}
+
+/// The tiny phi model as a checkpoint named `tiny`.
+pub fn tiny_checkpoint() -> Result<Checkpoint, ModelError> {
+    Ok(Checkpoint::new(tiny_config(), tiny_weights()?)
+        .with_tokenizer(tiny_tokenizer()?)
+        .with_name("tiny"))
+}
+
+/// A tiny Llama: hidden 64, 2 blocks, 4 heads sharing 2 key/value heads, tied embeddings,
+/// Hugging Face's rotary layout.
+pub fn tiny_llama_config() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: WORDS.split_whitespace().count(),
+        hidden_size: 64,
+        intermediate_size: 160,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        head_dim: None,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 128,
+        tie_word_embeddings: true,
+        rope_interleaved: false,
+    }
+}
+
+/// Random Llama weights for `cfg` in Hugging Face naming (no biases; no `lm_head.weight` when
+/// the embeddings are tied), deterministic from `seed`.
+pub fn random_llama_weights(
+    cfg: &LlamaConfig,
+    seed: u64,
+) -> Result<HashMap<String, Tensor>, ModelError> {
+    let mut rng = Uniform(seed);
+    let mut t = HashMap::new();
+    let (h, inter, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim(),
+        cfg.kv_heads() * cfg.head_dim(),
+    );
+    t.insert(
+        "model.embed_tokens.weight".into(),
+        rng.tensor(&[v, h], 1.0, 0.0)?,
+    );
+    let mut linear = |t: &mut HashMap<String, Tensor>, m: Module, d_in: usize, d_out: usize| {
+        let a = (3.0 / d_in as f32).sqrt();
+        rng.tensor(&[d_out, d_in], a, 0.0)
+            .map(|w| t.insert(format!("{}.weight", m.hf_name()), w))
+    };
+    for i in 0..cfg.num_hidden_layers {
+        let m = |p| Module::Block(i, p);
+        linear(&mut t, m(Proj::Q), h, q)?;
+        linear(&mut t, m(Proj::K), h, kv)?;
+        linear(&mut t, m(Proj::V), h, kv)?;
+        linear(&mut t, m(Proj::O), q, h)?;
+        linear(&mut t, m(Proj::Gate), h, inter)?;
+        linear(&mut t, m(Proj::Up), h, inter)?;
+        linear(&mut t, m(Proj::Down), inter, h)?;
+    }
+    if !cfg.tie_word_embeddings {
+        linear(&mut t, Module::LmHead, h, v)?;
+    }
+    for i in 0..cfg.num_hidden_layers {
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            t.insert(
+                format!("model.layers.{i}.{norm}.weight"),
+                rng.tensor(&[h], 0.1, 1.0)?,
+            );
+        }
+    }
+    t.insert("model.norm.weight".into(), rng.tensor(&[h], 0.1, 1.0)?);
+    Ok(t)
+}
+
+/// The tiny Llama (seed 2) as a checkpoint named `tiny-llama`, with the tiny tokenizer.
+pub fn tiny_llama_checkpoint() -> Result<Checkpoint, ModelError> {
+    let cfg = tiny_llama_config();
+    let tensors = random_llama_weights(&cfg, 2)?;
+    Ok(Checkpoint::new(cfg, tensors)
+        .with_tokenizer(tiny_tokenizer()?)
+        .with_name("tiny-llama"))
 }
 
 /// A word-level tokenizer over the tiny model's vocabulary.

@@ -129,12 +129,9 @@ pub fn split_layers(
     Ok(out)
 }
 
-/// The client's checkpoint: every tensor except the weights and biases of protected modules.
-pub fn client_tensors(
-    tensors: &HashMap<String, Tensor>,
-    protected: &[ProtectedLayer],
-) -> HashMap<String, Tensor> {
-    let removed: Vec<String> = protected
+/// The tensors (Hugging Face names) of the protected modules: their weights and biases.
+pub fn protected_tensor_names(protected: &[ProtectedLayer]) -> Vec<String> {
+    protected
         .iter()
         .flat_map(|l| l.parts.iter())
         .flat_map(|m| {
@@ -143,7 +140,15 @@ pub fn client_tensors(
                 format!("{}.bias", m.hf_name()),
             ]
         })
-        .collect();
+        .collect()
+}
+
+/// The client's checkpoint: every tensor except the weights and biases of protected modules.
+pub fn client_tensors(
+    tensors: &HashMap<String, Tensor>,
+    protected: &[ProtectedLayer],
+) -> HashMap<String, Tensor> {
+    let removed = protected_tensor_names(protected);
     tensors
         .iter()
         .filter(|(k, _)| !removed.contains(k))

@@ -7,12 +7,11 @@ use hybrid_model::bundle::{
     load_client_bundle, load_server_bundle, CLIENT_WEIGHTS_FILE, MANIFEST_FILE,
 };
 use hybrid_model::compile::{compile, CompileOptions};
-use hybrid_model::tiny::{tiny_config, tiny_tokenizer, tiny_weights};
+use hybrid_model::tiny::{tiny_config, tiny_weights};
 use hybrid_model::*;
 
 fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
     let (client, server) = (dir.join("client"), dir.join("server.safetensors"));
-    let tokenizer = tiny_tokenizer().unwrap();
     let calibration = vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]];
     let options = CompileOptions {
         model_name: "tiny".into(),
@@ -23,9 +22,7 @@ fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
     };
     let mut stages = Vec::new();
     let manifest = compile(
-        &tiny_config(),
-        &tiny_weights().unwrap(),
-        Some(&tokenizer),
+        &hybrid_model::tiny::tiny_checkpoint().unwrap(),
         &options,
         &client,
         &server,
@@ -39,7 +36,7 @@ fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
     (client, server)
 }
 
-fn last_logits(model: &mut Phi) -> Vec<f32> {
+fn last_logits(model: &mut Model) -> Vec<f32> {
     model.clear_kv_cache();
     model
         .forward(&[6, 60, 19, 40, 72])
@@ -81,7 +78,7 @@ fn bundles_rebuild_the_same_model_without_the_protected_weights() {
     let mut from_bundles = build_from_bundles(&client, Some(&server), Mode::Simulate).unwrap();
     let protect: Vec<String> = protect.iter().map(|s| s.to_string()).collect();
     let mut in_process = build(
-        &tiny_config(),
+        &tiny_config().into(),
         &tiny_weights().unwrap(),
         &protect,
         Mode::Simulate,
@@ -163,9 +160,7 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
         activations: hybrid_model::compile::Activations::Static,
     };
     let manifest = compile(
-        &tiny_config(),
-        &tiny_weights().unwrap(),
-        Some(&tiny_tokenizer().unwrap()),
+        &hybrid_model::tiny::tiny_checkpoint().unwrap(),
         &options,
         &client_dir,
         &server_path,
@@ -193,9 +188,7 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
         ..options
     };
     let manifest = compile(
-        &tiny_config(),
-        &tiny_weights().unwrap(),
-        None,
+        &Checkpoint::new(tiny_config(), tiny_weights().unwrap()),
         &auto,
         &dir.path().join("c2"),
         &dir.path().join("s2"),
@@ -225,9 +218,7 @@ fn smoothed_activations_are_exact_under_encryption() {
         activations: hybrid_model::compile::Activations::Smoothed,
     };
     let manifest = compile(
-        &tiny_config(),
-        &tiny_weights().unwrap(),
-        None,
+        &Checkpoint::new(tiny_config(), tiny_weights().unwrap()),
         &options,
         &client_dir,
         &server_path,
@@ -251,7 +242,7 @@ fn assert_exact_and_close(client_dir: &std::path::Path, server_path: &std::path:
     let mut execute = build_from_bundles(&client, Some(&server), Mode::Execute).unwrap();
     assert_eq!(last_logits(&mut simulate), last_logits(&mut execute));
     let mut float = build(
-        &tiny_config(),
+        &tiny_config().into(),
         &tiny_weights().unwrap(),
         &[],
         Mode::Disable,

@@ -3,10 +3,11 @@
 //! under encryption equal the integer simulation, and simulated generation stays coherent with
 //! the float model. Skipped, with the reason printed, when the file cannot be fetched.
 
-use hybrid_model::llama::{load_gguf, Llama, LlamaCheckpoint, Smoothing};
-use hybrid_model::{generate, GenerateOptions, Mode};
+use hybrid_model::compile::{calibrate, smoothing_factors};
+use hybrid_model::gguf::{load_gguf, GgufModel};
+use hybrid_model::{build, build_with, generate, names, CausalLm, GenerateOptions, Mode, Model};
 
-fn checkpoint() -> Option<LlamaCheckpoint> {
+fn checkpoint() -> Option<GgufModel> {
     match test_support::smollm2_gguf() {
         Ok(path) => Some(load_gguf(&path).unwrap()),
         Err(reason) => {
@@ -16,7 +17,7 @@ fn checkpoint() -> Option<LlamaCheckpoint> {
     }
 }
 
-fn encode(c: &LlamaCheckpoint, text: &str) -> Vec<u32> {
+fn encode(c: &GgufModel, text: &str) -> Vec<u32> {
     c.tokenizer.encode(text, false).unwrap().get_ids().to_vec()
 }
 
@@ -47,7 +48,8 @@ fn llama_matches_candle_and_the_tokenizer_round_trips() {
         content, &mut file, &device,
     )
     .unwrap();
-    let mut ours = Llama::build(&c.config, &c.tensors, &[], Mode::Disable, 8).unwrap();
+    let config = c.config.clone().into();
+    let mut ours = build(&config, &c.tensors, &[], Mode::Disable, 8).unwrap();
     let input = candle_core::Tensor::new(ids.as_slice(), &device)
         .unwrap()
         .unsqueeze(0)
@@ -93,8 +95,9 @@ fn encrypted_layers_equal_the_simulation_and_generation_stays_coherent() {
         "blk.0.attn_q".to_string(),
         "model.layers.3.mlp.down_proj".into(),
     ];
-    let mut simulate = Llama::build(&c.config, &c.tensors, &protect, Mode::Simulate, 8).unwrap();
-    let mut execute = Llama::build(&c.config, &c.tensors, &protect, Mode::Execute, 8).unwrap();
+    let config = c.config.clone().into();
+    let mut simulate = build(&config, &c.tensors, &protect, Mode::Simulate, 8).unwrap();
+    let mut execute = build(&config, &c.tensors, &protect, Mode::Execute, 8).unwrap();
     let a = simulate.forward_all(&prompt).unwrap();
     let b = execute.forward_all(&prompt).unwrap();
     assert_eq!(
@@ -108,7 +111,7 @@ fn encrypted_layers_equal_the_simulation_and_generation_stays_coherent() {
 
     // Every attention projection protected at 8 bits: the first greedy tokens are the float
     // model's (stored below), and under teacher forcing nearly every prediction agrees.
-    let mut float = Llama::build(&c.config, &c.tensors, &[], Mode::Disable, 8).unwrap();
+    let mut float = build(&config, &c.tensors, &[], Mode::Disable, 8).unwrap();
     let attention = vec!["model.layers.*.self_attn.*".to_string()];
     // Activation outliers are smoothed with channel statistics of a few calibration texts.
     let calibration: Vec<Vec<u32>> = [
@@ -119,19 +122,16 @@ fn encrypted_layers_equal_the_simulation_and_generation_stays_coherent() {
     .iter()
     .map(|t| encode(&c, t))
     .collect();
-    let smoothing = Smoothing::Calibrated {
-        alpha: 0.5,
-        channel_max: std::sync::Arc::new(
-            Llama::calibrate(&c.config, &c.tensors, &calibration).unwrap(),
-        ),
-    };
-    let mut protected = Llama::build_with(
-        &c.config,
+    let layers = names::resolve(&attention, config.naming(), config.num_hidden_layers()).unwrap();
+    let channel_max = calibrate(&config, &c.tensors, &layers, &calibration).unwrap();
+    let factors = smoothing_factors(&channel_max, &layers, 0.5);
+    let mut protected = build_with(
+        &config,
         &c.tensors,
         &attention,
         Mode::Simulate,
         8,
-        smoothing,
+        Some(&factors),
     )
     .unwrap();
     let options = GenerateOptions {
@@ -154,7 +154,7 @@ fn encrypted_layers_equal_the_simulation_and_generation_stays_coherent() {
     );
     let mut forced = prompt.clone();
     forced.extend(&want);
-    let predictions = |m: &mut Llama| {
+    let predictions = |m: &mut Model| {
         m.teacher_forced(&forced)
             .unwrap()
             .argmax(1)
@@ -164,10 +164,6 @@ fn encrypted_layers_equal_the_simulation_and_generation_stays_coherent() {
     };
     let (fl, pr) = (predictions(&mut float), predictions(&mut protected));
     let same = fl.iter().zip(&pr).filter(|(a, b)| a == b).count();
-    eprintln!(
-        "teacher forcing: {same} of {} next-token predictions agree",
-        fl.len()
-    );
     eprintln!(
         "teacher forcing: {same} of {} next-token predictions agree",
         fl.len()

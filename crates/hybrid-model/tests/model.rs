@@ -11,7 +11,7 @@ fn logits_vec(t: &Tensor) -> Vec<f32> {
 }
 
 /// Prefill `prompt`, then feed `steps` greedy tokens; the logits after each call.
-fn trace(model: &mut Phi, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+fn trace(model: &mut Model, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
     model.clear_kv_cache();
     let mut out = vec![logits_vec(&model.forward(prompt).unwrap())];
     for _ in 0..steps {
@@ -30,7 +30,7 @@ const PROMPT: [u32; 6] = [6, 60, 19, 40, 72, 3];
 fn float_model_matches_candle_transformers_phi() {
     let cfg = tiny_config();
     let tensors = tiny_weights().unwrap();
-    let mut ours = build(&cfg, &tensors, &[], Mode::Disable, 8).unwrap();
+    let mut ours = build(&cfg.clone().into(), &tensors, &[], Mode::Disable, 8).unwrap();
     let theirs_cfg: candle_transformers::models::phi::Config =
         serde_json::from_value(serde_json::to_value(&cfg).unwrap()).unwrap();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
@@ -65,7 +65,7 @@ fn float_model_matches_candle_transformers_phi() {
 
 #[test]
 fn execute_is_bit_exact_with_simulate() {
-    let cfg = tiny_config();
+    let cfg: ModelConfig = tiny_config().into();
     let tensors = tiny_weights().unwrap();
     let protect: Vec<String> = [
         "layers.1.mixer.Wqkv",
@@ -88,7 +88,7 @@ fn execute_is_bit_exact_with_simulate() {
 
 /// Teacher-forced comparison of two models over a fixed text: share of identical argmax
 /// predictions and the largest logit difference.
-fn agreement(a: &mut Phi, b: &mut Phi, tokens: &[u32]) -> (f64, f32) {
+fn agreement(a: &mut Model, b: &mut Model, tokens: &[u32]) -> (f64, f32) {
     a.clear_kv_cache();
     b.clear_kv_cache();
     let la = a.forward_all(tokens).unwrap().to_vec2::<f32>().unwrap();
@@ -109,10 +109,10 @@ fn agreement(a: &mut Phi, b: &mut Phi, tokens: &[u32]) -> (f64, f32) {
 
 #[test]
 fn eight_bit_simulation_stays_close_to_the_float_model() {
-    let cfg = tiny_config();
+    let cfg: ModelConfig = tiny_config().into();
     let tensors = tiny_weights().unwrap();
     let text: Vec<u32> = (0..100u32)
-        .map(|i| (i * 37 + 11) % cfg.vocab_size as u32)
+        .map(|i| (i * 37 + 11) % cfg.vocab_size() as u32)
         .collect();
     let mut float = build(&cfg, &tensors, &[], Mode::Disable, 8).unwrap();
     // Every linear layer of the model protected: the harshest case.
@@ -130,7 +130,7 @@ fn eight_bit_simulation_stays_close_to_the_float_model() {
 
 #[test]
 fn generation_streams_tokens_and_decodes_text() {
-    let cfg = tiny_config();
+    let cfg: ModelConfig = tiny_config().into();
     let tok = tiny_tokenizer().unwrap();
     let mut model = build(
         &cfg,
@@ -177,7 +177,7 @@ fn generation_streams_tokens_and_decodes_text() {
 
 #[test]
 fn bad_input_is_refused_with_clear_errors() {
-    let cfg = tiny_config();
+    let cfg: ModelConfig = tiny_config().into();
     let tensors = tiny_weights().unwrap();
     let mut model = build(&cfg, &tensors, &[], Mode::Disable, 8).unwrap();
     let opts = GenerateOptions::default();
@@ -185,7 +185,7 @@ fn bad_input_is_refused_with_clear_errors() {
         generate(&mut model, &[], &opts, |_| {}),
         Err(ModelError::EmptyPrompt)
     ));
-    let long = vec![5u32; cfg.max_position_embeddings];
+    let long = vec![5u32; cfg.max_position_embeddings()];
     assert!(matches!(
         generate(&mut model, &long, &opts, |_| {}),
         Err(ModelError::ContextTooLong { .. })
@@ -220,7 +220,12 @@ fn bad_input_is_refused_with_clear_errors() {
 #[test]
 fn the_client_part_holds_no_protected_tensor() {
     let tensors = tiny_weights().unwrap();
-    let protected = names::resolve(&["layers.2.mixer.Wqkv".into(), "lm_head".into()], 2).unwrap();
+    let protected = names::resolve(
+        &["layers.2.mixer.Wqkv".into(), "lm_head".into()],
+        &names::PhiNames,
+        2,
+    )
+    .unwrap();
     let client = vendor::client_tensors(&tensors, &protected);
     for name in [
         "model.layers.1.self_attn.q_proj",

