@@ -238,6 +238,8 @@ fn demo_bills_exactly_what_it_generates() {
     let work = dir.path().join("demo");
     let (ok, out, err) = hybrid(&[
         "demo",
+        "--model",
+        "tiny",
         "--dir",
         work.to_str().unwrap(),
         "--protect",

@@ -166,7 +166,13 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel, ModelError> {
             .get("tokenizer.ggml.eos_token_id")
             .and_then(|v| v.to_u32().ok()),
         chat_template: text("tokenizer.chat_template"),
-        name: text("general.name"),
+        // `smollm2` + `135M`: the base name and size; `general.name` often carries training
+        // details (SmolLM2's: "Smollm2 135M 8k Lc100K Mix1 Ep2").
+        name: match (text("general.basename"), text("general.size_label")) {
+            (Some(base), Some(size)) => Some(format!("{base}-{size}")),
+            (Some(base), None) => Some(base),
+            _ => text("general.name"),
+        },
     })
 }
 

