@@ -234,6 +234,72 @@ fn a_tiny_llama_is_compiled_served_metered_and_generated_remotely() {
         .unwrap();
     let usage: serde_json::Value = serde_json::from_slice(&usage).unwrap();
     assert_eq!(usage["billable_tokens"], 2 * (8 + 5) + 1, "{usage}");
+    // q, k and v of block 0 travel as one request, each metered under its own name.
+    let get = |path: &str| -> serde_json::Value {
+        let bytes = ureq::get(&format!("{url}{path}"))
+            .header("authorization", &format!("Bearer {license}"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_vec()
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    let by_layer = get("/v1/usage?by=layer");
+    let rows = by_layer["report"]["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{by_layer}"));
+    for layer in [
+        "blk.0.attn_q",
+        "blk.0.attn_k",
+        "blk.0.attn_v",
+        "blk.0.attn_output",
+    ] {
+        let row = rows
+            .iter()
+            .find(|r| r["layer"] == layer)
+            .unwrap_or_else(|| panic!("{layer}: {by_layer}"));
+        assert_eq!(row["tokens"], 2 * (8 + 5) + 1, "{row}");
+    }
+    let served = get("/v1/models/tiny-llama/layers");
+    let names: Vec<&str> = served["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    let group = "blk.0.attn_q__blk.0.attn_k__blk.0.attn_v";
+    assert!(
+        names.contains(&group) && !names.contains(&"blk.0.attn_q"),
+        "{names:?}"
+    );
+    // A request for the group that does not name its layers is refused and bills nothing.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut answer = agent
+        .post(&format!("{url}/v1/models/tiny-llama/layers/{group}/apply"))
+        .header("authorization", &format!("Bearer {license}"))
+        .header("x-query-id", "no-parts")
+        .header("x-layer-parts", "blk.0.attn_q,blk.0.attn_k")
+        .send(&fhe_batch(64, 192)[..])
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 400);
+    let body = answer.body_mut().read_to_vec().unwrap();
+    assert!(String::from_utf8_lossy(&body).contains("layer_parts_mismatch"));
+    assert_eq!(get("/v1/usage")["billable_tokens"], 2 * (8 + 5) + 1);
+}
+
+/// A well-formed one-row batch for a `d_in x d_out` layer.
+fn fhe_batch(d_in: usize, d_out: usize) -> Vec<u8> {
+    let params = &fhe_linear::HFHE_GLWE_2048_V1;
+    let spec =
+        fhe_linear::LayerSpec::choose(params, fhe_linear::LayerShape::new(d_in, d_out), 1).unwrap();
+    fhe_linear::ClientKey::generate(params)
+        .encrypt(&spec, &vec![1i8; d_in], 1)
+        .unwrap()
+        .to_bytes()
 }
 
 #[test]

@@ -3,31 +3,49 @@
 
 use std::collections::HashMap;
 
-use fhe_linear::{
-    ClientKey, CompiledLayer, EncryptedBatch, EncryptedResult, LayerShape, LayerSpec, Limits,
-};
-use quant::QuantizedWeights;
+use fhe_linear::{ClientKey, CompiledLayer, EncryptedBatch, EncryptedResult, LayerSpec, Limits};
+
+pub use server_bundle::{LayerGroup, ServerLayer};
 
 use crate::ModelError;
 
 /// Computes `Y = X Wq^T` (integers) for a protected layer, from the client's quantized input.
 pub trait ProtectedBackend: Send + Sync {
     fn apply(&self, layer: &str, x: &[i8], tokens: usize) -> Result<Vec<i64>, ModelError>;
-}
 
-/// What the vendor keeps of one protected layer: its quantized weights and the integer bias
-/// folded into the product (zeros when the client adds the float bias after dequantization).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServerLayer {
-    pub name: String,
-    pub weights: QuantizedWeights,
-    pub bias: Vec<i64>,
-}
-
-impl ServerLayer {
-    pub fn shape(&self) -> LayerShape {
-        LayerShape::new(self.weights.d_in, self.weights.d_out)
+    /// The products of a group's layers with the same input, concatenated per token
+    /// (`tokens x sum(d_out)`): one request where the backend can, else one per layer.
+    fn apply_group(
+        &self,
+        group: &LayerGroup,
+        x: &[i8],
+        tokens: usize,
+    ) -> Result<Vec<i64>, ModelError> {
+        apply_each(self, group, x, tokens)
     }
+}
+
+/// A group's products one layer at a time, concatenated per token.
+pub(crate) fn apply_each(
+    backend: &(impl ProtectedBackend + ?Sized),
+    group: &LayerGroup,
+    x: &[i8],
+    tokens: usize,
+) -> Result<Vec<i64>, ModelError> {
+    let parts = group
+        .layers
+        .iter()
+        .map(|l| backend.apply(l, x, tokens))
+        .collect::<Result<Vec<_>, _>>()?;
+    let total: usize = parts.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(total);
+    for t in 0..tokens {
+        for p in &parts {
+            let d = p.len() / tokens;
+            out.extend_from_slice(&p[t * d..(t + 1) * d]);
+        }
+    }
+    Ok(out)
 }
 
 fn check_input(layer: &ServerLayer, x: &[i8], tokens: usize) -> Result<(), ModelError> {

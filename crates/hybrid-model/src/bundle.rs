@@ -27,19 +27,20 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
-use crate::backend::ServerLayer;
 use crate::config::ModelConfig;
 use crate::linear::ClientLayer;
 use crate::names::Module;
 use crate::ModelError;
 
-pub const BUNDLE_FORMAT_VERSION: u32 = 1;
+pub use server_bundle::{
+    load_server_bundle, sha256_hex, write_server_bundle, LayerGroup, ServerBundle, ServerLayer,
+    ServerLayerInfo, ServerManifest, FORMAT_VERSION as BUNDLE_FORMAT_VERSION, SERVER_BUNDLE_FILE,
+};
+
 pub const MANIFEST_FILE: &str = "hybrid-manifest.json";
 pub const CLIENT_WEIGHTS_FILE: &str = "model.safetensors";
 /// The client's weights of a model read from a GGUF file.
 pub const CLIENT_GGUF_FILE: &str = "model.gguf";
-pub const SERVER_BUNDLE_FILE: &str = "server.safetensors";
-const SERVER_METADATA_KEY: &str = "hybrid-fhe";
 
 /// Accuracy of the compiled model against the float model on the calibration prompts
 /// (teacher-forced, every position).
@@ -85,6 +86,10 @@ pub struct ClientManifest {
     /// The token that ends a generation, when the model names one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<u32>,
+    /// Protected layers that read the same input, computed as one product (one encryption,
+    /// one request); the server bundle has the same groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<LayerGroup>,
 }
 
 fn default_architecture() -> String {
@@ -95,32 +100,8 @@ fn default_weights_file() -> String {
     CLIENT_WEIGHTS_FILE.into()
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ServerLayerInfo {
-    pub name: String,
-    pub parts: Vec<String>,
-    pub d_in: usize,
-    pub d_out: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ServerManifest {
-    pub format_version: u32,
-    pub model: String,
-    pub parameter_set: String,
-    pub n_bits: u32,
-    pub layers: Vec<ServerLayerInfo>,
-}
-
 fn bundle_err(what: impl std::fmt::Display) -> ModelError {
     ModelError::Bundle(what.to_string())
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Reads a safetensors checkpoint one tensor at a time: memory peaks at the tensors plus the
@@ -211,118 +192,6 @@ fn read(path: &Path) -> Result<Vec<u8>, ModelError> {
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
     std::fs::write(path, bytes).map_err(|e| bundle_err(format!("{}: {e}", path.display())))
-}
-
-/// Writes the server bundle; returns its bytes' SHA-256.
-pub fn write_server_bundle(
-    path: &Path,
-    manifest: &ServerManifest,
-    layers: &[ServerLayer],
-) -> Result<String, ModelError> {
-    // Per layer: the int8 weights under its name, the folded integer bias under `NAME.bias`.
-    let mut data: Vec<(String, safetensors::Dtype, Vec<u8>, Vec<usize>)> = Vec::new();
-    for l in layers {
-        let weights = l.weights.values.iter().map(|v| *v as u8).collect();
-        data.push((
-            l.name.clone(),
-            safetensors::Dtype::I8,
-            weights,
-            vec![l.weights.d_out, l.weights.d_in],
-        ));
-        let bias = l.bias.iter().flat_map(|b| b.to_le_bytes()).collect();
-        data.push((
-            format!("{}.bias", l.name),
-            safetensors::Dtype::I64,
-            bias,
-            vec![l.weights.d_out],
-        ));
-    }
-    let views = data
-        .iter()
-        .map(|(name, dtype, bytes, shape)| {
-            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(bundle_err)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let meta = HashMap::from([(
-        SERVER_METADATA_KEY.to_string(),
-        serde_json::to_string(manifest).map_err(bundle_err)?,
-    )]);
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(bundle_err)?;
-    write(path, &bytes)?;
-    Ok(sha256_hex(&bytes))
-}
-
-/// A loaded server bundle.
-pub struct ServerBundle {
-    pub manifest: ServerManifest,
-    pub layers: Vec<ServerLayer>,
-    pub sha256: String,
-}
-
-/// Reads and validates a server bundle (format version, dtypes, shapes against the manifest).
-pub fn load_server_bundle(path: &Path) -> Result<ServerBundle, ModelError> {
-    let bytes = read(path)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| bundle_err(format!("server bundle: {e}")))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(bundle_err)?;
-    let manifest: ServerManifest = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(SERVER_METADATA_KEY))
-        .ok_or_else(|| bundle_err("server bundle has no manifest"))
-        .and_then(|s| serde_json::from_str(s).map_err(bundle_err))?;
-    if manifest.format_version != BUNDLE_FORMAT_VERSION {
-        return Err(bundle_err(format!(
-            "server bundle format {} (expected {BUNDLE_FORMAT_VERSION})",
-            manifest.format_version
-        )));
-    }
-    let mut layers = Vec::new();
-    for info in &manifest.layers {
-        let view = st
-            .tensor(&info.name)
-            .map_err(|e| bundle_err(format!("layer {}: {e}", info.name)))?;
-        if view.dtype() != safetensors::Dtype::I8 || view.shape() != [info.d_out, info.d_in] {
-            return Err(bundle_err(format!(
-                "layer {}: expected I8 {}x{}",
-                info.name, info.d_out, info.d_in
-            )));
-        }
-        let values: Vec<i8> = view.data().iter().map(|b| *b as i8).collect();
-        let bias_name = format!("{}.bias", info.name);
-        let bias_view = st
-            .tensor(&bias_name)
-            .map_err(|e| bundle_err(format!("{bias_name}: {e}")))?;
-        if bias_view.dtype() != safetensors::Dtype::I64 || bias_view.shape() != [info.d_out] {
-            return Err(bundle_err(format!(
-                "{bias_name}: expected I64 {}",
-                info.d_out
-            )));
-        }
-        let bias: Vec<i64> = bias_view
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        layers.push(ServerLayer {
-            name: info.name.clone(),
-            weights: quant::QuantizedWeights {
-                n_bits: manifest.n_bits,
-                d_out: info.d_out,
-                d_in: info.d_in,
-                scales: vec![],
-                values,
-            },
-            bias,
-        });
-    }
-    Ok(ServerBundle {
-        manifest,
-        layers,
-        sha256: sha256_hex(&bytes),
-    })
 }
 
 /// A loaded client bundle.

@@ -344,6 +344,7 @@ pub fn compile(
     let calibration = reports.next();
     let alternative = reports.next();
 
+    let groups = vendor::layer_groups(cfg.naming(), cfg.num_hidden_layers(), &split);
     let parameter_set = fhe_linear::HFHE_GLWE_2048_V1.name.to_string();
     let server_manifest = ServerManifest {
         format_version: BUNDLE_FORMAT_VERSION,
@@ -359,6 +360,7 @@ pub fn compile(
                 d_out: s.client.d_out,
             })
             .collect(),
+        groups: groups.clone(),
     };
     let servers: Vec<_> = split.iter().map(|s| s.server.clone()).collect();
     if let Some(dir) = server_path.parent() {
@@ -388,6 +390,7 @@ pub fn compile(
         weights_file: String::new(),
         chat_template: source.chat_template.clone(),
         eos_token_id: source.eos(),
+        groups,
     };
     let weights = match &source.gguf {
         Some(gguf) => bundle::ClientWeights::GgufWithout {

@@ -103,6 +103,8 @@ pub enum ModelError {
     Backend(String),
     #[error("bundle: {0}")]
     Bundle(String),
+    #[error("server bundle: {0}")]
+    ServerBundle(#[from] server_bundle::BundleError),
     #[error("service answered {status} {code}: {message}")]
     Remote {
         status: u16,
@@ -177,11 +179,13 @@ pub fn build_with(
     }
     let protected = names::resolve(protect, cfg.naming(), cfg.num_hidden_layers())?;
     let split = vendor::split_layers(tensors, &protected, n_bits, None, input_scales)?;
+    let groups = vendor::layer_groups(cfg.naming(), cfg.num_hidden_layers(), &split);
     let backend = backend_for(mode, split.iter().map(|s| s.server.clone()).collect())?;
     let provider = linear::HybridProvider::new(
         split.into_iter().map(|s| (s.modules, s.client)).collect(),
         backend,
-    );
+    )
+    .with_groups(&groups);
     let vb = VarBuilder::from_tensors(
         vendor::client_tensors(tensors, &protected),
         DType::F32,
@@ -217,7 +221,8 @@ fn from_client_bundle(
     client: &bundle::ClientBundle,
     backend: Arc<dyn backend::ProtectedBackend>,
 ) -> Result<Model, ModelError> {
-    let provider = linear::HybridProvider::new(client.protected()?, backend);
+    let provider = linear::HybridProvider::new(client.protected()?, backend)
+        .with_groups(&client.manifest.groups);
     let vb = VarBuilder::from_tensors(client.tensors.clone(), DType::F32, &Device::Cpu);
     load_model(&client.config, vb, &provider)
 }
@@ -228,8 +233,11 @@ pub fn build_remote(
     client: &bundle::ClientBundle,
     remote: remote::RemoteConfig,
 ) -> Result<Model, ModelError> {
-    let layers: Vec<_> = client.manifest.layers.clone();
-    let backend = Arc::new(remote::RemoteBackend::connect(remote, &layers)?);
+    let backend = Arc::new(remote::RemoteBackend::connect(
+        remote,
+        &client.manifest.layers,
+        &client.manifest.groups,
+    )?);
     from_client_bundle(client, backend)
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::backend::ProtectedBackend;
+use crate::backend::{LayerGroup, ProtectedBackend};
 use crate::names::Module;
 
 /// A linear map applied to the last dimension of its input.
@@ -167,47 +167,95 @@ impl ProtectedLinear {
     }
 }
 
+/// Quantizes `x` (`(..., d_in)`) as `layer` says, has `product` compute the integer product of
+/// the rows, and dequantizes with `weight_scales` and `bias` (`d_out` each).
+fn protected_forward(
+    layer: &ClientLayer,
+    weight_scales: &[f32],
+    bias: &[f32],
+    x: &Tensor,
+    product: impl FnOnce(&[i8], usize) -> std::result::Result<Vec<i64>, crate::ModelError>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let d_in = *dims
+        .last()
+        .expect("a linear input has at least one dimension");
+    let tokens = x.elem_count() / d_in;
+    let mut flat: Vec<f32> = x
+        .reshape((tokens, d_in))?
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    if let Some(factors) = &layer.input_scale {
+        quant::divide_channels(&mut flat, factors);
+    }
+    let q = match layer.activation_scale {
+        None => quant::quantize_activations(&flat, tokens, d_in, layer.n_bits),
+        Some(scale) => quant::quantize_activations_static(&flat, tokens, d_in, layer.n_bits, scale),
+    }
+    .map_err(candle_core::Error::wrap)?;
+    let y_int = product(&q.values, tokens).map_err(candle_core::Error::wrap)?;
+    let y = quant::dequantize(&y_int, &q.scales, weight_scales, bias);
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = weight_scales.len();
+    Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())
+}
+
 impl Linear for ProtectedLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let d_in = *dims
-            .last()
-            .expect("a linear input has at least one dimension");
-        let tokens = x.elem_count() / d_in;
-        let mut flat: Vec<f32> = x
-            .reshape((tokens, d_in))?
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        if let Some(factors) = &self.layer.input_scale {
-            quant::divide_channels(&mut flat, factors);
+        let layer = &self.layer;
+        protected_forward(layer, &layer.weight_scales, &layer.bias, x, |q, tokens| {
+            self.backend.apply(&layer.name, q, tokens)
+        })
+    }
+}
+
+/// Protected layers that read the same input, computed as one product: the input quantized
+/// once (the layers quantize it the same way), one backend call, the outputs concatenated.
+pub struct ProtectedGroup {
+    group: LayerGroup,
+    first: ClientLayer,
+    weight_scales: Vec<f32>,
+    bias: Vec<f32>,
+    backend: Arc<dyn ProtectedBackend>,
+}
+
+impl ProtectedGroup {
+    pub fn new(
+        group: LayerGroup,
+        layers: &[ClientLayer],
+        backend: Arc<dyn ProtectedBackend>,
+    ) -> Self {
+        ProtectedGroup {
+            first: layers[0].clone(),
+            weight_scales: layers
+                .iter()
+                .flat_map(|l| l.weight_scales.iter().copied())
+                .collect(),
+            bias: layers.iter().flat_map(|l| l.bias.iter().copied()).collect(),
+            group,
+            backend,
         }
-        let q = match self.layer.activation_scale {
-            None => quant::quantize_activations(&flat, tokens, d_in, self.layer.n_bits),
-            Some(scale) => {
-                quant::quantize_activations_static(&flat, tokens, d_in, self.layer.n_bits, scale)
-            }
-        }
-        .map_err(candle_core::Error::wrap)?;
-        let y_int = self
-            .backend
-            .apply(&self.layer.name, &q.values, tokens)
-            .map_err(candle_core::Error::wrap)?;
-        let y = quant::dequantize(
-            &y_int,
-            &q.scales,
-            &self.layer.weight_scales,
-            &self.layer.bias,
-        );
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.layer.d_out;
-        Tensor::from_vec(y, out_dims, x.device())?.to_dtype(x.dtype())
+    }
+}
+
+impl Linear for ProtectedGroup {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        protected_forward(
+            &self.first,
+            &self.weight_scales,
+            &self.bias,
+            x,
+            |q, tokens| self.backend.apply_group(&self.group, q, tokens),
+        )
     }
 }
 
 /// Protected layers through a backend, everything else local.
 pub struct HybridProvider {
     layers: HashMap<Vec<Module>, ClientLayer>,
+    /// Groups of single-module layers computed as one product, with their modules in order.
+    groups: Vec<(Vec<Module>, LayerGroup)>,
     backend: Arc<dyn ProtectedBackend>,
 }
 
@@ -219,8 +267,45 @@ impl HybridProvider {
     ) -> Self {
         HybridProvider {
             layers: layers.into_iter().collect(),
+            groups: vec![],
             backend,
         }
+    }
+
+    /// Computes each of `groups` (layers that read the same input) as one product.
+    pub fn with_groups(mut self, groups: &[LayerGroup]) -> Self {
+        for group in groups {
+            let modules: Option<Vec<Module>> = group
+                .layers
+                .iter()
+                .map(|name| {
+                    self.layers.iter().find_map(|(m, l)| match m.as_slice() {
+                        [one] if &l.name == name => Some(*one),
+                        _ => None,
+                    })
+                })
+                .collect();
+            if let Some(modules) = modules {
+                self.groups.push((modules, group.clone()));
+            }
+        }
+        self
+    }
+
+    fn group(&self, modules: &[Module]) -> Option<(usize, Box<dyn Linear>)> {
+        let (members, group) = self.groups.iter().find(|(m, _)| modules.starts_with(m))?;
+        let layers: Vec<ClientLayer> = members
+            .iter()
+            .map(|m| self.layers.get(&vec![*m]).cloned())
+            .collect::<Option<_>>()?;
+        Some((
+            members.len(),
+            Box::new(ProtectedGroup::new(
+                group.clone(),
+                &layers,
+                self.backend.clone(),
+            )),
+        ))
     }
 
     fn protected(&self, modules: &[Module]) -> Option<Box<dyn Linear>> {
@@ -241,9 +326,28 @@ impl LinearProvider for HybridProvider {
         d_outs: &[usize],
         vb: &VarBuilder,
     ) -> Result<Box<dyn Linear>> {
-        match self.protected(modules) {
-            Some(fused) => Ok(fused),
-            None => per_module(modules, d_in, d_outs, vb, |m| self.protected(&[m])),
+        if let Some(fused) = self.protected(modules) {
+            return Ok(fused);
         }
+        let mut parts: Vec<Box<dyn Linear>> = Vec::new();
+        let mut i = 0;
+        while i < modules.len() {
+            if let Some((n, group)) = self.group(&modules[i..]) {
+                parts.push(group);
+                i += n;
+                continue;
+            }
+            let m = modules[i];
+            parts.push(match self.protected(&[m]) {
+                Some(p) => p,
+                None => Box::new(LocalLinear::load(m, d_in, d_outs[i], vb)?),
+            });
+            i += 1;
+        }
+        Ok(if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            Box::new(Concat(parts))
+        })
     }
 }

@@ -88,6 +88,9 @@ pub trait Naming: Sync {
     fn describe(&self, blocks: usize) -> String;
     /// The norm (Hugging Face prefix) whose output is this module's input, if any.
     fn input_norm(&self, module: Module) -> Option<String>;
+    /// The modules the model builds together because they read the same input (in the order
+    /// their outputs are concatenated): protected ones among them can share one request.
+    fn input_groups(&self, blocks: usize) -> Vec<Vec<Module>>;
 }
 
 /// phi: Hugging Face names and the original checkpoint's.
@@ -143,6 +146,16 @@ impl Naming for PhiNames {
             _ => None,
         }
     }
+
+    fn input_groups(&self, blocks: usize) -> Vec<Vec<Module>> {
+        (0..blocks)
+            .map(|i| {
+                [Proj::Q, Proj::K, Proj::V]
+                    .map(|p| Module::Block(i, p))
+                    .to_vec()
+            })
+            .collect()
+    }
 }
 
 /// Llama: Hugging Face names and GGUF's.
@@ -196,6 +209,19 @@ impl Naming for LlamaNames {
             }
             _ => None,
         }
+    }
+
+    fn input_groups(&self, blocks: usize) -> Vec<Vec<Module>> {
+        let mut out = Vec::new();
+        for i in 0..blocks {
+            out.push(
+                [Proj::Q, Proj::K, Proj::V]
+                    .map(|p| Module::Block(i, p))
+                    .to_vec(),
+            );
+            out.push([Proj::Gate, Proj::Up].map(|p| Module::Block(i, p)).to_vec());
+        }
+        out
     }
 }
 

@@ -12,6 +12,7 @@ use fhe_linear::{
 use protocol::{ErrorBody, KeyRegistered, ModelLayers, Name};
 
 use crate::backend::ProtectedBackend;
+use crate::bundle::LayerGroup;
 use crate::linear::ClientLayer;
 use crate::ModelError;
 
@@ -221,6 +222,8 @@ struct Served {
     name: Name,
     keyless: LayerSpec,
     packed: Option<LayerSpec>,
+    /// A group's layers (sent in the parts header); empty for a single layer.
+    parts: Vec<String>,
 }
 
 /// Packed results in use: the keys and the id the service registered them under.
@@ -290,8 +293,13 @@ fn answer_error(status: u16, body: &[u8]) -> ModelError {
 
 impl RemoteBackend {
     /// Fetches the service's description of the model's layers and checks it against the
-    /// client bundle's.
-    pub fn connect(config: RemoteConfig, layers: &[ClientLayer]) -> Result<Self, ModelError> {
+    /// client bundle's: every layer is served, alone or in one of `groups` (one request for the
+    /// group's layers) when the service serves that group.
+    pub fn connect(
+        config: RemoteConfig,
+        layers: &[ClientLayer],
+        groups: &[LayerGroup],
+    ) -> Result<Self, ModelError> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .build()
@@ -311,21 +319,50 @@ impl RemoteBackend {
         }
         let served: ModelLayers = serde_json::from_slice(&body).map_err(transport)?;
         let mut specs = HashMap::new();
-        for layer in layers {
+        // Groups the service serves as one product, with the shape of their concatenation.
+        let mut wanted: Vec<(String, usize, usize, Vec<String>)> = Vec::new();
+        let mut in_groups = std::collections::HashSet::new();
+        for group in groups {
+            let offered = served.layers.iter().any(|i| {
+                i.name.as_str() == group.name
+                    && i.parts
+                        .iter()
+                        .map(Name::as_str)
+                        .eq(group.layers.iter().map(String::as_str))
+            });
+            let members: Vec<&ClientLayer> = group
+                .layers
+                .iter()
+                .filter_map(|n| layers.iter().find(|l| &l.name == n))
+                .collect();
+            if offered && members.len() == group.layers.len() {
+                let d_out = members.iter().map(|l| l.d_out).sum();
+                wanted.push((
+                    group.name.clone(),
+                    members[0].d_in,
+                    d_out,
+                    group.layers.clone(),
+                ));
+                in_groups.extend(group.layers.iter().cloned());
+            }
+        }
+        for layer in layers.iter().filter(|l| !in_groups.contains(&l.name)) {
+            wanted.push((layer.name.clone(), layer.d_in, layer.d_out, vec![]));
+        }
+        for (name, d_in, d_out, parts) in wanted {
             let info = served
                 .layers
                 .iter()
-                .find(|i| i.name.as_str() == layer.name)
+                .find(|i| i.name.as_str() == name)
                 .ok_or_else(|| {
                     ModelError::Bundle(format!(
-                        "the service does not serve layer `{}` of model `{model}`",
-                        layer.name
+                        "the service does not serve layer `{name}` of model `{model}`"
                     ))
                 })?;
-            if (info.d_in, info.d_out) != (layer.d_in, layer.d_out) {
+            if (info.d_in, info.d_out) != (d_in, d_out) {
                 return Err(ModelError::Bundle(format!(
-                    "layer `{}`: the service computes {}x{}, the client bundle expects {}x{}",
-                    layer.name, info.d_in, info.d_out, layer.d_in, layer.d_out
+                    "layer `{name}`: the service computes {}x{}, the client bundle expects {d_in}x{d_out}",
+                    info.d_in, info.d_out
                 )));
             }
             let keyless = info
@@ -337,16 +374,16 @@ impl RemoteBackend {
                 .map_err(|e| ModelError::Bundle(e.to_string()))?;
             if config.results == ResultsMode::Packed && packed.is_none() {
                 return Err(ModelError::Bundle(format!(
-                    "the service offers no packed results for layer `{}`",
-                    layer.name
+                    "the service offers no packed results for layer `{name}`"
                 )));
             }
             specs.insert(
-                layer.name.clone(),
+                name,
                 Served {
                     name: info.name.clone(),
                     keyless,
                     packed,
+                    parts,
                 },
             );
         }
@@ -453,6 +490,7 @@ impl RemoteBackend {
         url: &str,
         query_id: &str,
         key_id: Option<&str>,
+        parts: &[String],
         body: &[u8],
     ) -> Result<(u16, Vec<u8>, f64), ModelError> {
         let mut request = self
@@ -462,6 +500,9 @@ impl RemoteBackend {
             .header(protocol::QUERY_ID_HEADER, query_id);
         if let Some(key_id) = key_id {
             request = request.header(protocol::KEY_ID_HEADER, key_id);
+        }
+        if !parts.is_empty() {
+            request = request.header(protocol::LAYER_PARTS_HEADER, &parts.join(","));
         }
         let mut answer = with_license(request, &self.config.license)
             .send(body)
@@ -483,6 +524,31 @@ impl ProtectedBackend for RemoteBackend {
             .specs
             .get(layer)
             .ok_or_else(|| ModelError::MissingLayer(layer.to_string()))?;
+        self.query(served, layer, x, tokens)
+    }
+
+    fn apply_group(
+        &self,
+        group: &LayerGroup,
+        x: &[i8],
+        tokens: usize,
+    ) -> Result<Vec<i64>, ModelError> {
+        match self.specs.get(&group.name) {
+            Some(served) => self.query(served, &group.name, x, tokens),
+            None => crate::backend::apply_each(self, group, x, tokens),
+        }
+    }
+}
+
+impl RemoteBackend {
+    /// One query: encrypt, post, decrypt.
+    fn query(
+        &self,
+        served: &Served,
+        layer: &str,
+        x: &[i8],
+        tokens: usize,
+    ) -> Result<Vec<i64>, ModelError> {
         let spec = &self
             .choose(served, tokens)
             .ok_or_else(|| ModelError::MissingLayer(layer.to_string()))?;
@@ -509,9 +575,10 @@ impl ProtectedBackend for RemoteBackend {
         // One query id per query: a retry after a lost connection is billed once.
         let query_id = uuid::Uuid::new_v4().to_string();
         let sent = Instant::now();
-        let (status, body, compute_ms) = match self.post(&url, &query_id, key_id, &upload) {
+        let parts = &served.parts;
+        let (status, body, compute_ms) = match self.post(&url, &query_id, key_id, parts, &upload) {
             Ok(answer) => answer,
-            Err(_) => self.post(&url, &query_id, key_id, &upload)?,
+            Err(_) => self.post(&url, &query_id, key_id, parts, &upload)?,
         };
         if let Some(st) = stats {
             add_time(&st.network_ns, sent);
@@ -530,7 +597,9 @@ impl ProtectedBackend for RemoteBackend {
             if key_id.is_some() {
                 st.packed_queries.fetch_add(1, Ordering::Relaxed);
             }
-            st.rows.fetch_add(tokens as u64, Ordering::Relaxed);
+            // Rows metered: each layer of a group counts its own.
+            let layers = served.parts.len().max(1) as u64;
+            st.rows.fetch_add(tokens as u64 * layers, Ordering::Relaxed);
             st.upload_bytes
                 .fetch_add(upload.len() as u64, Ordering::Relaxed);
             st.download_bytes

@@ -155,3 +155,44 @@ pub fn client_tensors(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
+
+/// The groups of protected layers that can share one request: runs of at least two
+/// consecutive modules of an input group ([`crate::names::Naming::input_groups`]), each a
+/// protected layer of its own, quantizing their (common) input the same way.
+pub fn layer_groups(
+    naming: &dyn crate::names::Naming,
+    blocks: usize,
+    split: &[SplitLayer],
+) -> Vec<server_bundle::LayerGroup> {
+    let mut groups = Vec::new();
+    for set in naming.input_groups(blocks) {
+        let mut run: Vec<&SplitLayer> = Vec::new();
+        let mut close = |run: &mut Vec<&SplitLayer>| {
+            if run.len() >= 2 {
+                groups.push(server_bundle::LayerGroup::new(
+                    run.iter().map(|s| s.client.name.clone()).collect(),
+                ));
+            }
+            run.clear();
+        };
+        for m in &set {
+            match split.iter().find(|s| s.modules == [*m]) {
+                Some(layer) => {
+                    let same = run.first().is_none_or(|first| {
+                        let (a, b) = (&first.client, &layer.client);
+                        a.n_bits == b.n_bits
+                            && a.activation_scale == b.activation_scale
+                            && a.input_scale == b.input_scale
+                    });
+                    if !same {
+                        close(&mut run);
+                    }
+                    run.push(layer);
+                }
+                None => close(&mut run),
+            }
+        }
+        close(&mut run);
+    }
+    groups
+}

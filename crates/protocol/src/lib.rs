@@ -43,6 +43,10 @@ pub const PACKING_KEY_CONTENT_TYPE: &str = "application/vnd.hybrid-fhe.packing-k
 pub const KEY_ID_HEADER: &str = "x-packing-key";
 /// Gateway to worker: the license a request (or a key) belongs to.
 pub const LICENSE_ID_HEADER: &str = "x-license-id";
+/// A request for a group of layers that read the same input (one product for all): the
+/// group's layers, comma-separated, in order. The gateway meters each; the worker checks them
+/// against the group it serves.
+pub const LAYER_PARTS_HEADER: &str = "x-layer-parts";
 
 /// Path of the key registration at the gateway.
 pub fn keys_path() -> String {
@@ -104,6 +108,9 @@ pub mod codes {
     pub const INVALID_KEY: &str = "invalid_key";
     pub const TOO_MANY_KEYS: &str = "too_many_keys";
     pub const RESULTS_NOT_SERVED: &str = "results_not_served";
+    /// The layers named in `x-layer-parts` are not those of the group (or the layer is no
+    /// group).
+    pub const LAYER_PARTS_MISMATCH: &str = "layer_parts_mismatch";
 }
 
 /// The JSON body of every error answer.
@@ -184,6 +191,11 @@ pub struct LayerInfo {
     /// The packed-result variant of the layer, when the server offers one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packed: Option<LayerVariant>,
+    /// For a group of layers that read the same input, served as one product: its layers, in
+    /// the order of their outputs (requests name them in `x-layer-parts`). Empty for a layer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
+    pub parts: Vec<Name>,
 }
 
 /// One more way a server computes a layer (today: packed results).
@@ -227,6 +239,7 @@ impl LayerInfo {
             input_bits: spec.input_bits,
             output_bits: spec.output_bits,
             packed: None,
+            parts: vec![],
         }
     }
 

@@ -107,6 +107,33 @@ fn names(model: &str, layer: &str) -> Result<(Name, Name), ApiError> {
     ))
 }
 
+/// Most layers one grouped request may name.
+const MAX_PARTS: usize = 16;
+
+/// The layers a request is metered for: its layer, or a group's layers named in
+/// `x-layer-parts` (checked again by the worker against the group it serves).
+fn metered_layers(layer: &Name, headers: &HeaderMap) -> Result<Vec<Name>, ApiError> {
+    let Some(value) = headers.get(protocol::LAYER_PARTS_HEADER) else {
+        return Ok(vec![layer.clone()]);
+    };
+    let bad =
+        |why: String| ApiError::new(StatusCode::BAD_REQUEST, codes::LAYER_PARTS_MISMATCH, why);
+    let parts: Vec<Name> = value
+        .to_str()
+        .map_err(|_| bad(format!("{} is not text", protocol::LAYER_PARTS_HEADER)))?
+        .split(',')
+        .map(|p| Name::parse(p.trim()).map_err(ApiError::invalid_name))
+        .collect::<Result<_, _>>()?;
+    let unique: std::collections::HashSet<&str> = parts.iter().map(Name::as_str).collect();
+    if parts.len() < 2 || parts.len() > MAX_PARTS || unique.len() != parts.len() {
+        return Err(bad(format!(
+            "{} names 2 to {MAX_PARTS} distinct layers",
+            protocol::LAYER_PARTS_HEADER
+        )));
+    }
+    Ok(parts)
+}
+
 fn query_id(headers: &HeaderMap) -> Result<String, ApiError> {
     let id = headers
         .get(protocol::QUERY_ID_HEADER)
@@ -144,7 +171,8 @@ pub(crate) fn record(state: &AppState, route: &str, response: &Response) {
 #[utoipa::path(post, path = "/v1/models/{model}/layers/{layer}/apply", tag = "inference",
     params(("model" = String, Path), ("layer" = String, Path),
         ("x-query-id" = String, Header, description = "1 to 128 of A-Z a-z 0-9 - _; a retry reuses it"),
-        ("x-packing-key" = Option<String>, Header, description = "packed results: the key id from PUT /v1/keys")),
+        ("x-packing-key" = Option<String>, Header, description = "packed results: the key id from PUT /v1/keys"),
+        ("x-layer-parts" = Option<String>, Header, description = "a group of layers served as one product (the layer listing's `parts`): its layers, comma-separated; each is metered")),
     request_body(content = Vec<u8>, content_type = "application/vnd.hybrid-fhe.ciphertext"),
     security(("license" = [])),
     responses(
@@ -198,11 +226,12 @@ async fn apply_inner(
             format!("the license covers model `{}`", claims.model),
         ));
     }
-    if !claims.allows_layer(layer.as_str()) {
+    let metered = metered_layers(&layer, headers)?;
+    if let Some(part) = metered.iter().find(|l| !claims.allows_layer(l.as_str())) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "layer_not_licensed",
-            format!("the license does not cover layer `{layer}`"),
+            format!("the license does not cover layer `{part}`"),
         ));
     }
     let query_id = query_id(headers)?;
@@ -231,7 +260,11 @@ async fn apply_inner(
     };
     state
         .admission
-        .take_rate(&claims.jti, claims.rate_limit_per_minute, tokens)
+        .take_rate(
+            &claims.jti,
+            claims.rate_limit_per_minute,
+            tokens * metered.len(),
+        )
         .map_err(|wait| {
             ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -254,56 +287,72 @@ async fn apply_inner(
 
     let now = now_ms();
     let period = period_start(&claims, now);
-    // Reserve the batch's tokens before forwarding anything (fail closed).
-    let reservation = match state
-        .ledger
-        .reserve(
-            &claims.jti,
-            layer.as_str(),
-            period,
-            claims.quota_tokens as i64,
-            tokens as i64,
-        )
-        .await
-    {
-        Ok(r) => r,
-        Err(LedgerError::QuotaExceeded {
-            quota,
-            remaining,
-            requested,
-        }) => {
-            state.metrics.quota_rejections.inc();
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "quota_exceeded",
-                format!("{requested} tokens requested, {remaining} of {quota} left in this period"),
-            ));
-        }
-        Err(e) => return Err(ledger_down(e)),
-    };
+    // Reserve the batch's tokens for every metered layer before forwarding anything (fail
+    // closed).
+    let mut reservations = Vec::with_capacity(metered.len());
+    for part in &metered {
+        let reserved = state
+            .ledger
+            .reserve(
+                &claims.jti,
+                part.as_str(),
+                period,
+                claims.quota_tokens as i64,
+                tokens as i64,
+            )
+            .await;
+        let error = match reserved {
+            Ok(r) => {
+                reservations.push(r);
+                continue;
+            }
+            Err(LedgerError::QuotaExceeded {
+                quota,
+                remaining,
+                requested,
+            }) => {
+                state.metrics.quota_rejections.inc();
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "quota_exceeded",
+                    format!(
+                        "{requested} tokens requested, {remaining} of {quota} left in this period"
+                    ),
+                )
+            }
+            Err(e) => ledger_down(e),
+        };
+        release_all(state, &reservations).await?;
+        return Err(error);
+    }
     state.metrics.bytes_in.inc_by(body.len() as u64);
 
     let forward_started = Instant::now();
     let path = protocol::apply_path(&model, &layer);
+    let parts_header = metered
+        .iter()
+        .map(Name::as_str)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut extra: Vec<(&str, &str)> = Vec::new();
+    if metered.len() > 1 {
+        extra.push((protocol::LAYER_PARTS_HEADER, &parts_header));
+    }
     let sent = match &key_id {
         None => {
             state
                 .workers
-                .send(reqwest::Method::POST, &path, Some(body.clone()))
+                .send_with(reqwest::Method::POST, &path, Some(body.clone()), &extra)
                 .await
         }
-        Some(key_id) => forward_packed(state, &path, &body, key_id, &claims.jti).await,
+        Some(key_id) => forward_packed(state, &path, &body, key_id, &claims.jti, &extra).await,
     };
     *in_worker = Some(forward_started.elapsed());
     let answer = match sent {
         Ok(a) if a.status == 200 => a,
         Ok(a) => {
             // The worker refused the request (malformed, wrong shape...): nothing to bill.
-            state
-                .ledger
-                .release(&reservation)
-                .await
-                .map_err(ledger_down)?;
+            release_all(state, &reservations).await?;
             let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut response = (status, a.body).into_response();
             response.headers_mut().insert(
@@ -313,11 +362,7 @@ async fn apply_inner(
             return Ok(response);
         }
         Err(ForwardError::Unreachable(reason)) => {
-            state
-                .ledger
-                .release(&reservation)
-                .await
-                .map_err(ledger_down)?;
+            release_all(state, &reservations).await?;
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_worker",
@@ -326,34 +371,44 @@ async fn apply_inner(
             .retry(1));
         }
     };
-    let event = UsageEvent {
-        query_id,
-        license_id: claims.jti.clone(),
-        customer_id: claims.sub.clone(),
-        model: model.to_string(),
-        layer: layer.to_string(),
-        tokens: tokens as i64,
-        upload_bytes: body.len() as i64,
-        download_bytes: answer.body.len() as i64,
-        worker: answer.worker.clone(),
-        compute_ms: answer.compute_ms,
-        status: "ok".into(),
-        created_at: now,
-        results: header.encoding.as_str().into(),
-        key_id: key_id.clone().unwrap_or_default(),
-    };
-    // Not recorded, not returned: the client retries with the same query id.
-    let settled = state
-        .ledger
-        .settle(&reservation, &event)
-        .await
-        .map_err(ledger_down)?;
-    if settled.billed {
-        state.metrics.tokens_metered.inc_by(tokens as u64);
-        let d_in = header.shape.d_in as i64;
-        if settled.layer_used >= d_in && settled.layer_used - (tokens as i64) < d_in {
-            state.metrics.extraction_alerts.inc();
-            tracing::warn!(license = %claims.jti, layer = %layer, rows = settled.layer_used, d_in, "license sent more rows to one layer than its input width this period");
+    // One usage row per metered layer: a group's bytes and compute time shared among its
+    // layers, each under its own query id (`ID.i`; ids never contain a dot) so that a retry of
+    // the same query is billed once per layer.
+    let k = metered.len();
+    let share = |total: usize, i: usize| (total / k + usize::from(i < total % k)) as i64;
+    for (i, (part, reservation)) in metered.iter().zip(&reservations).enumerate() {
+        let event = UsageEvent {
+            query_id: match k {
+                1 => query_id.clone(),
+                _ => format!("{query_id}.{i}"),
+            },
+            license_id: claims.jti.clone(),
+            customer_id: claims.sub.clone(),
+            model: model.to_string(),
+            layer: part.to_string(),
+            tokens: tokens as i64,
+            upload_bytes: share(body.len(), i),
+            download_bytes: share(answer.body.len(), i),
+            worker: answer.worker.clone(),
+            compute_ms: answer.compute_ms / k as f64,
+            status: "ok".into(),
+            created_at: now,
+            results: header.encoding.as_str().into(),
+            key_id: key_id.clone().unwrap_or_default(),
+        };
+        // Not recorded, not returned: the client retries with the same query id.
+        let settled = state
+            .ledger
+            .settle(reservation, &event)
+            .await
+            .map_err(ledger_down)?;
+        if settled.billed {
+            state.metrics.tokens_metered.inc_by(tokens as u64);
+            let d_in = header.shape.d_in as i64;
+            if settled.layer_used >= d_in && settled.layer_used - (tokens as i64) < d_in {
+                state.metrics.extraction_alerts.inc();
+                tracing::warn!(license = %claims.jti, layer = %part, rows = settled.layer_used, d_in, "license sent more rows to one layer than its input width this period");
+            }
         }
     }
     state.metrics.bytes_out.inc_by(answer.body.len() as u64);
@@ -361,6 +416,17 @@ async fn apply_inner(
         answer.body,
         answer.compute_ms,
     ))
+}
+
+/// Releases every reservation of a request that will not be billed.
+async fn release_all(
+    state: &AppState,
+    reservations: &[ledger::Reservation],
+) -> Result<(), ApiError> {
+    for r in reservations {
+        state.ledger.release(r).await.map_err(ledger_down)?;
+    }
+    Ok(())
 }
 
 /// Forwards a request for packed results with its key id; a worker that has not loaded the key
@@ -371,11 +437,13 @@ async fn forward_packed(
     body: &Bytes,
     key_id: &str,
     license_id: &str,
+    extra: &[(&str, &str)],
 ) -> Result<crate::workers::Answer, ForwardError> {
-    let headers = [
+    let mut headers = vec![
         (protocol::KEY_ID_HEADER, key_id),
         (protocol::LICENSE_ID_HEADER, license_id),
     ];
+    headers.extend_from_slice(extra);
     let answer = state
         .workers
         .send_with(reqwest::Method::POST, path, Some(body.clone()), &headers)

@@ -63,7 +63,7 @@ pub enum WorkerError {
     #[error("bundle {path}: {source}")]
     Bundle {
         path: PathBuf,
-        source: hybrid_model::ModelError,
+        source: server_bundle::BundleError,
     },
     #[error("bundle {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
@@ -71,11 +71,14 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
-/// One layer ready to serve: keyless, and packed when configured.
+/// One layer (or group of layers computed as one product) ready to serve: keyless, and packed
+/// when configured.
 pub struct ServedLayer {
     pub spec: LayerSpec,
     pub compiled: CompiledLayer,
     pub packed: Option<CompiledLayer>,
+    /// A group's layers, in order (empty for a single layer).
+    pub parts: Vec<Name>,
 }
 
 /// Everything loaded from the bundles.
@@ -110,25 +113,31 @@ pub fn packed_spec(shape: fhe_linear::LayerShape) -> Result<LayerSpec, fhe_linea
 pub fn load_bundles(paths: &[PathBuf], packed: bool) -> Result<Loaded, WorkerError> {
     let mut loaded = Loaded::default();
     for path in paths {
-        let bundle = hybrid_model::bundle::load_server_bundle(path).map_err(|source| {
-            WorkerError::Bundle {
+        let bundle =
+            server_bundle::load_server_bundle(path).map_err(|source| WorkerError::Bundle {
                 path: path.clone(),
                 source,
-            }
-        })?;
+            })?;
         let invalid = |reason: String| WorkerError::Invalid {
             path: path.clone(),
             reason,
         };
         let model = Name::parse(&bundle.manifest.model).map_err(|e| invalid(e.to_string()))?;
         let mut infos = Vec::new();
-        for layer in bundle.layers {
+        let served = bundle.served().map_err(|e| invalid(e.to_string()))?;
+        for (layer, parts) in served {
             let name = Name::parse(&layer.name).map_err(|e| invalid(e.to_string()))?;
+            let parts = parts
+                .iter()
+                .map(|p| Name::parse(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(e.to_string()))?;
             let spec = LayerSpec::choose(&fhe_linear::HFHE_GLWE_2048_V1, layer.shape(), 1)
                 .map_err(|e| invalid(e.to_string()))?;
             let compiled = CompiledLayer::compile(spec, &layer.weights.values, &layer.bias)
                 .map_err(|e| invalid(e.to_string()))?;
             let mut info = LayerInfo::from_spec(name.clone(), &spec);
+            info.parts = parts.clone();
             let packed = if packed {
                 let spec = packed_spec(layer.shape()).map_err(|e| invalid(e.to_string()))?;
                 info = info.with_packed(&spec);
@@ -146,6 +155,7 @@ pub fn load_bundles(paths: &[PathBuf], packed: bool) -> Result<Loaded, WorkerErr
                     spec,
                     compiled,
                     packed,
+                    parts,
                 }),
             );
         }

@@ -191,6 +191,35 @@ async fn apply_inner(
                 format!("no layer `{layer}` in model `{model}`"),
             )
         })?;
+    // A group is asked for by its layers, and a layer never by parts: what the gateway metered
+    // is what this worker computes.
+    let parts = header(headers, protocol::LAYER_PARTS_HEADER).unwrap_or("");
+    if !parts
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .eq(served.parts.iter().map(|p| p.as_str()))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            codes::LAYER_PARTS_MISMATCH,
+            match served.parts.is_empty() {
+                true => format!(
+                    "`{layer}` is a layer, not a group: send no {}",
+                    protocol::LAYER_PARTS_HEADER
+                ),
+                false => format!(
+                    "group `{layer}` computes {}: name them in {}",
+                    served
+                        .parts
+                        .iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    protocol::LAYER_PARTS_HEADER
+                ),
+            },
+        ));
+    }
     let body = body.map_err(|e| ApiError::body(e, state.config.max_body_bytes))?;
     state.metrics.request_bytes.inc_by(body.len() as u64);
     let limits = Limits {
