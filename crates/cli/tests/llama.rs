@@ -428,3 +428,50 @@ fn smollm2_with_every_attention_projection_protected_generates_remotely_like_sim
     assert!(!ok);
     assert!(err.contains("does not match its manifest"), "{err}");
 }
+
+#[test]
+fn accuracy_runs_on_the_vendors_own_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "the customer has a license\n\nthe data is private\\nand secret\n",
+    )
+    .unwrap();
+    let (ok, out, err) = hybrid(&[
+        "bench",
+        "accuracy",
+        "--model",
+        "tiny-llama",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--bits",
+        "8",
+        "--sets",
+        "one,attention",
+        "--tokens",
+        "4",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report = last_json(&out);
+    assert_eq!(report["prompts"], 2, "{report}");
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        let agreement = row["next_token_agreement"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&agreement), "{row}");
+    }
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let (ok, _, err) = hybrid(&[
+        "bench",
+        "accuracy",
+        "--model",
+        "tiny-llama",
+        "--prompts",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("no prompt"), "{err}");
+}

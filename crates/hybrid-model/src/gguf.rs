@@ -271,3 +271,100 @@ fn gguf_tokenizer(
     }
     Ok(tokenizer)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    fn write_gguf(path: &Path, arch: &str, tensors: &[(&str, &QTensor)]) {
+        let arch = gguf_file::Value::String(arch.into());
+        let mut out = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut out, &[("general.architecture", &arch)], tensors).unwrap();
+    }
+
+    #[test]
+    fn names_map_to_hugging_face() {
+        assert_eq!(
+            hf_tensor_name("blk.3.attn_q.weight").as_deref(),
+            Some("model.layers.3.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_tensor_name("blk.0.ffn_norm.weight").as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            hf_tensor_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
+        assert_eq!(hf_tensor_name("rope_freqs.weight"), None);
+        assert_eq!(hf_tensor_name("blk.x.attn_q.weight"), None);
+    }
+
+    #[test]
+    fn other_architectures_and_broken_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gpt2.gguf");
+        write_gguf(&path, "gpt2", &[]);
+        let err = load_gguf(&path).err().unwrap().to_string();
+        assert!(err.contains("`gpt2`") && err.contains("supported"), "{err}");
+        let broken = dir.path().join("broken.gguf");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&broken, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(load_gguf(&broken).is_err());
+    }
+
+    #[test]
+    fn copies_keep_their_quantization_and_drop_the_removed_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Device::Cpu;
+        let t = |seed: f64| {
+            let values: Vec<f32> = (0..64 * 32)
+                .map(|i| ((i as f64 * seed).sin()) as f32)
+                .collect();
+            QTensor::quantize(
+                &Tensor::from_vec(values, (32, 64), &device).unwrap(),
+                GgmlDType::Q8_0,
+            )
+            .unwrap()
+        };
+        let (q, down) = (t(0.1), t(0.2));
+        let src = dir.path().join("src.gguf");
+        write_gguf(
+            &src,
+            "llama",
+            &[
+                ("blk.0.attn_q.weight", &q),
+                ("blk.0.ffn_down.weight", &down),
+            ],
+        );
+        let dst = dir.path().join("dst.gguf");
+        write_without(
+            &src,
+            &dst,
+            &["model.layers.0.self_attn.q_proj.weight".into()],
+        )
+        .unwrap();
+        let (_, content) = open(&dst).unwrap();
+        let names: Vec<&String> = content.tensor_infos.keys().collect();
+        assert_eq!(names, vec!["blk.0.ffn_down.weight"]);
+        assert_eq!(
+            content.tensor_infos["blk.0.ffn_down.weight"].ggml_dtype,
+            GgmlDType::Q8_0
+        );
+        let tensors = load_tensors(&dst).unwrap();
+        let want = down
+            .dequantize(&device)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = tensors["model.layers.0.mlp.down_proj.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got, want);
+    }
+}

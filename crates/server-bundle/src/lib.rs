@@ -227,8 +227,6 @@ pub fn load_server_bundle(path: &Path) -> Result<ServerBundle, BundleError> {
     })
 }
 
-/// A loaded client bundle.
-
 impl ServerBundle {
     /// What a worker serves: each group's layers fused into one (rows stacked in the group's
     /// order, named after the group, with its layers' names), then every layer in no group.
