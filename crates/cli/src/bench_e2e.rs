@@ -102,6 +102,10 @@ pub struct E2eArgs {
     /// Result encoding of the remote runs: keyless, packed, or auto (the planner's choice).
     #[arg(long, default_value = "keyless")]
     results: String,
+    /// Compile every protected layer on its own (no requests shared by layers that read the
+    /// same input).
+    #[arg(long)]
+    no_groups: bool,
     /// What --results auto optimises for: latency or bandwidth.
     #[arg(long, default_value = "bandwidth")]
     preference: String,
@@ -262,6 +266,7 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
                 n_bits: 8,
                 calibration: vec![],
                 activations: Activations::Dynamic,
+                group_inputs: !args.no_groups,
             },
             &out.join("client"),
             &out.join(SERVER_BUNDLE_FILE),
@@ -357,6 +362,7 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
             "key_upload_ms": keys.key_upload_s * 1e3,
             "packed_queries": keys.packed_queries,
             "protected_layers": layers,
+            "grouped": !args.no_groups,
             "compile_s": compile_time.as_secs_f64(),
             "worker_load_s": worker_load_s,
             "ms_per_token": ms,

@@ -62,6 +62,7 @@ async fn bench(args: GatewayArgs) -> Result<()> {
         n_bits: 8,
         calibration: vec![],
         activations: Activations::Dynamic,
+        group_inputs: true,
     };
     let mut tiny = hybrid_model::tiny::tiny_config();
     anyhow::ensure!(

@@ -133,6 +133,7 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         n_bits: 8,
         calibration: tokenize_all(Some(&tokenizer), &prompts)?,
         activations: args.activations.parse()?,
+        group_inputs: true,
     };
     let client_dir = dir.join("client");
     let server_path = dir.join(SERVER_BUNDLE_FILE);

@@ -126,6 +126,10 @@ pub struct CompileArgs {
     /// Output directory: `client/` (for the customer) and `server.safetensors` (for the workers).
     #[arg(long)]
     out: PathBuf,
+    /// Serve every protected layer on its own, even those that read the same input (by
+    /// default q, k and v of a block, and gate and up, travel as one request).
+    #[arg(long)]
+    no_groups: bool,
     #[arg(long)]
     json: bool,
 }
@@ -153,6 +157,7 @@ pub fn compile_cmd(args: CompileArgs) -> Result<()> {
         n_bits: args.n_bits,
         calibration,
         activations: args.activations.parse()?,
+        group_inputs: !args.no_groups,
     };
     let client_dir = args.out.join("client");
     let server_path = args.out.join(SERVER_BUNDLE_FILE);
@@ -163,6 +168,7 @@ pub fn compile_cmd(args: CompileArgs) -> Result<()> {
         "architecture": manifest.architecture,
         "client_bundle": client_dir,
         "server_bundle": server_path,
+        "groups": manifest.groups.iter().map(|g| &g.name).collect::<Vec<_>>(),
         "protected": manifest.layers.iter().map(|l| json!({"name": l.name, "d_in": l.d_in, "d_out": l.d_out})).collect::<Vec<_>>(),
         "n_bits": manifest.n_bits,
         "activation_quantization": manifest.activation_quantization,

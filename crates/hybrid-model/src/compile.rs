@@ -66,6 +66,9 @@ pub struct CompileOptions {
     /// Token ids of the calibration prompts.
     pub calibration: Vec<Vec<u32>>,
     pub activations: Activations,
+    /// Serve protected layers that read the same input (q, k, v; gate, up) as one product:
+    /// one encryption and one request for them.
+    pub group_inputs: bool,
 }
 
 /// The float model, with the inputs of protected layers recorded.
@@ -344,7 +347,10 @@ pub fn compile(
     let calibration = reports.next();
     let alternative = reports.next();
 
-    let groups = vendor::layer_groups(cfg.naming(), cfg.num_hidden_layers(), &split);
+    let groups = match options.group_inputs {
+        true => vendor::layer_groups(cfg.naming(), cfg.num_hidden_layers(), &split),
+        false => vec![],
+    };
     let parameter_set = fhe_linear::HFHE_GLWE_2048_V1.name.to_string();
     let server_manifest = ServerManifest {
         format_version: BUNDLE_FORMAT_VERSION,

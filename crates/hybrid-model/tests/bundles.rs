@@ -19,6 +19,7 @@ fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
         n_bits: 8,
         calibration,
         activations: hybrid_model::compile::Activations::Auto,
+        group_inputs: true,
     };
     let mut stages = Vec::new();
     let manifest = compile(
@@ -158,6 +159,7 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
         n_bits: 8,
         calibration: vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]],
         activations: hybrid_model::compile::Activations::Static,
+        group_inputs: true,
     };
     let manifest = compile(
         &hybrid_model::tiny::tiny_checkpoint().unwrap(),
@@ -185,6 +187,7 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
     // Auto measures both and records the one it did not keep.
     let auto = CompileOptions {
         activations: hybrid_model::compile::Activations::Auto,
+        group_inputs: true,
         ..options
     };
     let manifest = compile(
@@ -216,6 +219,7 @@ fn smoothed_activations_are_exact_under_encryption() {
         n_bits: 8,
         calibration: vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]],
         activations: hybrid_model::compile::Activations::Smoothed,
+        group_inputs: true,
     };
     let manifest = compile(
         &Checkpoint::new(tiny_config(), tiny_weights().unwrap()),

@@ -14,6 +14,7 @@ pub fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
         n_bits: 8,
         calibration: vec![],
         activations: Activations::Dynamic,
+        group_inputs: true,
     };
     compile(
         &hybrid_model::tiny::tiny_checkpoint().unwrap(),

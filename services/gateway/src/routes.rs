@@ -288,7 +288,8 @@ async fn apply_inner(
     let now = now_ms();
     let period = period_start(&claims, now);
     // Reserve the batch's tokens for every metered layer before forwarding anything (fail
-    // closed).
+    // closed). One after the other: the embedded ledger serialises writes anyway, and
+    // concurrent ones only wait on its lock.
     let mut reservations = Vec::with_capacity(metered.len());
     for part in &metered {
         let reserved = state
@@ -376,8 +377,10 @@ async fn apply_inner(
     // the same query is billed once per layer.
     let k = metered.len();
     let share = |total: usize, i: usize| (total / k + usize::from(i < total % k)) as i64;
-    for (i, (part, reservation)) in metered.iter().zip(&reservations).enumerate() {
-        let event = UsageEvent {
+    let events: Vec<UsageEvent> = metered
+        .iter()
+        .enumerate()
+        .map(|(i, part)| UsageEvent {
             query_id: match k {
                 1 => query_id.clone(),
                 _ => format!("{query_id}.{i}"),
@@ -395,11 +398,14 @@ async fn apply_inner(
             created_at: now,
             results: header.encoding.as_str().into(),
             key_id: key_id.clone().unwrap_or_default(),
-        };
-        // Not recorded, not returned: the client retries with the same query id.
+        })
+        .collect();
+    // Not recorded, not returned: the client retries with the same query id (a layer of a
+    // group settled before a failure is not billed again).
+    for ((part, reservation), event) in metered.iter().zip(&reservations).zip(&events) {
         let settled = state
             .ledger
-            .settle(reservation, &event)
+            .settle(reservation, event)
             .await
             .map_err(ledger_down)?;
         if settled.billed {
