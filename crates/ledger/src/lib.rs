@@ -274,46 +274,52 @@ impl Ledger {
         quota: i64,
         tokens: i64,
     ) -> Result<Reservation, LedgerError> {
-        // One statement: create the row or add to it, only where the quota allows.
-        let admitted = sqlx::query(
-            "INSERT INTO quota_usage (license_id, layer, period_start, quota_tokens, reserved) \
-             SELECT $1, $2, $3, $4, $5 WHERE $5 <= $4 \
-             ON CONFLICT (license_id, layer, period_start) DO UPDATE \
-             SET quota_tokens = excluded.quota_tokens, reserved = quota_usage.reserved + excluded.reserved \
-             WHERE quota_usage.used + quota_usage.reserved + excluded.reserved <= excluded.quota_tokens \
-             RETURNING used",
-        )
-        .bind(license_id)
-        .bind(layer)
-        .bind(period_start)
-        .bind(quota)
-        .bind(tokens)
-        .fetch_optional(&self.pool)
-        .await?
-        .is_some();
-        if admitted {
-            return Ok(Reservation {
+        let mut conn = self.pool.acquire().await?;
+        let reservation = Reservation {
+            license_id: license_id.into(),
+            layer: layer.into(),
+            period_start,
+            tokens,
+        };
+        match admit(&mut conn, &reservation, quota).await? {
+            None => Ok(reservation),
+            Some(refused) => Err(refused),
+        }
+    }
+
+    /// Admits `tokens` for each of `layers` (a request for a group of layers), all or none, in
+    /// one transaction.
+    pub async fn reserve_all(
+        &self,
+        license_id: &str,
+        layers: &[&str],
+        period_start: i64,
+        quota: i64,
+        tokens: i64,
+    ) -> Result<Vec<Reservation>, LedgerError> {
+        if let [layer] = layers {
+            return Ok(vec![
+                self.reserve(license_id, layer, period_start, quota, tokens)
+                    .await?,
+            ]);
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(layers.len());
+        for layer in layers {
+            let reservation = Reservation {
                 license_id: license_id.into(),
-                layer: layer.into(),
+                layer: (*layer).into(),
                 period_start,
                 tokens,
-            });
+            };
+            if let Some(refused) = admit(&mut *tx, &reservation, quota).await? {
+                tx.rollback().await?;
+                return Err(refused);
+            }
+            out.push(reservation);
         }
-        let row = sqlx::query("SELECT used + reserved FROM quota_usage WHERE license_id = $1 AND layer = $2 AND period_start = $3")
-            .bind(license_id)
-            .bind(layer)
-            .bind(period_start)
-            .fetch_optional(&self.pool)
-            .await?;
-        let taken: i64 = match row {
-            Some(r) => r.try_get(0)?,
-            None => 0,
-        };
-        Err(LedgerError::QuotaExceeded {
-            quota,
-            remaining: (quota - taken).max(0),
-            requested: tokens,
-        })
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Gives a reservation back (the query failed before it could be billed).
@@ -349,6 +355,30 @@ impl Ledger {
             Backend::Postgres => self.settle_in_one_statement(r, e).await,
             Backend::Sqlite => self.settle_in_a_transaction(r, e).await,
         }
+    }
+
+    /// Settles the queries of a request for a group of layers (one usage row each, see
+    /// [`Ledger::settle`]): on SQLite in one transaction, on Postgres one statement each.
+    pub async fn settle_all(
+        &self,
+        items: &[(&Reservation, &UsageEvent)],
+    ) -> Result<Vec<Settlement>, LedgerError> {
+        let mut out = Vec::with_capacity(items.len());
+        match (self.backend, items) {
+            (Backend::Sqlite, [_, _, ..]) => {
+                let mut tx = self.pool.begin().await?;
+                for (r, e) in items {
+                    out.push(settle_steps(&mut *tx, r, e).await?);
+                }
+                tx.commit().await?;
+            }
+            _ => {
+                for (r, e) in items {
+                    out.push(self.settle(r, e).await?);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Postgres: the whole settlement as one statement (data-modifying CTEs), atomic by itself
@@ -417,77 +447,9 @@ impl Ledger {
         e: &UsageEvent,
     ) -> Result<Settlement, LedgerError> {
         let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query("INSERT INTO query_claims (license_id, query_id, claimed_at) VALUES ($1, $2, $3) ON CONFLICT (license_id, query_id) DO NOTHING")
-            .bind(&e.license_id)
-            .bind(&e.query_id)
-            .bind(e.created_at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            == 1;
-        if claimed {
-            sqlx::query(
-                "INSERT INTO usage_events (query_id, license_id, customer_id, model, layer, tokens, upload_bytes, \
-                 download_bytes, worker, compute_ms, status, created_at, results, key_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            )
-            .bind(&e.query_id)
-            .bind(&e.license_id)
-            .bind(&e.customer_id)
-            .bind(&e.model)
-            .bind(&e.layer)
-            .bind(e.tokens)
-            .bind(e.upload_bytes)
-            .bind(e.download_bytes)
-            .bind(&e.worker)
-            .bind(e.compute_ms)
-            .bind(&e.status)
-            .bind(e.created_at)
-            .bind(&e.results)
-            .bind(&e.key_id)
-            .execute(&mut *tx)
-            .await?;
-            for (table, column, start) in [
-                ("usage_hourly", "hour_start", hour_start(e.created_at)),
-                ("usage_daily", "day_start", day_start(e.created_at)),
-            ] {
-                let sql = format!(
-                    "INSERT INTO {table} (license_id, customer_id, model, layer, {column}, requests, tokens, upload_bytes, download_bytes) \
-                     VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8) ON CONFLICT (license_id, layer, {column}) DO UPDATE SET \
-                     requests = {table}.requests + 1, tokens = {table}.tokens + excluded.tokens, \
-                     upload_bytes = {table}.upload_bytes + excluded.upload_bytes, download_bytes = {table}.download_bytes + excluded.download_bytes"
-                );
-                sqlx::query(&sql)
-                    .bind(&e.license_id)
-                    .bind(&e.customer_id)
-                    .bind(&e.model)
-                    .bind(&e.layer)
-                    .bind(start)
-                    .bind(e.tokens)
-                    .bind(e.upload_bytes)
-                    .bind(e.download_bytes)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        let used = if claimed { r.tokens } else { 0 };
-        let row = sqlx::query(
-            "UPDATE quota_usage SET reserved = reserved - $1, used = used + $2 \
-             WHERE license_id = $3 AND layer = $4 AND period_start = $5 RETURNING used",
-        )
-        .bind(r.tokens)
-        .bind(used)
-        .bind(&r.license_id)
-        .bind(&r.layer)
-        .bind(r.period_start)
-        .fetch_one(&mut *tx)
-        .await?;
-        let layer_used: i64 = row.try_get(0)?;
+        let settled = settle_steps(&mut *tx, r, e).await?;
         tx.commit().await?;
-        Ok(Settlement {
-            billed: claimed,
-            layer_used,
-        })
+        Ok(settled)
     }
 
     /// Billable tokens of a license in the period starting at `period_start` (largest count
@@ -756,4 +718,126 @@ fn usage_event(r: &AnyRow) -> Result<UsageEvent, LedgerError> {
         results: r.try_get(12)?,
         key_id: r.try_get(13)?,
     })
+}
+
+/// The steps of a settlement on SQLite, inside the caller's transaction: claim the query id,
+/// write the usage row and rollups, turn the reservation into usage.
+async fn settle_steps(
+    tx: &mut sqlx::AnyConnection,
+    r: &Reservation,
+    e: &UsageEvent,
+) -> Result<Settlement, LedgerError> {
+    let claimed = sqlx::query("INSERT INTO query_claims (license_id, query_id, claimed_at) VALUES ($1, $2, $3) ON CONFLICT (license_id, query_id) DO NOTHING")
+        .bind(&e.license_id)
+        .bind(&e.query_id)
+        .bind(e.created_at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        == 1;
+    if claimed {
+        sqlx::query(
+            "INSERT INTO usage_events (query_id, license_id, customer_id, model, layer, tokens, upload_bytes, \
+             download_bytes, worker, compute_ms, status, created_at, results, key_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(&e.query_id)
+        .bind(&e.license_id)
+        .bind(&e.customer_id)
+        .bind(&e.model)
+        .bind(&e.layer)
+        .bind(e.tokens)
+        .bind(e.upload_bytes)
+        .bind(e.download_bytes)
+        .bind(&e.worker)
+        .bind(e.compute_ms)
+        .bind(&e.status)
+        .bind(e.created_at)
+        .bind(&e.results)
+        .bind(&e.key_id)
+        .execute(&mut *tx)
+        .await?;
+        for (table, column, start) in [
+            ("usage_hourly", "hour_start", hour_start(e.created_at)),
+            ("usage_daily", "day_start", day_start(e.created_at)),
+        ] {
+            let sql = format!(
+                "INSERT INTO {table} (license_id, customer_id, model, layer, {column}, requests, tokens, upload_bytes, download_bytes) \
+                 VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8) ON CONFLICT (license_id, layer, {column}) DO UPDATE SET \
+                 requests = {table}.requests + 1, tokens = {table}.tokens + excluded.tokens, \
+                 upload_bytes = {table}.upload_bytes + excluded.upload_bytes, download_bytes = {table}.download_bytes + excluded.download_bytes"
+            );
+            sqlx::query(&sql)
+                .bind(&e.license_id)
+                .bind(&e.customer_id)
+                .bind(&e.model)
+                .bind(&e.layer)
+                .bind(start)
+                .bind(e.tokens)
+                .bind(e.upload_bytes)
+                .bind(e.download_bytes)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    let used = if claimed { r.tokens } else { 0 };
+    let row = sqlx::query(
+        "UPDATE quota_usage SET reserved = reserved - $1, used = used + $2 \
+         WHERE license_id = $3 AND layer = $4 AND period_start = $5 RETURNING used",
+    )
+    .bind(r.tokens)
+    .bind(used)
+    .bind(&r.license_id)
+    .bind(&r.layer)
+    .bind(r.period_start)
+    .fetch_one(&mut *tx)
+    .await?;
+    let layer_used: i64 = row.try_get(0)?;
+    Ok(Settlement {
+        billed: claimed,
+        layer_used,
+    })
+}
+
+/// The admission of one reservation on `conn`: `None` when admitted, else the refusal.
+async fn admit(
+    conn: &mut sqlx::AnyConnection,
+    r: &Reservation,
+    quota: i64,
+) -> Result<Option<LedgerError>, LedgerError> {
+    // One statement: create the row or add to it, only where the quota allows.
+    let admitted = sqlx::query(
+        "INSERT INTO quota_usage (license_id, layer, period_start, quota_tokens, reserved) \
+         SELECT $1, $2, $3, $4, $5 WHERE $5 <= $4 \
+         ON CONFLICT (license_id, layer, period_start) DO UPDATE \
+         SET quota_tokens = excluded.quota_tokens, reserved = quota_usage.reserved + excluded.reserved \
+         WHERE quota_usage.used + quota_usage.reserved + excluded.reserved <= excluded.quota_tokens \
+         RETURNING used",
+    )
+    .bind(&r.license_id)
+    .bind(&r.layer)
+    .bind(r.period_start)
+    .bind(quota)
+    .bind(r.tokens)
+    .fetch_optional(&mut *conn)
+    .await?
+    .is_some();
+    if admitted {
+        return Ok(None);
+    }
+    let row = sqlx::query("SELECT used + reserved FROM quota_usage WHERE license_id = $1 AND layer = $2 AND period_start = $3")
+        .bind(&r.license_id)
+        .bind(&r.layer)
+        .bind(r.period_start)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let taken: i64 = match row {
+        Some(row) => row.try_get(0)?,
+        None => 0,
+    };
+    Ok(Some(LedgerError::QuotaExceeded {
+        quota,
+        remaining: (quota - taken).max(0),
+        requested: r.tokens,
+    }))
 }

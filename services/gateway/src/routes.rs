@@ -288,44 +288,34 @@ async fn apply_inner(
     let now = now_ms();
     let period = period_start(&claims, now);
     // Reserve the batch's tokens for every metered layer before forwarding anything (fail
-    // closed). One after the other: the embedded ledger serialises writes anyway, and
-    // concurrent ones only wait on its lock.
-    let mut reservations = Vec::with_capacity(metered.len());
-    for part in &metered {
-        let reserved = state
-            .ledger
-            .reserve(
-                &claims.jti,
-                part.as_str(),
-                period,
-                claims.quota_tokens as i64,
-                tokens as i64,
-            )
-            .await;
-        let error = match reserved {
-            Ok(r) => {
-                reservations.push(r);
-                continue;
-            }
-            Err(LedgerError::QuotaExceeded {
-                quota,
-                remaining,
-                requested,
-            }) => {
-                state.metrics.quota_rejections.inc();
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "quota_exceeded",
-                    format!(
-                        "{requested} tokens requested, {remaining} of {quota} left in this period"
-                    ),
-                )
-            }
-            Err(e) => ledger_down(e),
-        };
-        release_all(state, &reservations).await?;
-        return Err(error);
-    }
+    // closed): all of a group's layers or none.
+    let layers: Vec<&str> = metered.iter().map(Name::as_str).collect();
+    let reservations = match state
+        .ledger
+        .reserve_all(
+            &claims.jti,
+            &layers,
+            period,
+            claims.quota_tokens as i64,
+            tokens as i64,
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(LedgerError::QuotaExceeded {
+            quota,
+            remaining,
+            requested,
+        }) => {
+            state.metrics.quota_rejections.inc();
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                format!("{requested} tokens requested, {remaining} of {quota} left in this period"),
+            ));
+        }
+        Err(e) => return Err(ledger_down(e)),
+    };
     state.metrics.bytes_in.inc_by(body.len() as u64);
 
     let forward_started = Instant::now();
@@ -400,14 +390,10 @@ async fn apply_inner(
             key_id: key_id.clone().unwrap_or_default(),
         })
         .collect();
-    // Not recorded, not returned: the client retries with the same query id (a layer of a
-    // group settled before a failure is not billed again).
-    for ((part, reservation), event) in metered.iter().zip(&reservations).zip(&events) {
-        let settled = state
-            .ledger
-            .settle(reservation, event)
-            .await
-            .map_err(ledger_down)?;
+    // Not recorded, not returned: the client retries with the same query id.
+    let items: Vec<_> = reservations.iter().zip(&events).collect();
+    let settlements = state.ledger.settle_all(&items).await.map_err(ledger_down)?;
+    for (part, settled) in metered.iter().zip(settlements) {
         if settled.billed {
             state.metrics.tokens_metered.inc_by(tokens as u64);
             let d_in = header.shape.d_in as i64;
