@@ -412,3 +412,51 @@ async fn sqlite_stores_packing_keys() {
     let dir = tempfile::tempdir().unwrap();
     packing_keys(sqlite(&dir).await).await;
 }
+
+/// A group request reserves all of its layers or none, and its settlement bills each layer
+/// once, also when retried with the same query ids.
+async fn group_reservations(l: Ledger) {
+    setup(&l).await;
+    let period = month_start(NOW);
+    // Layer b already has 15 of its 20 tokens used.
+    let r = l.reserve("lic-1", "b", period, 20, 15).await.unwrap();
+    l.settle(&r, &event("q0", "b", 15, NOW)).await.unwrap();
+    let refused = l
+        .reserve_all("lic-1", &["a", "b", "c"], period, 20, 6)
+        .await;
+    assert!(matches!(
+        refused,
+        Err(LedgerError::QuotaExceeded { remaining: 5, .. })
+    ));
+    // Nothing was left reserved on a or c by the refused request.
+    let group = l
+        .reserve_all("lic-1", &["a", "c"], period, 20, 20)
+        .await
+        .unwrap();
+    assert_eq!(group.len(), 2);
+    let events = [event("q1.0", "a", 20, NOW), event("q1.1", "c", 20, NOW)];
+    let items: Vec<_> = group.iter().zip(&events).collect();
+    let settled = l.settle_all(&items).await.unwrap();
+    assert!(settled.iter().all(|s| s.billed && s.layer_used == 20));
+    // The same queries again (a retry): not billed twice.
+    let again = l
+        .reserve_all("lic-1", &["a", "c"], period, 40, 20)
+        .await
+        .unwrap();
+    let items: Vec<_> = again.iter().zip(&events).collect();
+    let settled = l.settle_all(&items).await.unwrap();
+    assert!(settled.iter().all(|s| !s.billed && s.layer_used == 20));
+    assert_eq!(l.billable_tokens("lic-1", period).await.unwrap(), 20);
+    assert_eq!(l.usage_events("lic-1").await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn postgres_group_reservations_are_all_or_nothing() {
+    group_reservations(postgres().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_group_reservations_are_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    group_reservations(sqlite(&dir).await).await;
+}
