@@ -1,23 +1,8 @@
 //! The `hybrid` binary end to end: JSON on the last line, bundles, errors.
 
-use std::process::Command;
+mod common;
 
-fn hybrid(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hybrid"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
-
-fn last_json(stdout: &str) -> serde_json::Value {
-    serde_json::from_str(stdout.lines().last().expect("output")).expect("last line is JSON")
-}
+use common::{hybrid, last_json};
 
 #[test]
 fn generate_prints_json_and_modes_agree() {

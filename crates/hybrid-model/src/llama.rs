@@ -7,14 +7,13 @@
 //! row order of q and k for the interleaved rotary embedding (`rope_interleaved`), which is
 //! applied accordingly (the tests check against candle's own GGUF Llama).
 
-use candle_core::{Device, Result, Tensor, D};
-use candle_nn::{Embedding, RmsNorm, VarBuilder};
+use candle_core::{Result, Tensor, D};
+use candle_nn::{RmsNorm, VarBuilder};
 
 use crate::config::LlamaConfig;
 use crate::linear::{Linear, LinearProvider, LocalLinear};
 use crate::names::{Module, Proj};
-use crate::transformer::{attention, prepare, CausalLm, KvCache, Rotary};
-use crate::ModelError;
+use crate::transformer::{attention, Decoder, DecoderBlock, KvCache, Rotary};
 
 struct Attention {
     /// q, k and v projections (they read the same input), outputs concatenated.
@@ -69,32 +68,36 @@ impl Mlp {
     }
 }
 
-struct Block {
+/// A Llama block: pre-norm attention, then the pre-norm MLP, each with a residual.
+pub struct Block {
     input_layernorm: RmsNorm,
     attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
 }
 
-impl Block {
+impl DecoderBlock for Block {
+    /// The rotary table, one for all blocks.
+    type Shared = Rotary;
+
     fn forward(&mut self, xs: &Tensor, rotary: &Rotary, mask: Option<&Tensor>) -> Result<Tensor> {
         let h = candle_core::Module::forward(&self.input_layernorm, xs)?;
         let xs = (self.attn.forward(&h, rotary, mask)? + xs)?;
         let h = candle_core::Module::forward(&self.post_attention_layernorm, &xs)?;
         self.mlp.forward(&h)? + xs
     }
+
+    fn kv_cache(&self) -> &KvCache {
+        &self.attn.kv_cache
+    }
+
+    fn kv_cache_mut(&mut self) -> &mut KvCache {
+        &mut self.attn.kv_cache
+    }
 }
 
 /// A Llama model with a KV cache.
-pub struct Llama {
-    cfg: LlamaConfig,
-    embed_tokens: Embedding,
-    blocks: Vec<Block>,
-    norm: RmsNorm,
-    lm_head: Box<dyn Linear>,
-    rotary: Rotary,
-    device: Device,
-}
+pub type Llama = Decoder<Block, LlamaConfig>;
 
 impl Llama {
     /// Builds the model from checkpoint tensors (Hugging Face naming), every block linear through
@@ -146,62 +149,22 @@ impl Llama {
         } else {
             Box::new(LocalLinear::new(embed_tokens.embeddings().clone(), None))
         };
-        Ok(Llama {
-            cfg: cfg.clone(),
+        Ok(Decoder {
+            config: cfg.clone(),
             embed_tokens,
             blocks,
-            norm: norm("norm".into())?,
+            norm: Box::new(norm("norm".into())?),
             lm_head,
-            rotary: Rotary::new(
+            shared: Rotary::new(
                 head_dim,
                 cfg.rope_theta,
                 cfg.max_position_embeddings,
                 cfg.rope_interleaved,
                 vb.device(),
             )?,
+            context: cfg.max_position_embeddings,
+            vocab: cfg.vocab_size,
             device: vb.device().clone(),
         })
-    }
-
-    pub fn config(&self) -> &LlamaConfig {
-        &self.cfg
-    }
-}
-
-impl CausalLm for Llama {
-    fn hidden_states(&mut self, tokens: &[u32]) -> std::result::Result<Tensor, ModelError> {
-        let (input, mask) = prepare(
-            tokens,
-            self.cached_tokens(),
-            self.cfg.max_position_embeddings,
-            &self.device,
-        )?;
-        let mut xs = candle_core::Module::forward(&self.embed_tokens, &input)?;
-        for block in self.blocks.iter_mut() {
-            xs = block.forward(&xs, &self.rotary, mask.as_ref())?;
-        }
-        Ok(candle_core::Module::forward(&self.norm, &xs)?)
-    }
-
-    fn lm_head(&self) -> &dyn Linear {
-        self.lm_head.as_ref()
-    }
-
-    fn clear_kv_cache(&mut self) {
-        for b in self.blocks.iter_mut() {
-            b.attn.kv_cache.clear();
-        }
-    }
-
-    fn cached_tokens(&self) -> usize {
-        self.blocks.first().map_or(0, |b| b.attn.kv_cache.len())
-    }
-
-    fn context_length(&self) -> usize {
-        self.cfg.max_position_embeddings
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
     }
 }

@@ -4,14 +4,13 @@
 //! Follows candle-transformers' `models/phi.rs` operation by operation (the tests check that
 //! the float model gives the same logits), with the linears made pluggable.
 
-use candle_core::{Device, Result, Tensor, D};
-use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
+use candle_core::{Result, Tensor, D};
+use candle_nn::{Activation, LayerNorm, VarBuilder};
 
 use crate::config::PhiConfig;
 use crate::linear::{Linear, LinearProvider};
 use crate::names::{Module, Proj};
-use crate::transformer::{attention, prepare, CausalLm, KvCache, Rotary};
-use crate::ModelError;
+use crate::transformer::{attention, Decoder, DecoderBlock, KvCache, Rotary};
 
 struct Attention {
     /// q, k and v projections, outputs concatenated.
@@ -44,7 +43,7 @@ impl Attention {
 }
 
 /// A phi block: attention and MLP in parallel on the same normalized input.
-struct Block {
+pub struct Block {
     input_layernorm: LayerNorm,
     attn: Attention,
     fc1: Box<dyn Linear>,
@@ -52,8 +51,10 @@ struct Block {
     act: Activation,
 }
 
-impl Block {
-    fn forward(&mut self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+impl DecoderBlock for Block {
+    type Shared = ();
+
+    fn forward(&mut self, xs: &Tensor, _: &(), mask: Option<&Tensor>) -> Result<Tensor> {
         let h = candle_core::Module::forward(&self.input_layernorm, xs)?;
         let attn = self.attn.forward(&h, mask)?;
         let mlp = self.fc2.forward(&candle_core::Module::forward(
@@ -62,17 +63,18 @@ impl Block {
         )?)?;
         attn + mlp + xs
     }
+
+    fn kv_cache(&self) -> &KvCache {
+        &self.attn.kv_cache
+    }
+
+    fn kv_cache_mut(&mut self) -> &mut KvCache {
+        &mut self.attn.kv_cache
+    }
 }
 
 /// The phi model with a KV cache.
-pub struct Phi {
-    cfg: PhiConfig,
-    embed_tokens: Embedding,
-    blocks: Vec<Block>,
-    final_layernorm: LayerNorm,
-    lm_head: Box<dyn Linear>,
-    device: Device,
-}
+pub type Phi = Decoder<Block, PhiConfig>;
 
 impl Phi {
     /// Builds the model from checkpoint tensors (Hugging Face naming), every linear through
@@ -113,56 +115,16 @@ impl Phi {
                 act: cfg.hidden_act,
             });
         }
-        let lm_head = provider.build(&[Module::LmHead], h, &[cfg.vocab_size], &vb)?;
-        Ok(Phi {
-            cfg: cfg.clone(),
+        Ok(Decoder {
+            config: cfg.clone(),
             embed_tokens,
             blocks,
-            final_layernorm,
-            lm_head,
+            norm: Box::new(final_layernorm),
+            lm_head: provider.build(&[Module::LmHead], h, &[cfg.vocab_size], &vb)?,
+            shared: (),
+            context: cfg.max_position_embeddings,
+            vocab: cfg.vocab_size,
             device: vb.device().clone(),
         })
-    }
-
-    pub fn config(&self) -> &PhiConfig {
-        &self.cfg
-    }
-}
-
-impl CausalLm for Phi {
-    fn hidden_states(&mut self, tokens: &[u32]) -> std::result::Result<Tensor, ModelError> {
-        let (input, mask) = prepare(
-            tokens,
-            self.cached_tokens(),
-            self.cfg.max_position_embeddings,
-            &self.device,
-        )?;
-        let mut xs = candle_core::Module::forward(&self.embed_tokens, &input)?;
-        for block in self.blocks.iter_mut() {
-            xs = block.forward(&xs, mask.as_ref())?;
-        }
-        Ok(candle_core::Module::forward(&self.final_layernorm, &xs)?)
-    }
-
-    fn lm_head(&self) -> &dyn Linear {
-        self.lm_head.as_ref()
-    }
-
-    fn clear_kv_cache(&mut self) {
-        for b in self.blocks.iter_mut() {
-            b.attn.kv_cache.clear();
-        }
-    }
-
-    fn cached_tokens(&self) -> usize {
-        self.blocks.first().map_or(0, |b| b.attn.kv_cache.len())
-    }
-
-    fn context_length(&self) -> usize {
-        self.cfg.max_position_embeddings
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
     }
 }

@@ -68,13 +68,87 @@ impl CausalLm for Model {
     }
 }
 
+/// One decoder block of an architecture. `Shared` is what every block of a model reads (Llama's
+/// rotary table; phi's blocks hold their own).
+pub trait DecoderBlock: Send {
+    type Shared: Send;
+    fn forward(
+        &mut self,
+        xs: &Tensor,
+        shared: &Self::Shared,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor>;
+    fn kv_cache(&self) -> &KvCache;
+    fn kv_cache_mut(&mut self) -> &mut KvCache;
+}
+
+/// A decoder-only model: token embedding, blocks, final norm, output projection. Every
+/// architecture is one of these ([`crate::Phi`], [`crate::Llama`]), so that the [`CausalLm`]
+/// implementation is written once.
+pub struct Decoder<B: DecoderBlock, C> {
+    pub(crate) config: C,
+    pub(crate) embed_tokens: candle_nn::Embedding,
+    pub(crate) blocks: Vec<B>,
+    pub(crate) norm: Box<dyn candle_core::Module + Send + Sync>,
+    pub(crate) lm_head: Box<dyn Linear>,
+    pub(crate) shared: B::Shared,
+    pub(crate) context: usize,
+    pub(crate) vocab: usize,
+    pub(crate) device: Device,
+}
+
+impl<B: DecoderBlock, C> Decoder<B, C> {
+    /// The model's configuration.
+    pub fn config(&self) -> &C {
+        &self.config
+    }
+}
+
+impl<B: DecoderBlock, C: Send> CausalLm for Decoder<B, C> {
+    fn hidden_states(&mut self, tokens: &[u32]) -> std::result::Result<Tensor, ModelError> {
+        let (input, mask) = prepare(tokens, self.cached_tokens(), self.context, &self.device)?;
+        let mut xs = candle_core::Module::forward(&self.embed_tokens, &input)?;
+        for block in self.blocks.iter_mut() {
+            xs = block.forward(&xs, &self.shared, mask.as_ref())?;
+        }
+        Ok(self.norm.forward(&xs)?)
+    }
+
+    fn lm_head(&self) -> &dyn Linear {
+        self.lm_head.as_ref()
+    }
+
+    fn clear_kv_cache(&mut self) {
+        for b in self.blocks.iter_mut() {
+            b.kv_cache_mut().clear();
+        }
+    }
+
+    fn cached_tokens(&self) -> usize {
+        self.blocks.first().map_or(0, |b| b.kv_cache().len())
+    }
+
+    fn context_length(&self) -> usize {
+        self.context
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+}
+
 /// The keys and values of the tokens seen so far, `(batch, kv_heads, tokens, head_dim)`.
 #[derive(Default)]
-pub(crate) struct KvCache(Option<(Tensor, Tensor)>);
+pub struct KvCache(Option<(Tensor, Tensor)>);
 
 impl KvCache {
+    /// Tokens held.
     pub fn len(&self) -> usize {
         self.0.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Appends the new tokens' keys and values; returns all of them.
@@ -151,7 +225,7 @@ pub(crate) fn attention(
 
 /// Rotary position embeddings over the first `dim` features of each head (all of them, or a
 /// share as in phi), rotating halves (Hugging Face) or interleaved pairs (llama.cpp's layout).
-pub(crate) struct Rotary {
+pub struct Rotary {
     dim: usize,
     interleaved: bool,
     sin: Tensor,
