@@ -462,3 +462,29 @@ fn accuracy_runs_on_the_vendors_own_prompts() {
     assert!(!ok);
     assert!(err.contains("no prompt"), "{err}");
 }
+
+/// Where SmolLM2 cannot be fetched (no `python3`, an empty cache), the demo says so and runs on
+/// the tiny model, billing exactly.
+#[test]
+fn the_demo_falls_back_to_tiny_when_smollm2_cannot_be_fetched() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hybrid"))
+        .args(["demo", "--max-tokens", "3"])
+        .env("PATH", dir.path())
+        .env("HYBRID_MODELS_DIR", dir.path().join("models"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("SmolLM2 is not available here"), "{stdout}");
+    assert!(stdout.contains("running on `tiny` instead"), "{stdout}");
+    assert!(
+        stdout.contains("compiling `tiny` with layers.1.mixer.Wqkv"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(": exact"), "{stdout}");
+}

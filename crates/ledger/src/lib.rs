@@ -312,7 +312,7 @@ impl Ledger {
                 period_start,
                 tokens,
             };
-            if let Some(refused) = admit(&mut *tx, &reservation, quota).await? {
+            if let Some(refused) = admit(&mut tx, &reservation, quota).await? {
                 tx.rollback().await?;
                 return Err(refused);
             }
@@ -368,7 +368,7 @@ impl Ledger {
             (Backend::Sqlite, [_, _, ..]) => {
                 let mut tx = self.pool.begin().await?;
                 for (r, e) in items {
-                    out.push(settle_steps(&mut *tx, r, e).await?);
+                    out.push(settle_steps(&mut tx, r, e).await?);
                 }
                 tx.commit().await?;
             }
@@ -447,7 +447,7 @@ impl Ledger {
         e: &UsageEvent,
     ) -> Result<Settlement, LedgerError> {
         let mut tx = self.pool.begin().await?;
-        let settled = settle_steps(&mut *tx, r, e).await?;
+        let settled = settle_steps(&mut tx, r, e).await?;
         tx.commit().await?;
         Ok(settled)
     }
