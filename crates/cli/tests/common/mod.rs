@@ -21,3 +21,11 @@ pub fn hybrid(args: &[&str]) -> (bool, String, String) {
 pub fn last_json(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().expect("output")).expect("last line is JSON")
 }
+
+/// Runs `hybrid ARGS`, which must fail without a panic; returns its standard error.
+pub fn refused(args: &[&str]) -> String {
+    let (ok, _, err) = hybrid(args);
+    assert!(!ok, "`hybrid {}` succeeded", args.join(" "));
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
