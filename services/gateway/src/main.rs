@@ -12,6 +12,9 @@ use gateway::Application;
 #[derive(Parser)]
 #[command(name = "hybrid-gateway", version)]
 struct Args {
+    /// Logs on stderr: `text` (coloured only on a terminal) or `json` (one object per line).
+    #[arg(long, env = "GATEWAY_LOG_FORMAT", default_value = "text")]
+    log_format: service_kit::LogFormat,
     /// Config file (TOML).
     #[arg(long, env = "GATEWAY_CONFIG")]
     config: Option<PathBuf>,
@@ -91,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", gateway::openapi_json());
         return Ok(());
     }
-    service_kit::init_tracing();
+    service_kit::init_tracing(args.log_format);
     let file = match &args.config {
         Some(path) => Settings::from_file(path)?,
         None => Settings::default(),

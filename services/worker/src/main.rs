@@ -12,6 +12,9 @@ use worker::Application;
 #[derive(Parser)]
 #[command(name = "hybrid-worker", version)]
 struct Args {
+    /// Logs on stderr: `text` (coloured only on a terminal) or `json` (one object per line).
+    #[arg(long, env = "WORKER_LOG_FORMAT", default_value = "text")]
+    log_format: service_kit::LogFormat,
     /// Config file (TOML).
     #[arg(long, env = "WORKER_CONFIG")]
     config: Option<PathBuf>,
@@ -43,8 +46,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    service_kit::init_tracing();
     let args = Args::parse();
+    service_kit::init_tracing(args.log_format);
     let file = match &args.config {
         Some(path) => Settings::from_file(path)?,
         None => Settings::default(),
