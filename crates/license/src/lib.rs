@@ -131,10 +131,15 @@ impl SigningKey {
         }
     }
 
-    /// PKCS#8 PEM of the secret key (store it like a password).
+    /// PEM of the secret key (store it like a password): plain PKCS#8 v1 (RFC 5208, the
+    /// private key alone), which OpenSSL 3 and Python's `cryptography` read. [`Self::from_pem`]
+    /// also reads the v2 files (RFC 5958, with the public key inside) of earlier versions.
     pub fn to_pem(&self) -> Result<String, LicenseError> {
-        Ok(self
-            .key
+        let v1 = ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: self.key.to_bytes(),
+            public_key: None,
+        };
+        Ok(v1
             .to_pkcs8_pem(Default::default())
             .map_err(|e| LicenseError::Key(e.to_string()))?
             .to_string())
@@ -396,4 +401,44 @@ pub fn inspect_unverified(token: &str) -> Result<serde_json::Value, LicenseError
         .decode(payload)
         .map_err(|e| LicenseError::Malformed(e.to_string()))?;
     serde_json::from_slice(&bytes).map_err(|e| LicenseError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod key_file_tests {
+    use super::*;
+
+    #[test]
+    fn signing_keys_are_written_as_pkcs8_v1_and_both_versions_read() {
+        let key = SigningKey::generate("k1");
+        let pem = key.to_pem().unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+        // v1: version 0 and no public key: 48 bytes of DER (v2 with the public key: 83).
+        use ed25519_dalek::pkcs8::DecodePrivateKey;
+        let der = ed25519_dalek::pkcs8::KeypairBytes::from_pkcs8_pem(&pem).unwrap();
+        assert!(der.public_key.is_none());
+        let again = SigningKey::from_pem("k1", &pem).unwrap();
+        assert_eq!(again.key.to_bytes(), key.key.to_bytes());
+        // Files of earlier versions (PKCS#8 v2, public key inside) still read.
+        let v2 = key.key.to_pkcs8_pem(Default::default()).unwrap();
+        assert!(v2.len() > pem.len());
+        let old = SigningKey::from_pem("k1", &v2).unwrap();
+        assert_eq!(old.key.to_bytes(), key.key.to_bytes());
+
+        // OpenSSL reads it, where it is installed.
+        let path = std::env::temp_dir().join(format!("hybrid-key-{}.pem", std::process::id()));
+        std::fs::write(&path, &pem).unwrap();
+        match std::process::Command::new("openssl")
+            .args(["pkey", "-noout", "-in"])
+            .arg(&path)
+            .output()
+        {
+            Ok(out) => assert!(
+                out.status.success(),
+                "openssl: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("SKIPPED: openssl is not installed here: {e}"),
+        }
+        std::fs::remove_file(&path).ok();
+    }
 }
