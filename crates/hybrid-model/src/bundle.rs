@@ -250,26 +250,27 @@ pub fn load_client_bundle(dir: &Path) -> Result<ClientBundle, ModelError> {
         )));
     }
     let weights = dir.join(&manifest.weights_file);
-    let (tensors, sha) = match manifest.weights_file.as_str() {
-        CLIENT_WEIGHTS_FILE => read_safetensors_hashed(&weights)?,
+    let vouched = |sha: &str| match sha == manifest.client_weights_sha256 {
+        true => Ok(()),
+        false => Err(bundle_err(format!(
+            "{} does not match its manifest (modified?)",
+            manifest.weights_file
+        ))),
+    };
+    let tensors = match manifest.weights_file.as_str() {
+        CLIENT_WEIGHTS_FILE => {
+            let (tensors, sha) = read_safetensors_hashed(&weights)?;
+            vouched(&sha)?;
+            tensors
+        }
         CLIENT_GGUF_FILE => {
-            // Hash first: the tensors are read only from a file the manifest vouches for.
-            let sha = sha256_hex(&read(&weights)?);
-            if sha != manifest.client_weights_sha256 {
-                return Err(bundle_err(
-                    "model.gguf does not match its manifest (modified?)",
-                ));
-            }
-            (crate::gguf::load_tensors(&weights)?, sha)
+            // Read once, and parsed only once the manifest vouches for the bytes.
+            let bytes = read(&weights)?;
+            vouched(&sha256_hex(&bytes))?;
+            crate::gguf::tensors_from_bytes(&bytes)?
         }
         other => return Err(bundle_err(format!("unknown client weights file `{other}`"))),
     };
-    if sha != manifest.client_weights_sha256 {
-        return Err(bundle_err(format!(
-            "{} does not match its manifest (modified?)",
-            manifest.weights_file
-        )));
-    }
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
         Some(Tokenizer::from_file(&tok_path).map_err(|e| ModelError::Tokenizer(e.to_string()))?)

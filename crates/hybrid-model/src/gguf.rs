@@ -73,8 +73,8 @@ fn open(path: &Path) -> Result<(std::fs::File, gguf_file::Content), ModelError> 
 }
 
 /// Every tensor the model uses, dequantized to f32, under Hugging Face names.
-fn read_tensors(
-    file: &mut std::fs::File,
+fn read_tensors<R: std::io::Read + std::io::Seek>(
+    file: &mut R,
     content: &gguf_file::Content,
 ) -> Result<HashMap<String, Tensor>, ModelError> {
     let device = Device::Cpu;
@@ -95,11 +95,13 @@ fn read_tensors(
     Ok(tensors)
 }
 
-/// The tensors of a GGUF file (f32, Hugging Face names): what a client bundle's `model.gguf`
-/// holds.
-pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>, ModelError> {
-    let (mut file, content) = open(path)?;
-    read_tensors(&mut file, &content)
+/// The tensors of a GGUF file's bytes (f32, Hugging Face names): what a client bundle's
+/// `model.gguf` holds.
+pub fn tensors_from_bytes(bytes: &[u8]) -> Result<HashMap<String, Tensor>, ModelError> {
+    let mut reader = std::io::Cursor::new(bytes);
+    let content = gguf_file::Content::read(&mut reader)
+        .map_err(|e| gguf_err(format!("not a readable GGUF file: {e}")))?;
+    read_tensors(&mut reader, &content)
 }
 
 /// Reads a Llama GGUF file: configuration, every tensor dequantized to f32, tokenizer.
@@ -352,7 +354,7 @@ mod tests {
             content.tensor_infos["blk.0.ffn_down.weight"].ggml_dtype,
             GgmlDType::Q8_0
         );
-        let tensors = load_tensors(&dst).unwrap();
+        let tensors = tensors_from_bytes(&std::fs::read(&dst).unwrap()).unwrap();
         let want = down
             .dequantize(&device)
             .unwrap()

@@ -320,11 +320,7 @@ async fn apply_inner(
 
     let forward_started = Instant::now();
     let path = protocol::apply_path(&model, &layer);
-    let parts_header = metered
-        .iter()
-        .map(Name::as_str)
-        .collect::<Vec<_>>()
-        .join(",");
+    let parts_header = layers.join(",");
     let mut extra: Vec<(&str, &str)> = Vec::new();
     if metered.len() > 1 {
         extra.push((protocol::LAYER_PARTS_HEADER, &parts_header));
