@@ -255,13 +255,17 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     //    to the gateway with the license.
     let client = load_client_bundle(&client_dir)?;
     let stats = Arc::new(RemoteStats::default());
+    // The demo's ledger and license are new each run: its keys are too (unless --keys).
+    let keys = match &args.results.keys {
+        Some(_) => args.results.key_source()?,
+        None => hybrid_model::remote::KeySource::Session,
+    };
     let remote = RemoteConfig {
-        url: gateway_url.clone(),
-        model: model_name.clone(),
         license: Some(license.clone()),
         stats: Some(stats.clone()),
         results: args.results.mode()?,
-        keys: args.results.keys()?,
+        keys,
+        ..RemoteConfig::new(gateway_url.clone(), model_name.clone())
     };
     let mut model = build_remote(&client, remote)?;
     let keys = stats.snapshot();

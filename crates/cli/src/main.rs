@@ -7,11 +7,13 @@ mod bench;
 mod bench_accuracy;
 mod bench_e2e;
 mod bench_gateway;
+mod client;
 mod demo;
 mod keys_cmd;
 mod license_cmd;
 mod local;
 mod model_cmd;
+mod serve;
 mod split;
 mod usage_cmd;
 
@@ -35,6 +37,10 @@ enum Command {
     Compile(model_cmd::CompileArgs),
     /// Generate text with protected layers (disable | simulate | execute | remote).
     Generate(model_cmd::GenerateArgs),
+    /// Serve a model on an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /// /v1/models), streamed or not, in any mode: what applications that talk to a local LLM
+    /// connect to.
+    Serve(serve::ServeArgs),
     /// Licenses: signing keys, issuing, inspecting.
     License {
         #[command(subcommand)]
@@ -59,11 +65,22 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+/// Exits 0, or on failure prints the error with its causes and exits 75 when the command may
+/// succeed later (overloaded, rate limited, unreachable), 77 when it was refused (license,
+/// quota, input), else 1.
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(client::exit_code(&e));
+    }
+}
+
+fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args),
         Command::Compile(args) => model_cmd::compile_cmd(args),
         Command::Generate(args) => model_cmd::generate_cmd(args),
+        Command::Serve(args) => serve::run(args),
         Command::License { what } => license_cmd::run(what),
         Command::Keys { what } => keys_cmd::run(what),
         Command::Usage { what } => usage_cmd::run(what),

@@ -2,13 +2,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hybrid_model::bundle::{load_client_bundle, load_server_bundle, SERVER_BUNDLE_FILE};
 use hybrid_model::compile::{compile, CompileOptions};
-use hybrid_model::remote::RemoteConfig;
+use hybrid_model::remote::RemoteStats;
 use hybrid_model::{
     build, build_from_bundles, build_remote, generate, Checkpoint, GenerateOptions, Mode, Model,
 };
@@ -232,8 +233,9 @@ pub(crate) fn tokenize_all(
     }
 }
 
+/// Which model, in which mode: what `generate` and `serve` share.
 #[derive(Args)]
-pub struct GenerateArgs {
+pub struct ModelArgs {
     /// `tiny`, `tiny-llama`, `smollm2`, a Llama GGUF file, or a Hugging Face model directory
     /// (ignored with --bundle).
     #[arg(long, default_value = "tiny")]
@@ -246,7 +248,17 @@ pub struct GenerateArgs {
     protect: Vec<String>,
     /// disable | simulate | execute | remote
     #[arg(long, default_value = "simulate")]
-    mode: String,
+    pub mode: String,
+    #[arg(long, default_value_t = 8)]
+    n_bits: u32,
+    #[command(flatten)]
+    remote: crate::client::RemoteArgs,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
     #[arg(long)]
     prompt: String,
     /// Render the prompt as a user message with the model's chat template (instruction-tuned
@@ -262,49 +274,37 @@ pub struct GenerateArgs {
     top_p: Option<f64>,
     #[arg(long, default_value_t = 299_792_458)]
     seed: u64,
-    #[arg(long, default_value_t = 8)]
-    n_bits: u32,
-    /// Remote mode: the service's base URL (gateway or worker).
-    #[arg(long, env = "HYBRID_URL")]
-    url: Option<String>,
-    /// Remote mode: the license token (JWT).
-    #[arg(long, env = "HYBRID_LICENSE", hide_env_values = true)]
-    license: Option<String>,
-    #[command(flatten)]
-    results: crate::keys_cmd::ResultsArgs,
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
 }
 
 /// What generation needs of a model, whether it came from a bundle or a checkpoint.
-struct Loaded {
-    model: Model,
-    tokenizer: Option<Tokenizer>,
-    eos_token: Option<u32>,
-    chat_template: Option<String>,
-    protected: Vec<String>,
+pub(crate) struct Loaded {
+    pub model: Model,
+    pub tokenizer: Option<Tokenizer>,
+    pub eos_token: Option<u32>,
+    pub chat_template: Option<String>,
+    pub protected: Vec<String>,
+    /// The model's name (the bundle's, or the checkpoint's own).
+    pub name: String,
+    /// Remote mode: the remote calls' totals (rows metered among them).
+    pub stats: Option<Arc<RemoteStats>>,
 }
 
-pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
+/// Loads the model `args` name, in its mode.
+pub(crate) fn load_model(args: &ModelArgs) -> Result<Loaded> {
     let mode: Mode = args.mode.parse()?;
-    let loaded = match &args.bundle {
+    Ok(match &args.bundle {
         Some(dir) => {
             let client = load_client_bundle(&dir.join("client"))?;
+            let mut stats = None;
             let model = if mode == Mode::Remote {
-                let url = args
-                    .url
-                    .clone()
-                    .context("remote mode needs --url (or HYBRID_URL)")?;
-                let remote = RemoteConfig {
-                    url,
-                    model: client.manifest.model.clone(),
-                    license: args.license.clone(),
-                    stats: None,
-                    results: args.results.mode()?,
-                    keys: args.results.keys()?,
-                };
-                build_remote(&client, remote)?
+                let mut config = args.remote.config(&client.manifest.model)?;
+                let st = Arc::new(RemoteStats::default());
+                config.stats = Some(st.clone());
+                stats = Some(st);
+                build_remote(&client, config)?
             } else {
                 let server_path = dir.join(SERVER_BUNDLE_FILE);
                 let server = if server_path.exists() {
@@ -328,7 +328,9 @@ pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
                     .iter()
                     .map(|l| l.name.clone())
                     .collect(),
+                name: client.manifest.model.clone(),
                 tokenizer: client.tokenizer,
+                stats,
             }
         }
         None => {
@@ -343,17 +345,23 @@ pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
                 eos_token: src.eos(),
                 chat_template: src.chat_template.clone(),
                 protected: args.protect.clone(),
+                name: src.default_name(),
                 tokenizer: src.tokenizer,
+                stats: None,
             }
         }
-    };
+    })
+}
+
+pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
     let Loaded {
         mut model,
         tokenizer,
         eos_token,
         chat_template,
         protected,
-    } = loaded;
+        ..
+    } = load_model(&args.model)?;
     let tokenizer = tokenizer.context("the model has no tokenizer.json")?;
     let text = if args.chat {
         crate::local::chat_prompt(
@@ -399,7 +407,7 @@ pub fn generate_cmd(args: GenerateArgs) -> Result<()> {
                 "text": text,
                 "token_ids": tokens,
                 "prompt_tokens": prompt.len(),
-                "mode": args.mode,
+                "mode": args.model.mode,
                 "protected": protected,
                 "prefill_ms": prefill_ms,
                 "ms_per_token": (total_ms - prefill_ms) / decode_steps as f64,

@@ -20,6 +20,8 @@ pub struct AdminApi {
     /// An admin token with the compliance or admin role (`hybrid license admin-token`).
     #[arg(long, env = "HYBRID_ADMIN_TOKEN", hide_env_values = true)]
     token: String,
+    #[command(flatten)]
+    ca: crate::client::CaArgs,
 }
 
 /// Which usage: a window and optional filters.
@@ -106,7 +108,9 @@ async fn get(
     query: &impl serde::Serialize,
 ) -> Result<reqwest::Response> {
     let query = query_pairs(query)?;
-    let response = reqwest::Client::new()
+    let response = api
+        .ca
+        .http_client()?
         .get(format!("{}{path}", api.url.trim_end_matches('/')))
         .query(&query)
         .bearer_auth(&api.token)

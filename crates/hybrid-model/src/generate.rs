@@ -40,6 +40,20 @@ pub fn generate(
     options: &GenerateOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>, ModelError> {
+    generate_while(model, prompt, options, |t| {
+        on_token(t);
+        true
+    })
+}
+
+/// [`generate`], stopping early when `on_token` returns false (a stop sequence was produced,
+/// the client went away): the token it was given is the last one, and no further step runs.
+pub fn generate_while(
+    model: &mut dyn CausalLm,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>, ModelError> {
     if prompt.is_empty() {
         return Err(ModelError::EmptyPrompt);
     }
@@ -69,8 +83,8 @@ pub fn generate(
     for _ in 0..options.max_tokens {
         let next = sampler.sample(&logits)?;
         out.push(next);
-        on_token(next);
-        if Some(next) == options.eos_token || out.len() == options.max_tokens {
+        let go_on = on_token(next);
+        if !go_on || Some(next) == options.eos_token || out.len() == options.max_tokens {
             break;
         }
         logits = model.forward(&[next])?;

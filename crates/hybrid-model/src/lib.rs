@@ -24,6 +24,7 @@ pub mod config;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
+pub mod keystore;
 pub mod linear;
 pub mod llama;
 pub mod names;
@@ -41,7 +42,7 @@ use candle_nn::VarBuilder;
 
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, LlamaConfig, ModelConfig, PhiConfig};
-pub use generate::{generate, GenerateOptions};
+pub use generate::{generate, generate_while, GenerateOptions};
 pub use llama::Llama;
 pub use phi::Phi;
 pub use transformer::{CausalLm, Model};
@@ -114,6 +115,13 @@ pub enum ModelError {
     #[error("cannot reach the service: {0}")]
     Transport(String),
     #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(
+        "the service's TLS certificate is not trusted ({0}); if it is signed by a private CA, \
+         give the CA with --ca-cert FILE (HYBRID_CA_CERT)"
+    )]
+    Certificate(String),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Fhe(#[from] fhe_linear::FheError),
@@ -135,6 +143,24 @@ pub enum ModelError {
     Gguf(String),
     #[error("model `{0}`: {1}")]
     Source(String, String),
+}
+
+impl ModelError {
+    /// Whether the same call may succeed later: the service was overloaded, rate limited,
+    /// unavailable or unreachable (the retries inside the deadline did not get through).
+    pub fn is_retry_later(&self) -> bool {
+        match self {
+            ModelError::Remote { status, .. } => matches!(status, 429 | 502 | 503 | 504),
+            ModelError::Transport(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the service refused the call for what it is (license, quota, input): the same
+    /// call will be refused again.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, ModelError::Remote { status, .. } if (400..500).contains(status) && *status != 429)
+    }
 }
 
 /// Builds the model of `cfg`'s architecture from `vb`, every linear through `provider`.

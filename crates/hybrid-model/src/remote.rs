@@ -1,10 +1,17 @@
 //! Remote mode: protected layers computed by the vendor's service. The client encrypts with its
 //! own key, posts the ciphertext with its license, and decrypts the answer.
+//!
+//! Over a real network: HTTPS with the system's roots and an optional private CA
+//! ([`tls::ClientTls`]); connect and answer timeouts; a `User-Agent`; answers 429 and 503 (and
+//! lost connections) retried after the service's `Retry-After`, or a jittered backoff, inside
+//! one deadline per query, always under the query's own id (so a retry is billed once); batches
+//! larger than a layer's `max_rows` (the gateway's row cap, or the license's rate) sent as
+//! several queries. Packing keys persist in a [`KeyStore`] by default.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fhe_linear::{
     ClientKey, EncryptedResult, LayerSpec, Limits, PackingKey, Planner, Preference, ResultEncoding,
@@ -13,8 +20,12 @@ use protocol::{ErrorBody, KeyRegistered, ModelLayers, Name};
 
 use crate::backend::ProtectedBackend;
 use crate::bundle::LayerGroup;
+use crate::keystore::{KeyEntry, KeyStore};
 use crate::linear::ClientLayer;
 use crate::ModelError;
+
+/// The `User-Agent` of the SDK's requests.
+pub const USER_AGENT: &str = concat!("hybrid-sdk/", env!("CARGO_PKG_VERSION"));
 
 /// Where and as whom to reach the service.
 #[derive(Debug, Clone)]
@@ -29,9 +40,94 @@ pub struct RemoteConfig {
     pub stats: Option<Arc<RemoteStats>>,
     /// How results come back (see [`ResultsMode`]).
     pub results: ResultsMode,
-    /// The keys for packed results, if the caller keeps them (`hybrid keys gen`); otherwise
-    /// fresh ones are generated and registered when packed results are used.
-    pub keys: Option<Arc<PackedKeys>>,
+    /// Where the keys for packed results come from (see [`KeySource`]).
+    pub keys: KeySource,
+    /// What HTTPS trusts beside the system's roots (a private CA).
+    pub tls: tls::ClientTls,
+    /// Timeouts and retries.
+    pub retry: RetryPolicy,
+}
+
+impl RemoteConfig {
+    /// The service at `url` serving `model`: no license, keyless or packed results as the
+    /// planner prefers for bandwidth, packing keys in the user's key store, default timeouts.
+    pub fn new(url: impl Into<String>, model: impl Into<String>) -> Self {
+        RemoteConfig {
+            url: url.into(),
+            model: model.into(),
+            license: None,
+            stats: None,
+            results: ResultsMode::Auto(Preference::Bandwidth),
+            keys: KeySource::UserStore,
+            tls: tls::ClientTls::default(),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Where the keys of packed results come from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// The user's [`KeyStore`] ([`KeyStore::user`]): one set per gateway and license, made
+    /// and registered once, reused by every later run.
+    UserStore,
+    /// That key store.
+    Store(KeyStore),
+    /// These keys (`hybrid keys gen`, `--keys DIR`).
+    Fixed(Arc<PackedKeys>),
+    /// Fresh keys for this process only: each run registers a new key, using one of the
+    /// license's few key slots.
+    Session,
+}
+
+/// Timeouts and retries of the remote calls.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// How long one query may take in all, retries and waits included.
+    pub deadline: Duration,
+    pub connect_timeout: Duration,
+    /// How long one attempt may wait for its answer (the service's computation included).
+    pub attempt_timeout: Duration,
+    /// The first wait without a `Retry-After`; doubled per attempt, jittered, capped.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            deadline: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(60),
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `attempt + 1`: the service's `Retry-After` when it gave one,
+    /// else the backoff; jittered by up to +-25% so that clients refused together do not
+    /// return together.
+    fn wait(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let base = retry_after.unwrap_or_else(|| {
+            self.initial_backoff
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(self.max_backoff)
+        });
+        let unit = (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0; // [0, 1)
+        let factor = match retry_after {
+            // Never earlier than the service asked.
+            Some(_) => 1.0 + 0.25 * unit,
+            None => 0.75 + 0.5 * unit,
+        };
+        base.mul_f64(factor)
+    }
+}
+
+/// Answers worth another attempt: overloaded, rate limited, briefly unavailable.
+fn retryable(status: u16) -> bool {
+    matches!(status, 429 | 502 | 503 | 504)
 }
 
 /// Which result encoding the client asks for.
@@ -224,12 +320,100 @@ struct Served {
     packed: Option<LayerSpec>,
     /// A group's layers (sent in the parts header); empty for a single layer.
     parts: Vec<String>,
+    /// Rows one query may carry (the gateway's row cap and the license's rate), if bounded.
+    max_rows: Option<usize>,
 }
 
 /// Packed results in use: the keys and the id the service registered them under.
 struct Registered {
     keys: Arc<PackedKeys>,
     key_id: String,
+    /// The key store's entry, when the keys persist there.
+    entry: Option<(KeyStore, KeyEntry)>,
+}
+
+/// Registers `keys`' packing key under the configuration's license (idempotent).
+fn register_key(
+    agent: &ureq::Agent,
+    config: &RemoteConfig,
+    keys: &PackedKeys,
+) -> Result<KeyRegistered, ModelError> {
+    let bytes = keys.packing.to_bytes();
+    let url = format!(
+        "{}{}",
+        config.url.trim_end_matches('/'),
+        protocol::keys_path()
+    );
+    let request = agent
+        .put(&url)
+        .header("content-type", protocol::PACKING_KEY_CONTENT_TYPE);
+    let mut answer = with_license(request, &config.license)
+        .send(&bytes[..])
+        .map_err(call_error)?;
+    let (status, body) = read_answer(&mut answer, 1 << 20)?;
+    if !(200..300).contains(&status) {
+        return Err(answer_error(status, &body));
+    }
+    serde_json::from_slice(&body).map_err(transport)
+}
+
+/// The packing keys of a license at the service: list, register, delete (what `hybrid keys`
+/// does).
+pub struct KeyService {
+    agent: ureq::Agent,
+    config: RemoteConfig,
+}
+
+impl KeyService {
+    pub fn new(config: RemoteConfig) -> Result<Self, ModelError> {
+        Ok(KeyService {
+            agent: agent(&config)?,
+            config,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.config.url.trim_end_matches('/'))
+    }
+
+    /// The keys the license registered.
+    pub fn list(&self) -> Result<protocol::KeyList, ModelError> {
+        let request = self.agent.get(&self.url(&protocol::keys_path()));
+        let mut answer = with_license(request, &self.config.license)
+            .call()
+            .map_err(call_error)?;
+        let (status, body) = read_answer(&mut answer, 1 << 20)?;
+        if status != 200 {
+            return Err(answer_error(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(transport)
+    }
+
+    pub fn register(&self, keys: &PackedKeys) -> Result<KeyRegistered, ModelError> {
+        register_key(&self.agent, &self.config, keys)
+    }
+
+    /// Deletes a key of the license; false when the service has no such key for it.
+    pub fn delete(&self, key_id: &str) -> Result<bool, ModelError> {
+        let request = self.agent.delete(&self.url(&protocol::key_path(key_id)));
+        let mut answer = with_license(request, &self.config.license)
+            .call()
+            .map_err(call_error)?;
+        let (status, body) = read_answer(&mut answer, 1 << 20)?;
+        match status {
+            204 | 200 => Ok(true),
+            404 => Ok(false),
+            _ => Err(answer_error(status, &body)),
+        }
+    }
+}
+
+/// An answer of the service.
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+    compute_ms: f64,
+    retry_after: Option<Duration>,
 }
 
 /// Protected layers over HTTP.
@@ -247,6 +431,56 @@ pub struct RemoteBackend {
 
 fn transport(e: impl std::fmt::Display) -> ModelError {
     ModelError::Transport(e.to_string())
+}
+
+/// A failed call, with its causes and, for a certificate the client does not trust, what to do.
+fn call_error(e: ureq::Error) -> ModelError {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    if text.contains("certificate") || text.contains("UnknownIssuer") {
+        return ModelError::Certificate(text);
+    }
+    ModelError::Transport(text)
+}
+
+/// The HTTP agent of a configuration: its roots, timeouts and `User-Agent`.
+fn agent(config: &RemoteConfig) -> Result<ureq::Agent, ModelError> {
+    let roots: Vec<ureq::tls::Certificate<'static>> = config
+        .tls
+        .roots()?
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .root_certs(ureq::tls::RootCerts::from(roots))
+        .build();
+    Ok(ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .tls_config(tls)
+        .user_agent(USER_AGENT)
+        .timeout_connect(Some(config.retry.connect_timeout))
+        .timeout_global(Some(config.retry.attempt_timeout))
+        .build()
+        .into())
+}
+
+/// The `Retry-After` of an answer, in seconds (the only form the services send).
+fn retry_after(answer: &ureq::http::Response<ureq::Body>) -> Option<Duration> {
+    answer
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
 }
 
 /// Adds the license, when there is one, as a bearer token.
@@ -300,10 +534,7 @@ impl RemoteBackend {
         layers: &[ClientLayer],
         groups: &[LayerGroup],
     ) -> Result<Self, ModelError> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = agent(&config)?;
         let model = Name::parse(&config.model).map_err(|e| ModelError::Bundle(e.to_string()))?;
         let url = format!(
             "{}{}",
@@ -312,7 +543,7 @@ impl RemoteBackend {
         );
         let mut answer = with_license(agent.get(&url), &config.license)
             .call()
-            .map_err(transport)?;
+            .map_err(call_error)?;
         let (status, body) = read_answer(&mut answer, 16 << 20)?;
         if status != 200 {
             return Err(answer_error(status, &body));
@@ -384,6 +615,7 @@ impl RemoteBackend {
                     keyless,
                     packed,
                     parts,
+                    max_rows: info.max_rows,
                 },
             );
         }
@@ -431,48 +663,80 @@ impl RemoteBackend {
         }
     }
 
-    /// Generates (or takes the configured) packing keys and registers them with the service.
+    /// Takes the configured packing keys (stored, given or fresh) and registers them with the
+    /// service, unless the key store says they already are.
     fn register_keys(&self) -> Result<Registered, ModelError> {
         let stats = self.config.stats.as_deref();
-        let keys = match &self.config.keys {
-            Some(keys) => keys.clone(),
-            None => {
-                let started = Instant::now();
-                let keys = Arc::new(PackedKeys::generate()?);
-                if let Some(st) = stats {
-                    add_time(&st.keygen_ns, started);
-                }
-                keys
-            }
-        };
-        let bytes = keys.packing.to_bytes();
         let started = Instant::now();
-        let url = format!(
-            "{}{}",
-            self.config.url.trim_end_matches('/'),
-            protocol::keys_path()
-        );
-        let request = self
-            .agent
-            .put(&url)
-            .header("content-type", protocol::PACKING_KEY_CONTENT_TYPE);
-        let mut answer = with_license(request, &self.config.license)
-            .send(&bytes[..])
-            .map_err(transport)?;
-        let (status, body) = read_answer(&mut answer, 1 << 20)?;
-        if !(200..300).contains(&status) {
-            return Err(answer_error(status, &body));
+        let store = match &self.config.keys {
+            KeySource::UserStore => Some(KeyStore::user()?),
+            KeySource::Store(store) => Some(store.clone()),
+            KeySource::Fixed(_) | KeySource::Session => None,
+        };
+        let (keys, entry) = match (&self.config.keys, store) {
+            (KeySource::Fixed(keys), _) => (keys.clone(), None),
+            (_, Some(store)) => {
+                let license = crate::keystore::license_id(self.config.license.as_deref());
+                let (keys, entry) = store.load_or_create(&self.config.url, &license)?;
+                (Arc::new(keys), Some((store, entry)))
+            }
+            (_, None) => (Arc::new(PackedKeys::generate()?), None),
+        };
+        if let Some(st) = stats {
+            add_time(&st.keygen_ns, started);
         }
-        let registered: KeyRegistered = serde_json::from_slice(&body).map_err(transport)?;
+        if let Some((store, entry)) = &entry {
+            if let Some(key_id) = &entry.key_id {
+                return Ok(Registered {
+                    keys,
+                    key_id: key_id.clone(),
+                    entry: Some((store.clone(), entry.clone())),
+                });
+            }
+        }
+        self.upload_keys(keys, entry)
+    }
+
+    /// Registers `keys` (idempotent on the service), recording the id in the key store.
+    fn upload_keys(
+        &self,
+        keys: Arc<PackedKeys>,
+        entry: Option<(KeyStore, KeyEntry)>,
+    ) -> Result<Registered, ModelError> {
+        let stats = self.config.stats.as_deref();
+        let started = Instant::now();
+        let registered = register_key(&self.agent, &self.config, &keys)?;
         if let Some(st) = stats {
             add_time(&st.key_upload_ns, started);
             st.key_upload_bytes
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                .fetch_add(registered.bytes as u64, Ordering::Relaxed);
         }
+        let entry = match entry {
+            Some((store, entry)) => {
+                let entry = store.set_key_id(&entry, &registered.key_id)?;
+                Some((store, entry))
+            }
+            None => None,
+        };
         Ok(Registered {
             keys,
             key_id: registered.key_id,
+            entry,
         })
+    }
+
+    /// After the service said it does not know the stored key (deleted, or a new ledger):
+    /// registers it again, once, and returns the new registration.
+    fn reregister(&self, stale: &Registered) -> Result<Arc<Registered>, ModelError> {
+        let mut slot = self.packed.lock().expect("packing key slot");
+        if let Some(r) = &*slot {
+            if r.key_id != stale.key_id {
+                return Ok(r.clone());
+            }
+        }
+        let r = Arc::new(self.upload_keys(stale.keys.clone(), stale.entry.clone())?);
+        *slot = Some(r.clone());
+        Ok(r)
     }
 
     /// The id of the registered packing key, once packed results were used.
@@ -484,7 +748,7 @@ impl RemoteBackend {
             .map(|r| r.key_id.clone())
     }
 
-    /// Status, body and the service's reported compute time in ms.
+    /// Status, body, the service's reported compute time in ms and its `Retry-After`.
     fn post(
         &self,
         url: &str,
@@ -492,7 +756,7 @@ impl RemoteBackend {
         key_id: Option<&str>,
         parts: &[String],
         body: &[u8],
-    ) -> Result<(u16, Vec<u8>, f64), ModelError> {
+    ) -> Result<Answer, ModelError> {
         let mut request = self
             .agent
             .post(url)
@@ -506,15 +770,53 @@ impl RemoteBackend {
         }
         let mut answer = with_license(request, &self.config.license)
             .send(body)
-            .map_err(transport)?;
+            .map_err(call_error)?;
+        let retry_after = retry_after(&answer);
         let compute_ms = answer
             .headers()
             .get(protocol::COMPUTE_MS_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
-        let (status, bytes) = read_answer(&mut answer, self.max_answer_bytes)?;
-        Ok((status, bytes, compute_ms))
+        let (status, body) = read_answer(&mut answer, self.max_answer_bytes)?;
+        Ok(Answer {
+            status,
+            body,
+            compute_ms,
+            retry_after,
+        })
+    }
+
+    /// Posts one query until it is answered, retrying what is worth retrying (see
+    /// [`RetryPolicy`]) under the same query id, so that the service bills it once.
+    fn post_with_retries(
+        &self,
+        url: &str,
+        key_id: Option<&str>,
+        parts: &[String],
+        body: &[u8],
+    ) -> Result<Answer, ModelError> {
+        let policy = &self.config.retry;
+        let deadline = Instant::now() + policy.deadline;
+        let query_id = uuid::Uuid::new_v4().to_string();
+        let mut attempt = 0;
+        loop {
+            let (outcome, hint) = match self.post(url, &query_id, key_id, parts, body) {
+                Ok(a) if retryable(a.status) => {
+                    let hint = a.retry_after;
+                    (Err(answer_error(a.status, &a.body)), hint)
+                }
+                Ok(a) => return Ok(a),
+                Err(e @ ModelError::Transport(_)) => (Err(e), None),
+                Err(e) => return Err(e),
+            };
+            let wait = policy.wait(attempt, hint);
+            if Instant::now() + wait > deadline {
+                return outcome;
+            }
+            std::thread::sleep(wait);
+            attempt += 1;
+        }
     }
 }
 
@@ -541,8 +843,43 @@ impl ProtectedBackend for RemoteBackend {
 }
 
 impl RemoteBackend {
-    /// One query: encrypt, post, decrypt.
+    /// One batch: in queries of at most the layer's `max_rows` rows (rows are independent, so
+    /// the result is the same).
     fn query(
+        &self,
+        served: &Served,
+        layer: &str,
+        x: &[i8],
+        tokens: usize,
+    ) -> Result<Vec<i64>, ModelError> {
+        let max_rows = served.max_rows.unwrap_or(usize::MAX);
+        if max_rows == 0 {
+            return Err(ModelError::Remote {
+                status: 422,
+                code: protocol::codes::EXCEEDS_RATE_LIMIT.into(),
+                message: format!(
+                    "layer `{layer}`: the license's rate does not admit a single row per request"
+                ),
+            });
+        }
+        if tokens <= max_rows {
+            return self.query_rows(served, layer, x, tokens);
+        }
+        let d_in = x.len() / tokens.max(1);
+        let mut y = Vec::new();
+        for (i, chunk) in x.chunks(max_rows * d_in).enumerate() {
+            let rows = chunk.len() / d_in;
+            let part = self.query_rows(served, layer, chunk, rows)?;
+            if i == 0 {
+                y.reserve(part.len() * tokens.div_ceil(rows));
+            }
+            y.extend(part);
+        }
+        Ok(y)
+    }
+
+    /// One query: encrypt, post (with retries), decrypt.
+    fn query_rows(
         &self,
         served: &Served,
         layer: &str,
@@ -552,59 +889,66 @@ impl RemoteBackend {
         let spec = &self
             .choose(served, tokens)
             .ok_or_else(|| ModelError::MissingLayer(layer.to_string()))?;
-        let registered = match spec.encoding {
+        let mut registered = match spec.encoding {
             ResultEncoding::Packed => Some(self.registered()?),
             ResultEncoding::Keyless => None,
         };
-        let (key, key_id) = match &registered {
-            Some(r) => (&r.keys.secret, Some(r.key_id.as_str())),
-            None => (&self.key, None),
-        };
         let name = &served.name;
         let stats = self.config.stats.as_deref();
-        let started = Instant::now();
-        let upload = key.encrypt(spec, x, tokens)?.to_bytes();
-        if let Some(st) = stats {
-            add_time(&st.encrypt_ns, started);
-        }
         let url = format!(
             "{}{}",
             self.config.url.trim_end_matches('/'),
             protocol::apply_path(&self.model, name)
         );
-        // One query id per query: a retry after a lost connection is billed once.
-        let query_id = uuid::Uuid::new_v4().to_string();
-        let sent = Instant::now();
         let parts = &served.parts;
-        let (status, body, compute_ms) = match self.post(&url, &query_id, key_id, parts, &upload) {
-            Ok(answer) => answer,
-            Err(_) => self.post(&url, &query_id, key_id, parts, &upload)?,
-        };
-        if let Some(st) = stats {
-            add_time(&st.network_ns, sent);
-            st.server_ns
-                .fetch_add((compute_ms * 1e6) as u64, Ordering::Relaxed);
-        }
-        if status != 200 {
-            return Err(answer_error(status, &body));
-        }
-        let received = Instant::now();
-        let result = EncryptedResult::from_bytes(&body, &Limits::default())?;
-        let y = key.decrypt(spec, &result)?;
-        if let Some(st) = stats {
-            add_time(&st.decrypt_ns, received);
-            st.queries.fetch_add(1, Ordering::Relaxed);
-            if key_id.is_some() {
-                st.packed_queries.fetch_add(1, Ordering::Relaxed);
+        let mut reregistered = false;
+        loop {
+            let (key, key_id) = match &registered {
+                Some(r) => (&r.keys.secret, Some(r.key_id.as_str())),
+                None => (&self.key, None),
+            };
+            let started = Instant::now();
+            let upload = key.encrypt(spec, x, tokens)?.to_bytes();
+            if let Some(st) = stats {
+                add_time(&st.encrypt_ns, started);
             }
-            // Rows metered: each layer of a group counts its own.
-            let layers = served.parts.len().max(1) as u64;
-            st.rows.fetch_add(tokens as u64 * layers, Ordering::Relaxed);
-            st.upload_bytes
-                .fetch_add(upload.len() as u64, Ordering::Relaxed);
-            st.download_bytes
-                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            let sent = Instant::now();
+            let answer = self.post_with_retries(&url, key_id, parts, &upload)?;
+            if let Some(st) = stats {
+                add_time(&st.network_ns, sent);
+                st.server_ns
+                    .fetch_add((answer.compute_ms * 1e6) as u64, Ordering::Relaxed);
+            }
+            if answer.status != 200 {
+                let error = answer_error(answer.status, &answer.body);
+                // A stored key the service no longer knows: register it again, once.
+                if let (Some(r), ModelError::Remote { code, .. }) = (&registered, &error) {
+                    if code == protocol::codes::UNKNOWN_KEY && r.entry.is_some() && !reregistered {
+                        registered = Some(self.reregister(r)?);
+                        reregistered = true;
+                        continue;
+                    }
+                }
+                return Err(error);
+            }
+            let received = Instant::now();
+            let result = EncryptedResult::from_bytes(&answer.body, &Limits::default())?;
+            let y = key.decrypt(spec, &result)?;
+            if let Some(st) = stats {
+                add_time(&st.decrypt_ns, received);
+                st.queries.fetch_add(1, Ordering::Relaxed);
+                if key_id.is_some() {
+                    st.packed_queries.fetch_add(1, Ordering::Relaxed);
+                }
+                // Rows metered: each layer of a group counts its own.
+                let layers = served.parts.len().max(1) as u64;
+                st.rows.fetch_add(tokens as u64 * layers, Ordering::Relaxed);
+                st.upload_bytes
+                    .fetch_add(upload.len() as u64, Ordering::Relaxed);
+                st.download_bytes
+                    .fetch_add(answer.body.len() as u64, Ordering::Relaxed);
+            }
+            return Ok(y);
         }
-        Ok(y)
     }
 }

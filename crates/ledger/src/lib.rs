@@ -509,6 +509,30 @@ impl Ledger {
         Ok(created)
     }
 
+    /// Deletes a packing key of `license_id`, and audits it. Returns false when the license has
+    /// no such key (usage rows keep naming it: they record what was computed).
+    pub async fn delete_packing_key(
+        &self,
+        key_id: &str,
+        license_id: &str,
+        now: i64,
+    ) -> Result<bool, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM packing_keys WHERE key_id = $1 AND license_id = $2")
+            .bind(key_id)
+            .bind(license_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if deleted {
+            let details = format!("key {key_id}");
+            insert_audit(&mut tx, now, license_id, "key.delete", license_id, &details).await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     /// A registered packing key: its record and its bytes.
     pub async fn packing_key(
         &self,

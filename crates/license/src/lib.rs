@@ -206,10 +206,75 @@ impl KeySet {
         Ok(set)
     }
 
+    /// Reads a key set file, or a JWKS document (RFC 7517: `{"keys": [{"kty": "OKP", "crv":
+    /// "Ed25519", "kid", "x"}]}`) such as [`KeySet::to_jwks`] writes.
     pub fn from_json(json: &str) -> Result<Self, LicenseError> {
-        let file: KeySetFile =
+        let value: serde_json::Value =
             serde_json::from_str(json).map_err(|e| LicenseError::Key(e.to_string()))?;
+        let is_jwks = value["keys"]
+            .as_array()
+            .is_some_and(|keys| keys.iter().any(|k| k.get("kty").is_some()));
+        if is_jwks {
+            return Self::from_jwks(&value);
+        }
+        let file: KeySetFile =
+            serde_json::from_value(value).map_err(|e| LicenseError::Key(e.to_string()))?;
         Self::new(&file.keys)
+    }
+
+    /// The public keys as a JWKS document (RFC 7517, Ed25519 keys as RFC 8037 `OKP` keys), for
+    /// tools and services that verify licenses themselves.
+    pub fn to_jwks(&self) -> String {
+        use ed25519_dalek::pkcs8::DecodePublicKey;
+        let keys: Vec<serde_json::Value> = self
+            .public
+            .iter()
+            .filter_map(|k| {
+                let key =
+                    ed25519_dalek::VerifyingKey::from_public_key_pem(&k.public_key_pem).ok()?;
+                Some(serde_json::json!({
+                    "kty": "OKP",
+                    "crv": "Ed25519",
+                    "kid": k.kid,
+                    "use": "sig",
+                    "alg": "EdDSA",
+                    "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.to_bytes()),
+                }))
+            })
+            .collect();
+        serde_json::to_string_pretty(&serde_json::json!({ "keys": keys })).expect("serialisable")
+    }
+
+    fn from_jwks(value: &serde_json::Value) -> Result<Self, LicenseError> {
+        let bad = |m: &str| LicenseError::Key(format!("JWKS: {m}"));
+        let mut keys = Vec::new();
+        for k in value["keys"].as_array().into_iter().flatten() {
+            if k["kty"] != "OKP" || k["crv"] != "Ed25519" {
+                return Err(bad(
+                    "only Ed25519 keys (kty OKP, crv Ed25519) are supported",
+                ));
+            }
+            let kid = k["kid"].as_str().ok_or_else(|| bad("a key without kid"))?;
+            let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(k["x"].as_str().ok_or_else(|| bad("a key without x"))?)
+                .map_err(|e| bad(&e.to_string()))?;
+            let bytes: [u8; 32] = x.try_into().map_err(|_| bad("x is not 32 bytes"))?;
+            let key =
+                ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|e| bad(&e.to_string()))?;
+            let pem = key
+                .to_public_key_pem(Default::default())
+                .map_err(|e| bad(&e.to_string()))?;
+            keys.push(PublicKey {
+                kid: kid.to_string(),
+                public_key_pem: pem,
+            });
+        }
+        Self::new(&keys)
+    }
+
+    /// The key ids in the set.
+    pub fn kids(&self) -> Vec<String> {
+        self.public.iter().map(|k| k.kid.clone()).collect()
     }
 
     pub fn to_json(&self) -> String {
@@ -440,5 +505,25 @@ mod key_file_tests {
             Err(e) => eprintln!("SKIPPED: openssl is not installed here: {e}"),
         }
         std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn key_sets_round_trip_through_jwks_and_verify_the_same_licenses() {
+        let key = SigningKey::generate("k1");
+        let set = KeySet::new(&[key.public().unwrap()]).unwrap();
+        let jwks = set.to_jwks();
+        let doc: serde_json::Value = serde_json::from_str(&jwks).unwrap();
+        let jwk = &doc["keys"][0];
+        assert_eq!(jwk["kty"], "OKP");
+        assert_eq!(jwk["crv"], "Ed25519");
+        assert_eq!(jwk["kid"], "k1");
+        assert_eq!(jwk["x"].as_str().unwrap().len(), 43, "32 bytes, base64url");
+        let back = KeySet::from_json(&jwks).unwrap();
+        assert_eq!(back.kids(), vec!["k1".to_string()]);
+        assert_eq!(back.to_jwks(), jwks);
+        // A JWKS key of another type is refused with a clear error.
+        let rsa = r#"{"keys": [{"kty": "RSA", "kid": "r", "n": "x", "e": "AQAB"}]}"#;
+        let err = KeySet::from_json(rsa).err().unwrap().to_string();
+        assert!(err.contains("only Ed25519"), "{err}");
     }
 }

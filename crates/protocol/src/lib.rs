@@ -89,6 +89,23 @@ pub struct KeyRegistered {
     pub created: bool,
 }
 
+/// A registered packing key, as its license sees it (`GET /v1/keys`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeyInfo {
+    pub key_id: String,
+    pub parameter_set: String,
+    pub bytes: usize,
+    /// When it was registered (ms since the epoch).
+    pub uploaded_at_ms: i64,
+}
+
+/// The packing keys of a license, oldest first, and how many it may register.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<KeyInfo>,
+    pub max_keys: usize,
+}
+
 /// Stable error codes of the service.
 pub mod codes {
     pub const UNKNOWN_MODEL: &str = "unknown_model";
@@ -111,6 +128,10 @@ pub mod codes {
     /// The layers named in `x-layer-parts` are not those of the group (or the layer is no
     /// group).
     pub const LAYER_PARTS_MISMATCH: &str = "layer_parts_mismatch";
+    /// A request needs more of the license's rate (tokens per minute, times the layers it
+    /// meters) than the license's bucket can ever hold: waiting does not help, smaller requests
+    /// do (a layer's `max_rows` says how small).
+    pub const EXCEEDS_RATE_LIMIT: &str = "exceeds_rate_limit";
 }
 
 /// The JSON body of every error answer.
@@ -196,6 +217,10 @@ pub struct LayerInfo {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(value_type = Vec<String>)]
     pub parts: Vec<Name>,
+    /// Rows (tokens) one request may carry for this caller: the gateway's row cap, and the
+    /// license's rate divided by the layers the request meters. Absent: unbounded here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows: Option<usize>,
 }
 
 /// One more way a server computes a layer (today: packed results).
@@ -240,6 +265,7 @@ impl LayerInfo {
             output_bits: spec.output_bits,
             packed: None,
             parts: vec![],
+            max_rows: None,
         }
     }
 

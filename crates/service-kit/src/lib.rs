@@ -1,6 +1,11 @@
 //! HTTP plumbing shared by the gateway and the workers: the error answer (a JSON
 //! `protocol::ErrorBody` with a stable code), the Prometheus `/metrics` port, and serving an API
-//! and its metrics until a shutdown signal, letting requests in flight finish; log set-up.
+//! (over TLS when configured) and its metrics until a shutdown signal, letting requests in flight
+//! finish; log set-up.
+
+mod tls_listener;
+
+pub use tls_listener::TlsListener;
 
 use std::future::Future;
 
@@ -165,9 +170,11 @@ pub fn metrics_router(registry: Registry) -> Router {
     )
 }
 
-/// Serves `api` and `metrics` until `shutdown` resolves; requests in flight finish first.
+/// Serves `api` (over TLS with `tls`) and `metrics` (plain HTTP, for the scraper inside the
+/// cluster) until `shutdown` resolves; requests in flight finish first.
 pub async fn serve(
     api_listener: TcpListener,
+    tls: Option<std::sync::Arc<tls::rustls::ServerConfig>>,
     api: Router,
     metrics_listener: TcpListener,
     metrics: Router,
@@ -187,11 +194,21 @@ pub async fn serve(
         let _ = tx.send(());
     });
     let mut api_rx = rx;
-    axum::serve(api_listener, api)
-        .with_graceful_shutdown(async move {
-            let _ = api_rx.changed().await;
-        })
-        .await?;
+    let stopped = async move {
+        let _ = api_rx.changed().await;
+    };
+    match tls {
+        Some(config) => {
+            axum::serve(TlsListener::new(api_listener, config), api)
+                .with_graceful_shutdown(stopped)
+                .await?
+        }
+        None => {
+            axum::serve(api_listener, api)
+                .with_graceful_shutdown(stopped)
+                .await?
+        }
+    }
     metrics_server.await.map_err(std::io::Error::other)?
 }
 

@@ -1,5 +1,7 @@
 //! Fixtures shared by the integration tests of several crates.
 
+pub mod tls;
+
 use std::path::{Path, PathBuf};
 
 use hybrid_model::compile::{compile, Activations, CompileOptions};

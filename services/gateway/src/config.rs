@@ -36,6 +36,14 @@ pub struct Settings {
     pub revocation_refresh_ms: Option<u64>,
     pub worker_timeout_ms: Option<u64>,
     pub health_interval_ms: Option<u64>,
+    /// Serve the API over TLS with this certificate chain (PEM) and `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// A CA (PEM) trusted for `https` workers, beside the system's roots.
+    pub worker_ca_cert: Option<PathBuf>,
+    /// The certificate (PEM) and key presented to workers that require one (mutual TLS).
+    pub worker_client_cert: Option<PathBuf>,
+    pub worker_client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +54,10 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("{path}: {reason}")]
     Key { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("worker_client_cert and worker_client_key go together: give both or neither")]
+    ClientIdentity,
 }
 
 impl Settings {
@@ -71,6 +83,11 @@ impl Settings {
             revocation_refresh_ms: self.revocation_refresh_ms.or(base.revocation_refresh_ms),
             worker_timeout_ms: self.worker_timeout_ms.or(base.worker_timeout_ms),
             health_interval_ms: self.health_interval_ms.or(base.health_interval_ms),
+            tls_cert: self.tls_cert.or(base.tls_cert),
+            tls_key: self.tls_key.or(base.tls_key),
+            worker_ca_cert: self.worker_ca_cert.or(base.worker_ca_cert),
+            worker_client_cert: self.worker_client_cert.or(base.worker_client_cert),
+            worker_client_key: self.worker_client_key.or(base.worker_client_key),
         }
     }
 
@@ -128,6 +145,15 @@ impl Settings {
         if let Some(v) = self.health_interval_ms {
             config.health_interval = Duration::from_millis(v);
         }
+        config.tls = tls::ServerTls::from_parts(self.tls_cert, self.tls_key, None)?;
+        config.worker_tls = tls::ClientTls {
+            ca_cert: self.worker_ca_cert,
+            identity: match (self.worker_client_cert, self.worker_client_key) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => return Err(ConfigError::ClientIdentity),
+            },
+        };
         Ok(config)
     }
 }

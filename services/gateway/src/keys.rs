@@ -1,38 +1,45 @@
-//! Packing keys: registered once per license (`PUT /v1/keys`), stored in the ledger, checked on
-//! every request for packed results, and pushed to workers that have not loaded them.
+//! Packing keys: registered once per license (`PUT /v1/keys`), listed (`GET /v1/keys`) and
+//! deleted (`DELETE /v1/keys/{id}`) by it, stored in the ledger, checked on every request for
+//! packed results, and pushed to workers that have not loaded them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use fhe_linear::wire::Header;
 use fhe_linear::PackingKey;
 use ledger::PackingKeyRecord;
-use protocol::{codes, ErrorBody, KeyRegistered};
+use protocol::{codes, ErrorBody, KeyInfo, KeyList, KeyRegistered};
 use service_kit::ApiError;
 
 use crate::routes::{authenticate, ledger_down, now_ms, record};
 use crate::AppState;
 
 /// Owners of the keys seen recently (key id -> (license id, parameter set id)): requests for
-/// packed results skip the ledger round trip. Keys are immutable, so entries never go stale;
-/// the map is cleared when it grows past its bound.
+/// packed results skip the ledger round trip. A key never changes owner; an entry lives
+/// [`OWNER_TTL`], so that a key deleted through another replica stops working here within it
+/// (this replica forgets its own deletions at once). The map is cleared past its bound.
 #[derive(Default)]
-pub struct KeyOwners(Mutex<HashMap<String, (String, u16)>>);
+pub struct KeyOwners(Mutex<HashMap<String, ((String, u16), Instant)>>);
 
 const OWNERS_BOUND: usize = 100_000;
+const OWNER_TTL: Duration = Duration::from_secs(30);
 
 /// Distinct packing keys one license may register (each is kept in the ledger).
 pub const MAX_KEYS_PER_LICENSE: usize = 8;
 
 impl KeyOwners {
     fn get(&self, key_id: &str) -> Option<(String, u16)> {
-        self.0.lock().expect("key owners").get(key_id).cloned()
+        let map = self.0.lock().expect("key owners");
+        map.get(key_id)
+            .filter(|(_, at)| at.elapsed() < OWNER_TTL)
+            .map(|(owner, _)| owner.clone())
     }
 
     fn insert(&self, key_id: &str, owner: (String, u16)) {
@@ -40,7 +47,11 @@ impl KeyOwners {
         if map.len() >= OWNERS_BOUND {
             map.clear();
         }
-        map.insert(key_id.to_string(), owner);
+        map.insert(key_id.to_string(), (owner, Instant::now()));
+    }
+
+    fn forget(&self, key_id: &str) {
+        self.0.lock().expect("key owners").remove(key_id);
     }
 }
 
@@ -140,6 +151,74 @@ async fn put_key_inner(
         }),
     )
         .into_response())
+}
+
+/// The packing keys the caller's license registered, oldest first.
+#[utoipa::path(get, path = "/v1/keys", tag = "inference", security(("license" = [])),
+    responses((status = 200, body = KeyList), (status = 401, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+pub(crate) async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let result = async {
+        let claims = authenticate(&state, &headers).await?;
+        let keys = state
+            .ledger
+            .packing_keys(&claims.jti)
+            .await
+            .map_err(ledger_down)?;
+        Ok::<_, ApiError>(Json(KeyList {
+            keys: keys
+                .into_iter()
+                .map(|k| KeyInfo {
+                    key_id: k.key_id,
+                    parameter_set: k.parameter_set,
+                    bytes: k.bytes as usize,
+                    uploaded_at_ms: k.uploaded_at,
+                })
+                .collect(),
+            max_keys: MAX_KEYS_PER_LICENSE,
+        }))
+    }
+    .await;
+    let response = result.map_or_else(IntoResponse::into_response, IntoResponse::into_response);
+    record(&state, "list_keys", &response);
+    response
+}
+
+/// Deletes one of the caller's packing keys (audited); it frees one of the license's key slots.
+/// Requests naming it are refused from then on (`unknown_key`; within 30 s on other replicas).
+#[utoipa::path(delete, path = "/v1/keys/{key_id}", tag = "inference",
+    params(("key_id" = String, Path)), security(("license" = [])),
+    responses((status = 204, description = "deleted"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+pub(crate) async fn delete_key(
+    State(state): State<Arc<AppState>>,
+    Path(key_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        let claims = authenticate(&state, &headers).await?;
+        let deleted = state
+            .ledger
+            .delete_packing_key(&key_id, &claims.jti, now_ms())
+            .await
+            .map_err(ledger_down)?;
+        if !deleted {
+            // Another license's key is not this caller's business: it learns no more than
+            // that it has no key of that id.
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                codes::UNKNOWN_KEY,
+                format!("the license has no packing key {key_id}"),
+            ));
+        }
+        state.key_owners.forget(&key_id);
+        Ok(StatusCode::NO_CONTENT)
+    }
+    .await;
+    let response = result.map_or_else(IntoResponse::into_response, IntoResponse::into_response);
+    record(&state, "delete_key", &response);
+    response
 }
 
 /// Checks the key a request for packed results names: present, registered, registered by this

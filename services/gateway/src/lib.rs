@@ -6,6 +6,10 @@
 //! (one retry on another worker if the connection fails before an answer) -> settle (usage row,
 //! rollups, quota) -> answer. It fails closed: when the ledger cannot record usage, nothing is
 //! forwarded and the client gets 503. It reads only the header of a ciphertext (to meter it).
+//!
+//! It serves its API over TLS when given a certificate (`tls_cert`, `tls_key`) and reaches its
+//! workers over `https` with the system's roots, a private CA and, for mutual TLS, a client
+//! certificate (`worker_ca_cert`, `worker_client_cert`, `worker_client_key`).
 
 mod admin;
 mod admission;
@@ -51,6 +55,11 @@ pub struct GatewayConfig {
     pub revocation_refresh: Duration,
     pub worker_timeout: Duration,
     pub health_interval: Duration,
+    /// TLS of the API (none: plain HTTP, for a TLS-terminating load balancer in front).
+    pub tls: Option<tls::ServerTls>,
+    /// How the workers are reached over `https`: a private CA, a client certificate (mutual
+    /// TLS).
+    pub worker_tls: tls::ClientTls,
 }
 
 impl GatewayConfig {
@@ -69,6 +78,8 @@ impl GatewayConfig {
             revocation_refresh: Duration::from_secs(2),
             worker_timeout: Duration::from_secs(60),
             health_interval: Duration::from_secs(2),
+            tls: None,
+            worker_tls: tls::ClientTls::default(),
         }
     }
 }
@@ -83,6 +94,8 @@ pub enum GatewayError {
     Client(String),
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Shared state of the handlers.
@@ -99,6 +112,7 @@ pub struct AppState {
 pub struct Application {
     api: TcpListener,
     metrics: TcpListener,
+    tls: Option<Arc<tls::rustls::ServerConfig>>,
     state: Arc<AppState>,
 }
 
@@ -110,10 +124,14 @@ impl Application {
                 "workers",
             )));
         }
+        // Certificate files are checked before anything starts: a bad file stops the start.
+        let tls = config.tls.as_ref().map(|t| t.config()).transpose()?;
         let ledger = Arc::new(Ledger::connect(&config.database_url).await?);
         let api = TcpListener::bind(config.listen).await?;
         let metrics_listener = TcpListener::bind(config.metrics_listen).await?;
-        let workers = workers::WorkerPool::new(&config.workers, config.worker_timeout).await?;
+        let workers =
+            workers::WorkerPool::new(&config.workers, config.worker_timeout, &config.worker_tls)
+                .await?;
         let metrics = Metrics::new();
         metrics.workers_configured.set(workers.count() as i64);
         let state = Arc::new(AppState {
@@ -127,6 +145,7 @@ impl Application {
         Ok(Application {
             api,
             metrics: metrics_listener,
+            tls,
             state,
         })
     }
@@ -152,6 +171,7 @@ impl Application {
         let metrics = service_kit::metrics_router(self.state.metrics.registry.clone());
         let served = service_kit::serve(
             self.api,
+            self.tls,
             routes::router(self.state),
             self.metrics,
             metrics,

@@ -64,6 +64,29 @@ struct Args {
     /// [default: 2000]
     #[arg(long, env = "GATEWAY_HEALTH_INTERVAL_MS")]
     health_interval_ms: Option<u64>,
+    /// Serve over TLS with this certificate chain (PEM) [default: plain HTTP].
+    #[arg(long, env = "GATEWAY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "GATEWAY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A CA (PEM) trusted for https workers, beside the system's roots.
+    #[arg(long, env = "GATEWAY_WORKER_CA_CERT")]
+    worker_ca_cert: Option<PathBuf>,
+    /// Certificate (PEM) presented to workers that require one (mutual TLS).
+    #[arg(
+        long,
+        env = "GATEWAY_WORKER_CLIENT_CERT",
+        requires = "worker_client_key"
+    )]
+    worker_client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --worker-client-cert.
+    #[arg(
+        long,
+        env = "GATEWAY_WORKER_CLIENT_KEY",
+        requires = "worker_client_cert"
+    )]
+    worker_client_key: Option<PathBuf>,
 }
 
 impl Args {
@@ -83,6 +106,11 @@ impl Args {
             revocation_refresh_ms: self.revocation_refresh_ms,
             worker_timeout_ms: self.worker_timeout_ms,
             health_interval_ms: self.health_interval_ms,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            worker_ca_cert: self.worker_ca_cert,
+            worker_client_cert: self.worker_client_cert,
+            worker_client_key: self.worker_client_key,
         }
     }
 }

@@ -19,6 +19,8 @@ use crate::{admin, keys, routes};
         routes::apply,
         routes::layers,
         keys::put_key,
+        keys::list_keys,
+        keys::delete_key,
         routes::healthz,
         routes::readyz,
         admin::customer_usage,

@@ -8,7 +8,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use fhe_linear::{Limits, ResultEncoding};
 use ledger::{LedgerError, UsageEvent};
@@ -179,7 +179,9 @@ pub(crate) fn record(state: &AppState, route: &str, response: &Response) {
         (status = 200, description = "encrypted result", content_type = "application/vnd.hybrid-fhe.ciphertext", body = Vec<u8>),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 422, description = "exceeds_rate_limit: more rows than the license's rate admits at once", body = ErrorBody),
+        (status = 429, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 pub(crate) async fn apply(
     State(state): State<Arc<AppState>>,
@@ -258,13 +260,24 @@ async fn apply_inner(
             Some(keys::check_request_key(state, headers, &claims.jti, &header).await?)
         }
     };
+    let rate_cost = tokens * metered.len();
+    if rate_cost > claims.rate_limit_per_minute.max(1) as usize {
+        // No wait would let the bucket hold that much: smaller requests, not retries.
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            codes::EXCEEDS_RATE_LIMIT,
+            format!(
+                "{tokens} rows x {} layers exceed the license's rate of {} tokens per minute: \
+                 send at most {} rows per request (the layer's max_rows)",
+                metered.len(),
+                claims.rate_limit_per_minute,
+                max_rows(&state.config, &claims, metered.len())
+            ),
+        ));
+    }
     state
         .admission
-        .take_rate(
-            &claims.jti,
-            claims.rate_limit_per_minute,
-            tokens * metered.len(),
-        )
+        .take_rate(&claims.jti, claims.rate_limit_per_minute, rate_cost)
         .map_err(|wait| {
             ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -378,7 +391,7 @@ async fn apply_inner(
             tokens: tokens as i64,
             upload_bytes: share(body.len(), i),
             download_bytes: share(answer.body.len(), i),
-            worker: answer.worker.clone(),
+            worker: answer.worker.url.clone(),
             compute_ms: answer.compute_ms / k as f64,
             status: "ok".into(),
             created_at: now,
@@ -502,7 +515,20 @@ pub(crate) async fn layers(
         {
             Ok(a) => {
                 let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
-                Ok((status, [(header::CONTENT_TYPE, "application/json")], a.body).into_response())
+                // Each layer says how many rows this license may send it at once.
+                let body = match serde_json::from_slice::<ModelLayers>(&a.body) {
+                    Ok(mut served) if status == StatusCode::OK => {
+                        for layer in &mut served.layers {
+                            let parts = layer.parts.len().max(1);
+                            layer.max_rows = Some(max_rows(&state.config, &claims, parts));
+                        }
+                        serde_json::to_vec(&served)
+                            .map(Into::into)
+                            .unwrap_or(a.body)
+                    }
+                    _ => a.body,
+                };
+                Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
             }
             Err(ForwardError::Unreachable(reason)) => {
                 Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_worker", reason).retry(1))
@@ -513,6 +539,13 @@ pub(crate) async fn layers(
     let response = result.unwrap_or_else(IntoResponse::into_response);
     record(&state, "layers", &response);
     response
+}
+
+/// Rows one request of `parts` metered layers may carry for a license: the row cap, and what
+/// its rate bucket holds.
+fn max_rows(config: &crate::GatewayConfig, claims: &LicenseClaims, parts: usize) -> usize {
+    let rate = claims.rate_limit_per_minute.max(1) as usize / parts.max(1);
+    config.max_rows_per_request.min(rate)
 }
 
 /// Alive.
@@ -559,8 +592,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Packing keys may be larger than the largest ciphertext a gateway accepts.
         .route(
             "/v1/keys",
-            put(keys::put_key).layer(DefaultBodyLimit::max(keys::max_key_bytes().max(limit))),
+            put(keys::put_key)
+                .layer(DefaultBodyLimit::max(keys::max_key_bytes().max(limit)))
+                .get(keys::list_keys),
         )
+        .route("/v1/keys/{key_id}", delete(keys::delete_key))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

@@ -21,13 +21,12 @@ async fn remote_generation_through_the_gateway_is_exact_and_billed() {
             ..Default::default()
         };
         let (client, want) = simulated_generation(&client_dir, &prompt, &options);
+
         let remote = hybrid_model::remote::RemoteConfig {
-            url,
-            model: "tiny".into(),
             license: Some(lic),
-            stats: None,
             results: hybrid_model::remote::ResultsMode::Keyless,
-            keys: None,
+            keys: hybrid_model::remote::KeySource::Session,
+            ..hybrid_model::remote::RemoteConfig::new(url, "tiny")
         };
         let mut model = hybrid_model::build_remote(&client, remote).unwrap();
         assert_eq!(

@@ -241,13 +241,13 @@ async fn remote_generation_with_packed_results_matches_simulation() {
         let dir = tempfile::tempdir().unwrap();
         PackedKeys::generate().unwrap().save(dir.path()).unwrap();
         let keys = std::sync::Arc::new(PackedKeys::load(dir.path()).unwrap());
+
         let remote = RemoteConfig {
-            url,
-            model: "tiny".into(),
             license: Some(license),
             stats: Some(st),
             results: ResultsMode::Packed,
-            keys: Some(keys),
+            keys: hybrid_model::remote::KeySource::Fixed(keys),
+            ..hybrid_model::remote::RemoteConfig::new(url, "tiny")
         };
         let mut model = hybrid_model::build_remote(&client, remote).unwrap();
         assert_eq!(

@@ -27,6 +27,11 @@ pub struct Settings {
     pub packed_results: Option<bool>,
     /// Prepared packing keys kept in memory (default 64, about 6 MB each).
     pub key_cache_entries: Option<usize>,
+    /// Serve the API over TLS with this certificate chain (PEM) and `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS with the gateways.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +40,8 @@ pub enum ConfigError {
     File(#[from] service_kit::ConfigFileError),
     #[error("setting `{0}` is required (flag, environment variable or config file)")]
     Missing(&'static str),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 impl Settings {
@@ -54,6 +61,9 @@ impl Settings {
             queue_timeout_ms: self.queue_timeout_ms.or(base.queue_timeout_ms),
             packed_results: self.packed_results.or(base.packed_results),
             key_cache_entries: self.key_cache_entries.or(base.key_cache_entries),
+            tls_cert: self.tls_cert.or(base.tls_cert),
+            tls_key: self.tls_key.or(base.tls_key),
+            tls_client_ca: self.tls_client_ca.or(base.tls_client_ca),
         }
     }
 
@@ -81,6 +91,7 @@ impl Settings {
         if let Some(v) = self.key_cache_entries {
             config.key_cache_entries = v;
         }
+        config.tls = tls::ServerTls::from_parts(self.tls_cert, self.tls_key, self.tls_client_ca)?;
         Ok(config)
     }
 }

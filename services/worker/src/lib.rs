@@ -40,6 +40,9 @@ pub struct WorkerConfig {
     pub packed_results: bool,
     /// Prepared packing keys kept (least recently used out first).
     pub key_cache_entries: usize,
+    /// TLS of the API (none: plain HTTP); with a client CA, gateways must present a
+    /// certificate it signed.
+    pub tls: Option<tls::ServerTls>,
 }
 
 impl WorkerConfig {
@@ -54,6 +57,7 @@ impl WorkerConfig {
             queue_timeout: Duration::from_secs(2),
             packed_results: true,
             key_cache_entries: 64,
+            tls: None,
         }
     }
 }
@@ -69,6 +73,8 @@ pub enum WorkerError {
     Invalid { path: PathBuf, reason: String },
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// One layer (or group of layers computed as one product) ready to serve: keyless, and packed
@@ -174,12 +180,15 @@ pub fn load_bundles(paths: &[PathBuf], packed: bool) -> Result<Loaded, WorkerErr
 pub struct Application {
     api: TcpListener,
     metrics: TcpListener,
+    tls: Option<Arc<tls::rustls::ServerConfig>>,
     state: Arc<AppState>,
 }
 
 impl Application {
     /// Binds the API and metrics ports and starts loading the bundles in the background.
     pub async fn build(config: WorkerConfig) -> Result<Self, WorkerError> {
+        // Certificate files are checked before binding: a bad file stops the start.
+        let tls = config.tls.as_ref().map(|t| t.config()).transpose()?;
         let api = TcpListener::bind(config.listen).await?;
         let metrics = TcpListener::bind(config.metrics_listen).await?;
         let state = Arc::new(AppState {
@@ -204,6 +213,7 @@ impl Application {
         Ok(Application {
             api,
             metrics,
+            tls,
             state,
         })
     }
@@ -230,6 +240,7 @@ impl Application {
         let metrics = service_kit::metrics_router(self.state.metrics.registry.clone());
         service_kit::serve(
             self.api,
+            self.tls,
             routes::router(self.state),
             self.metrics,
             metrics,

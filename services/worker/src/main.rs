@@ -42,6 +42,15 @@ struct Args {
     /// Prepared packing keys kept in memory [default: 64].
     #[arg(long, env = "WORKER_KEY_CACHE_ENTRIES")]
     key_cache_entries: Option<usize>,
+    /// Serve over TLS with this certificate chain (PEM) [default: plain HTTP].
+    #[arg(long, env = "WORKER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "WORKER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS with the gateways.
+    #[arg(long, env = "WORKER_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -61,6 +70,9 @@ async fn main() -> anyhow::Result<()> {
         queue_timeout_ms: args.queue_timeout_ms,
         packed_results: args.packed_results,
         key_cache_entries: args.key_cache_entries,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_client_ca: args.tls_client_ca,
     };
     let app = Application::build(flags.over(file).resolve()?).await?;
     tracing::info!(

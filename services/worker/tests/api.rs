@@ -85,26 +85,22 @@ async fn remote_generation_through_a_worker_equals_the_simulation() {
         };
         let mut simulate = build_from_bundles(&client, Some(&server), Mode::Simulate).unwrap();
         let want = generate(&mut simulate, &prompt, &options, |_| {}).unwrap();
+
         let remote = RemoteConfig {
-            url,
-            model: "tiny".into(),
-            license: None,
-            stats: None,
             results: hybrid_model::remote::ResultsMode::Keyless,
-            keys: None,
+            keys: hybrid_model::remote::KeySource::Session,
+            ..hybrid_model::remote::RemoteConfig::new(url, "tiny")
         };
         let mut model = build_remote(&client, remote).unwrap();
         assert_eq!(
             generate(&mut model, &prompt, &options, |_| {}).unwrap(),
             want
         );
+
         let wrong = RemoteConfig {
-            url: "http://127.0.0.1:1".into(),
-            model: "tiny".into(),
-            license: None,
-            stats: None,
             results: hybrid_model::remote::ResultsMode::Keyless,
-            keys: None,
+            keys: hybrid_model::remote::KeySource::Session,
+            ..hybrid_model::remote::RemoteConfig::new("http://127.0.0.1:1", "tiny")
         };
         assert!(build_remote(&client, wrong).is_err());
     })
