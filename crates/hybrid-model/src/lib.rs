@@ -122,7 +122,7 @@ pub enum ModelError {
     )]
     Certificate(String),
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
     #[error(transparent)]
     Fhe(#[from] fhe_linear::FheError),
     #[error(transparent)]
@@ -146,11 +146,22 @@ pub enum ModelError {
 }
 
 impl ModelError {
+    /// This error as a candle error, to cross a `candle_nn::Module`'s forward pass (a protected
+    /// layer's backend failing): carried in candle's one variant that keeps an error's type
+    /// (its display is the error's own), so that [`ModelError::from`] gives it back unchanged
+    /// and callers still tell a refused license from an unreachable service.
+    pub fn into_candle(self) -> candle_core::Error {
+        candle_core::Error::Cuda(Box::new(self))
+    }
+
     /// Whether the same call may succeed later: the service was overloaded, rate limited,
     /// unavailable or unreachable (the retries inside the deadline did not get through).
     pub fn is_retry_later(&self) -> bool {
         match self {
-            ModelError::Remote { status, .. } => matches!(status, 429 | 502 | 503 | 504),
+            ModelError::Remote {
+                status: 429, code, ..
+            } => code != protocol::codes::QUOTA_EXCEEDED,
+            ModelError::Remote { status, .. } => matches!(status, 502..=504),
             ModelError::Transport(_) => true,
             _ => false,
         }
@@ -159,7 +170,45 @@ impl ModelError {
     /// Whether the service refused the call for what it is (license, quota, input): the same
     /// call will be refused again.
     pub fn is_refused(&self) -> bool {
-        matches!(self, ModelError::Remote { status, .. } if (400..500).contains(status) && *status != 429)
+        match self {
+            ModelError::Remote {
+                status: 429, code, ..
+            } => code == protocol::codes::QUOTA_EXCEEDED,
+            ModelError::Remote { status, .. } => (400..500).contains(status),
+            _ => false,
+        }
+    }
+}
+
+impl From<candle_core::Error> for ModelError {
+    /// Unwraps what [`ModelError::into_candle`] wrapped (under candle's context and backtrace
+    /// layers too); any other candle error stays one.
+    fn from(e: candle_core::Error) -> Self {
+        match e {
+            candle_core::Error::Cuda(boxed) => match boxed.downcast::<ModelError>() {
+                Ok(inner) => *inner,
+                Err(other) => ModelError::Candle(candle_core::Error::Cuda(other)),
+            },
+            candle_core::Error::WithBacktrace { inner, backtrace } => {
+                match ModelError::from(*inner) {
+                    ModelError::Candle(inner) => {
+                        ModelError::Candle(candle_core::Error::WithBacktrace {
+                            inner: Box::new(inner),
+                            backtrace,
+                        })
+                    }
+                    unwrapped => unwrapped,
+                }
+            }
+            candle_core::Error::Context { inner, context } => match ModelError::from(*inner) {
+                ModelError::Candle(inner) => ModelError::Candle(candle_core::Error::Context {
+                    inner: Box::new(inner),
+                    context,
+                }),
+                unwrapped => unwrapped,
+            },
+            other => ModelError::Candle(other),
+        }
     }
 }
 

@@ -194,7 +194,7 @@ fn protected_forward(
         Some(scale) => quant::quantize_activations_static(&flat, tokens, d_in, layer.n_bits, scale),
     }
     .map_err(candle_core::Error::wrap)?;
-    let y_int = product(&q.values, tokens).map_err(candle_core::Error::wrap)?;
+    let y_int = product(&q.values, tokens).map_err(crate::ModelError::into_candle)?;
     let y = quant::dequantize(&y_int, &q.scales, weight_scales, bias);
     let mut out_dims = dims;
     *out_dims.last_mut().unwrap() = weight_scales.len();

@@ -125,9 +125,14 @@ impl RetryPolicy {
     }
 }
 
-/// Answers worth another attempt: overloaded, rate limited, briefly unavailable.
-fn retryable(status: u16) -> bool {
-    matches!(status, 429 | 502 | 503 | 504)
+/// Answers worth another attempt: briefly unavailable, or refused for now with a time to come
+/// back (rate limited, too many in flight; not a used-up quota, which says no time).
+fn retryable(status: u16, retry_after: Option<Duration>) -> bool {
+    match status {
+        429 => retry_after.is_some(),
+        502..=504 => true,
+        _ => false,
+    }
 }
 
 /// Which result encoding the client asks for.
@@ -802,7 +807,7 @@ impl RemoteBackend {
         let mut attempt = 0;
         loop {
             let (outcome, hint) = match self.post(url, &query_id, key_id, parts, body) {
-                Ok(a) if retryable(a.status) => {
+                Ok(a) if retryable(a.status, a.retry_after) => {
                     let hint = a.retry_after;
                     (Err(answer_error(a.status, &a.body)), hint)
                 }

@@ -132,6 +132,9 @@ pub mod codes {
     /// meters) than the license's bucket can ever hold: waiting does not help, smaller requests
     /// do (a layer's `max_rows` says how small).
     pub const EXCEEDS_RATE_LIMIT: &str = "exceeds_rate_limit";
+    /// The license's quota for the period is used up (429 without `Retry-After`: retrying
+    /// within the period does not help).
+    pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
 }
 
 /// The JSON body of every error answer.

@@ -26,7 +26,10 @@ use crate::AppState;
 /// [`OWNER_TTL`], so that a key deleted through another replica stops working here within it
 /// (this replica forgets its own deletions at once). The map is cleared past its bound.
 #[derive(Default)]
-pub struct KeyOwners(Mutex<HashMap<String, ((String, u16), Instant)>>);
+pub struct KeyOwners(Mutex<HashMap<String, (Owner, Instant)>>);
+
+/// A key's license id and parameter set id.
+type Owner = (String, u16);
 
 const OWNERS_BOUND: usize = 100_000;
 const OWNER_TTL: Duration = Duration::from_secs(30);
@@ -35,14 +38,14 @@ const OWNER_TTL: Duration = Duration::from_secs(30);
 pub const MAX_KEYS_PER_LICENSE: usize = 8;
 
 impl KeyOwners {
-    fn get(&self, key_id: &str) -> Option<(String, u16)> {
+    fn get(&self, key_id: &str) -> Option<Owner> {
         let map = self.0.lock().expect("key owners");
         map.get(key_id)
             .filter(|(_, at)| at.elapsed() < OWNER_TTL)
             .map(|(owner, _)| owner.clone())
     }
 
-    fn insert(&self, key_id: &str, owner: (String, u16)) {
+    fn insert(&self, key_id: &str, owner: Owner) {
         let mut map = self.0.lock().expect("key owners");
         if map.len() >= OWNERS_BOUND {
             map.clear();

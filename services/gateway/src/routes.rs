@@ -323,7 +323,7 @@ async fn apply_inner(
             state.metrics.quota_rejections.inc();
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "quota_exceeded",
+                codes::QUOTA_EXCEEDED,
                 format!("{requested} tokens requested, {remaining} of {quota} left in this period"),
             ));
         }

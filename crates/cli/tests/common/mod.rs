@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Exit codes of `hybrid` (see crates/cli/src/client.rs).
+pub const EXIT_RETRY_LATER: i32 = 75;
+pub const EXIT_REFUSED: i32 = 77;
+
 /// The key store of the commands these tests run (never the user's own).
 pub fn keys_dir() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("keys-{}", std::process::id()))

@@ -1,0 +1,175 @@
+//! Packing keys that persist: consecutive `hybrid generate --results packed` runs on one license
+//! reuse one key from the key store; `hybrid keys list|rotate|delete` manage it, here and at the
+//! gateway; a stored key the gateway no longer knows is registered again.
+
+mod common;
+
+use common::{hybrid_command, last_json, stack, StackOptions};
+
+/// `hybrid ARGS` with its own key store `store`.
+fn run(store: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = hybrid_command(args)
+        .env("HYBRID_KEYS_DIR", store)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn twenty_packed_runs_register_one_key_and_keys_are_managed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let bundle = dir.path().join("bundle");
+    test_support::compile_tiny(&bundle, &["layers.1.mixer.Wqkv"]);
+    let stack = stack(dir.path(), &bundle, "tiny", &StackOptions::default());
+    let generate = |store: &std::path::Path| {
+        let (ok, out, err) = run(
+            store,
+            &[
+                "generate",
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "--mode",
+                "remote",
+                "--url",
+                &stack.url,
+                "--license",
+                &stack.license,
+                "--results",
+                "packed",
+                "--prompt",
+                "the data is private",
+                "--max-tokens",
+                "2",
+                "--json",
+            ],
+        );
+        assert!(ok, "{err}");
+        last_json(&out)["token_ids"].clone()
+    };
+    let first = generate(&store);
+    // More runs than the license has key slots (8): all succeed, none registers a new key.
+    for _ in 1..20 {
+        assert_eq!(generate(&store), first);
+    }
+    let list = |store: &std::path::Path| {
+        let (ok, out, err) = run(
+            store,
+            &[
+                "keys",
+                "list",
+                "--url",
+                &stack.url,
+                "--license",
+                &stack.license,
+                "--json",
+            ],
+        );
+        assert!(ok, "{err}");
+        last_json(&out)
+    };
+    let listed = list(&store);
+    let at_gateway = listed["gateway"]["keys"].as_array().unwrap();
+    assert_eq!(at_gateway.len(), 1, "{listed}");
+    let local = listed["local"].as_array().unwrap();
+    assert_eq!(local.len(), 1, "{listed}");
+    let key_id = local[0]["key_id"].as_str().unwrap().to_string();
+    assert_eq!(at_gateway[0]["key_id"], key_id.as_str());
+    let secret = std::path::Path::new(local[0]["dir"].as_str().unwrap()).join("packed-secret.key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&secret).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // Rotation: a new key registered, the old one gone at the gateway, generation still works.
+    let (ok, out, err) = run(
+        &store,
+        &[
+            "keys",
+            "rotate",
+            "--url",
+            &stack.url,
+            "--license",
+            &stack.license,
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let rotated = last_json(&out);
+    assert_eq!(rotated["replaced"], key_id.as_str());
+    let new_id = rotated["key_id"].as_str().unwrap().to_string();
+    assert_ne!(new_id, key_id);
+    let listed = list(&store);
+    assert_eq!(
+        listed["gateway"]["keys"].as_array().unwrap().len(),
+        1,
+        "{listed}"
+    );
+    assert_eq!(listed["gateway"]["keys"][0]["key_id"], new_id.as_str());
+    assert_eq!(listed["local"][0]["key_id"], new_id.as_str());
+    assert_eq!(generate(&store), first);
+
+    // Deleted at the gateway only (another machine's `keys delete --key-id`): the stored key is
+    // registered again on the next run.
+    let (ok, _, err) = run(
+        &dir.path().join("elsewhere"),
+        &[
+            "keys",
+            "delete",
+            "--url",
+            &stack.url,
+            "--license",
+            &stack.license,
+            "--key-id",
+            &new_id,
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(list(&store)["gateway"]["keys"].as_array().unwrap().len(), 0);
+    assert_eq!(generate(&store), first);
+    assert_eq!(list(&store)["gateway"]["keys"].as_array().unwrap().len(), 1);
+
+    // Deleted with the store's entry: gone in both places.
+    let (ok, out, err) = run(
+        &store,
+        &[
+            "keys",
+            "delete",
+            "--url",
+            &stack.url,
+            "--license",
+            &stack.license,
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(last_json(&out)["removed_locally"], true);
+    let listed = list(&store);
+    assert_eq!(
+        listed["gateway"]["keys"].as_array().unwrap().len(),
+        0,
+        "{listed}"
+    );
+    assert_eq!(listed["local"].as_array().unwrap().len(), 0, "{listed}");
+    // Deleting a key the license does not have is refused, without a panic.
+    let (ok, _, err) = run(
+        &store,
+        &[
+            "keys",
+            "delete",
+            "--url",
+            &stack.url,
+            "--license",
+            &stack.license,
+            "--key-id",
+            &key_id,
+        ],
+    );
+    assert!(!ok && err.contains("no packing key"), "{err}");
+}
