@@ -18,6 +18,13 @@ pub enum LicenseCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print a key set as a JWKS document (RFC 7517), for tools that verify licenses
+    /// themselves; gateways also serve theirs at /.well-known/jwks.json.
+    Jwks {
+        /// The key set file (from keygen).
+        #[arg(long)]
+        keyset: PathBuf,
+    },
     /// Sign a license and print the token.
     Issue {
         /// The signing key (PEM) written by keygen.
@@ -114,6 +121,11 @@ fn now() -> u64 {
 
 pub fn run(cmd: LicenseCommand) -> Result<()> {
     match cmd {
+        LicenseCommand::Jwks { keyset } => {
+            let json = std::fs::read_to_string(&keyset)
+                .with_context(|| format!("reading {}", keyset.display()))?;
+            println!("{}", KeySet::from_json(&json)?.to_jwks());
+        }
         LicenseCommand::Keygen { kid, out } => {
             std::fs::create_dir_all(&out)?;
             let key = SigningKey::generate(&kid);

@@ -57,8 +57,8 @@ async fn authorize(
     let now = (now_ms() / 1000) as u64;
     let audience = license::admin_audience(&state.config.audience);
     let claims = state
-        .config
-        .admin_keyset
+        .admin_keysets
+        .get()
         .verify_admin(token, &audience, now)
         .map_err(|e| {
             let code = match e {

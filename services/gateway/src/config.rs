@@ -36,6 +36,8 @@ pub struct Settings {
     pub revocation_refresh_ms: Option<u64>,
     pub worker_timeout_ms: Option<u64>,
     pub health_interval_ms: Option<u64>,
+    /// How often the key set files are checked for changes (new keys apply without a restart).
+    pub keyset_reload_ms: Option<u64>,
     /// Serve the API over TLS with this certificate chain (PEM) and `tls_key`.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -83,6 +85,7 @@ impl Settings {
             revocation_refresh_ms: self.revocation_refresh_ms.or(base.revocation_refresh_ms),
             worker_timeout_ms: self.worker_timeout_ms.or(base.worker_timeout_ms),
             health_interval_ms: self.health_interval_ms.or(base.health_interval_ms),
+            keyset_reload_ms: self.keyset_reload_ms.or(base.keyset_reload_ms),
             tls_cert: self.tls_cert.or(base.tls_cert),
             tls_key: self.tls_key.or(base.tls_key),
             worker_ca_cert: self.worker_ca_cert.or(base.worker_ca_cert),
@@ -127,6 +130,11 @@ impl Settings {
             .unwrap_or_else(|| "sqlite:hybrid-ledger.db?mode=rwc".into());
         let mut config = GatewayConfig::local(&database_url, keyset, &audience, workers);
         config.admin_keyset = admin_keyset;
+        config.admin_keyset_file = Some(self.admin_keyset.clone().unwrap_or(keyset_path.clone()));
+        config.keyset_file = Some(keyset_path);
+        if let Some(v) = self.keyset_reload_ms {
+            config.keyset_reload = Duration::from_millis(v);
+        }
         config.signing_key = signing_key;
         config.listen = self.listen.unwrap_or(([127, 0, 0, 1], 8080).into());
         config.metrics_listen = self.metrics_listen.unwrap_or(([127, 0, 0, 1], 9180).into());

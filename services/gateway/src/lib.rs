@@ -15,6 +15,7 @@ mod admin;
 mod admission;
 pub mod config;
 mod keys;
+mod keysets;
 mod metrics;
 mod openapi;
 mod routes;
@@ -42,6 +43,11 @@ pub struct GatewayConfig {
     pub keyset: KeySet,
     /// Public keys that sign admin tokens.
     pub admin_keyset: KeySet,
+    /// The files the key sets were read from, read again when they change (none: fixed).
+    pub keyset_file: Option<std::path::PathBuf>,
+    pub admin_keyset_file: Option<std::path::PathBuf>,
+    /// How often the key set files are checked for changes.
+    pub keyset_reload: Duration,
     /// The key with which the admin API issues licenses (none: issuing over HTTP is off).
     pub signing_key: Option<Arc<SigningKey>>,
     /// The audience licenses must name.
@@ -69,6 +75,9 @@ impl GatewayConfig {
             metrics_listen: ([127, 0, 0, 1], 0).into(),
             database_url: database_url.to_string(),
             admin_keyset: keyset.clone(),
+            keyset_file: None,
+            admin_keyset_file: None,
+            keyset_reload: Duration::from_secs(5),
             signing_key: None,
             keyset,
             audience: audience.to_string(),
@@ -106,6 +115,9 @@ pub struct AppState {
     pub admission: admission::Admission,
     pub metrics: Metrics,
     pub key_owners: keys::KeyOwners,
+    /// What verifies licenses and admin tokens now (reloaded from their files).
+    pub keysets: keysets::Reloadable,
+    pub admin_keysets: keysets::Reloadable,
 }
 
 /// A gateway bound to its ports.
@@ -134,6 +146,11 @@ impl Application {
                 .await?;
         let metrics = Metrics::new();
         metrics.workers_configured.set(workers.count() as i64);
+        let keysets = keysets::Reloadable::new(config.keyset.clone(), config.keyset_file.clone());
+        let admin_keysets = keysets::Reloadable::new(
+            config.admin_keyset.clone(),
+            config.admin_keyset_file.clone(),
+        );
         let state = Arc::new(AppState {
             admission: admission::Admission::new(config.revocation_refresh),
             metrics,
@@ -141,6 +158,8 @@ impl Application {
             ledger,
             config,
             key_owners: keys::KeyOwners::default(),
+            keysets,
+            admin_keysets,
         });
         Ok(Application {
             api,
@@ -168,6 +187,10 @@ impl Application {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let health = tokio::spawn(workers::health_loop(self.state.clone()));
+        let reload = tokio::spawn(keysets::reload_loop(
+            self.state.clone(),
+            self.state.config.keyset_reload,
+        ));
         let metrics = service_kit::metrics_router(self.state.metrics.registry.clone());
         let served = service_kit::serve(
             self.api,
@@ -179,6 +202,7 @@ impl Application {
         )
         .await;
         health.abort();
+        reload.abort();
         served
     }
 }

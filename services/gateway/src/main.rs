@@ -64,6 +64,9 @@ struct Args {
     /// [default: 2000]
     #[arg(long, env = "GATEWAY_HEALTH_INTERVAL_MS")]
     health_interval_ms: Option<u64>,
+    /// How often the key set files are checked for changes [default: 5000].
+    #[arg(long, env = "GATEWAY_KEYSET_RELOAD_MS")]
+    keyset_reload_ms: Option<u64>,
     /// Serve over TLS with this certificate chain (PEM) [default: plain HTTP].
     #[arg(long, env = "GATEWAY_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -106,6 +109,7 @@ impl Args {
             revocation_refresh_ms: self.revocation_refresh_ms,
             worker_timeout_ms: self.worker_timeout_ms,
             health_interval_ms: self.health_interval_ms,
+            keyset_reload_ms: self.keyset_reload_ms,
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             worker_ca_cert: self.worker_ca_cert,

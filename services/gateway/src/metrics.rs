@@ -25,6 +25,8 @@ pub struct Metrics {
     pub extraction_alerts: IntCounter,
     pub workers_healthy: IntGauge,
     pub workers_configured: IntGauge,
+    /// Key set files that changed but did not read (the set in use was kept).
+    pub keyset_reload_errors: IntCounter,
 }
 
 impl Metrics {
@@ -84,6 +86,11 @@ impl Metrics {
             "Workers known (configured, names resolved)",
         )
         .expect("metric");
+        let keyset_reload_errors = IntCounter::new(
+            "gateway_keyset_reload_errors_total",
+            "Key set files that changed but did not read (the set in use was kept)",
+        )
+        .expect("metric");
         let names = service_kit::register_metrics(
             &registry,
             vec![
@@ -99,6 +106,7 @@ impl Metrics {
                 Box::new(extraction_alerts.clone()),
                 Box::new(workers_healthy.clone()),
                 Box::new(workers_configured.clone()),
+                Box::new(keyset_reload_errors.clone()),
             ],
         );
         Metrics {
@@ -116,6 +124,7 @@ impl Metrics {
             extraction_alerts,
             workers_healthy,
             workers_configured,
+            keyset_reload_errors,
         }
     }
 }

@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{admin, keys, routes};
+use crate::{admin, keys, keysets, routes};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,6 +23,7 @@ use crate::{admin, keys, routes};
         keys::delete_key,
         routes::healthz,
         routes::readyz,
+        keysets::jwks,
         admin::customer_usage,
         admin::usage_report,
         admin::usage_export,

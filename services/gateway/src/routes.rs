@@ -59,8 +59,8 @@ pub(crate) async fn authenticate(
     })?;
     let now = (now_ms() / 1000) as u64;
     let claims = state
-        .config
-        .keyset
+        .keysets
+        .get()
         .verify(token, &state.config.audience, now)
         .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
     refuse_revoked(
@@ -597,6 +597,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .get(keys::list_keys),
         )
         .route("/v1/keys/{key_id}", delete(keys::delete_key))
+        .route("/.well-known/jwks.json", get(crate::keysets::jwks))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
