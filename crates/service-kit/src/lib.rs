@@ -40,18 +40,98 @@ pub fn read_config_file<T: serde::de::DeserializeOwned>(
     toml::from_str(&text).map_err(|e| fail(e.to_string()))
 }
 
-/// Registers `collectors` in `registry`; returns the metric names they declare (so that tests can
-/// check that dashboards and alerts only use metrics that exist, even before any is observed).
+/// A metric a service registers: what `--print-metrics` lists.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MetricInfo {
+    pub name: String,
+    /// `counter`, `gauge` or `histogram`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub help: String,
+    /// Its label names (empty for a plain counter or gauge).
+    pub labels: Vec<String>,
+}
+
+/// Registers `collectors` in `registry`; returns the metrics they declare (so that tests and
+/// deploy checks can tell that dashboards and alerts only use metrics that exist, even before
+/// any is observed).
 pub fn register_metrics(
     registry: &Registry,
     collectors: Vec<Box<dyn prometheus::core::Collector>>,
-) -> Vec<String> {
-    let mut names = Vec::new();
+) -> Vec<MetricInfo> {
+    let mut described = Vec::new();
     for c in collectors {
-        names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
+        // A collector's families carry the type even before any observation.
+        let kinds: Vec<(String, String)> = c
+            .collect()
+            .iter()
+            .map(|f| {
+                (
+                    f.name().to_string(),
+                    format!("{:?}", f.get_field_type()).to_lowercase(),
+                )
+            })
+            .collect();
+        described.extend(c.desc().iter().map(|d| {
+            MetricInfo {
+                name: d.fq_name.clone(),
+                kind: kinds
+                    .iter()
+                    .find(|(n, _)| n == &d.fq_name)
+                    .map_or_else(|| "untyped".into(), |(_, k)| k.clone()),
+                help: d.help.clone(),
+                labels: d.variable_labels.clone(),
+            }
+        }));
         registry.register(c).expect("unique metric names");
     }
-    names
+    described
+}
+
+/// What `--print-metrics` prints: every metric of a service (observed or not), with its help
+/// text and label names, as JSON (`{"metrics": [{"name", "help", "labels"}]}`).
+pub fn metrics_contract(metrics: &[MetricInfo]) -> String {
+    serde_json::to_string_pretty(&serde_json::json!({ "metrics": metrics })).expect("JSON")
+}
+
+/// What `--print-config-keys` prints: every key of a service's config file (the fields of its
+/// settings type `T`, which refuses others), the TOML type each accepts, and the flag and
+/// environment variable that set it (from the service's command line `C`), as JSON:
+/// `{"keys": [{"key", "type", "flag", "env"}]}`. Deploy checks compare config files with it.
+pub fn config_contract<T, C>() -> String
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + Default,
+    C: clap::CommandFactory,
+{
+    let fields = match serde_json::to_value(T::default()) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect::<Vec<_>>(),
+        _ => Vec::new(),
+    };
+    // The type of a key: the first sample value its field accepts.
+    let samples = [
+        ("string", "\"127.0.0.1:1\""),
+        ("integer", "1"),
+        ("boolean", "true"),
+        ("array", "[\"127.0.0.1:1\"]"),
+    ];
+    let command = C::command();
+    let keys: Vec<serde_json::Value> = fields
+        .iter()
+        .map(|key| {
+            let kind = samples
+                .iter()
+                .find(|(_, v)| toml::from_str::<T>(&format!("{key} = {v}")).is_ok())
+                .map_or("unknown", |(k, _)| *k);
+            let arg = command.get_arguments().find(|a| a.get_id() == key.as_str());
+            serde_json::json!({
+                "key": key,
+                "type": kind,
+                "flag": arg.and_then(|a| a.get_long()).map(|l| format!("--{l}")),
+                "env": arg.and_then(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()),
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&serde_json::json!({ "keys": keys })).expect("JSON")
 }
 
 /// Header carrying an error answer's code, read back by the metrics middleware of a service.

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use license::{KeySet, SigningKey};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::GatewayConfig;
 
 /// Every setting, each optional: the shape of the config file and of the flag/environment
 /// layer alike.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub listen: Option<SocketAddr>,

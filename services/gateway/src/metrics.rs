@@ -9,6 +9,8 @@ pub struct Metrics {
     pub registry: Registry,
     /// Names of every metric registered.
     pub names: Vec<String>,
+    /// Every metric registered, with its help and labels (`--print-metrics`).
+    pub described: Vec<service_kit::MetricInfo>,
     /// Requests by route and outcome (`ok` or the error code).
     pub requests: IntCounterVec,
     /// Latency by part: `total` (whole request) and `worker` (forwarding to the worker).
@@ -91,7 +93,7 @@ impl Metrics {
             "Key set files that changed but did not read (the set in use was kept)",
         )
         .expect("metric");
-        let names = service_kit::register_metrics(
+        let described = service_kit::register_metrics(
             &registry,
             vec![
                 Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -109,9 +111,11 @@ impl Metrics {
                 Box::new(keyset_reload_errors.clone()),
             ],
         );
+        let names = described.iter().map(|m| m.name.clone()).collect();
         Metrics {
             registry,
             names,
+            described,
             requests,
             latency,
             bytes_in,

@@ -18,6 +18,13 @@ struct Args {
     /// Config file (TOML).
     #[arg(long, env = "WORKER_CONFIG")]
     config: Option<PathBuf>,
+    /// Print the config file's keys (with their types, flags and environment variables) as
+    /// JSON and exit.
+    #[arg(long)]
+    print_config_keys: bool,
+    /// Print the Prometheus metrics this service exports (names, help, labels) as JSON and exit.
+    #[arg(long)]
+    print_metrics: bool,
     /// [default: 127.0.0.1:8081]
     #[arg(long, env = "WORKER_LISTEN")]
     listen: Option<SocketAddr>,
@@ -56,6 +63,17 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.print_config_keys {
+        println!("{}", service_kit::config_contract::<Settings, Args>());
+        return Ok(());
+    }
+    if args.print_metrics {
+        println!(
+            "{}",
+            service_kit::metrics_contract(&worker::Metrics::new().described)
+        );
+        return Ok(());
+    }
     service_kit::init_tracing(args.log_format);
     let file = match &args.config {
         Some(path) => Settings::from_file(path)?,
@@ -83,4 +101,21 @@ async fn main() -> anyhow::Result<()> {
     app.run_until_stopped(service_kit::shutdown_signal())
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_config_key_has_a_type_a_flag_and_an_environment_variable() {
+        let contract: serde_json::Value =
+            serde_json::from_str(&service_kit::config_contract::<Settings, Args>()).unwrap();
+        let keys = contract["keys"].as_array().unwrap();
+        assert!(keys.len() > 5, "{contract}");
+        for k in keys {
+            assert!(k["flag"].is_string() && k["env"].is_string(), "{k}");
+            assert_ne!(k["type"], "unknown", "{k}");
+        }
+    }
 }

@@ -7,6 +7,8 @@ pub struct Metrics {
     pub registry: Registry,
     /// Names of every metric registered.
     pub names: Vec<String>,
+    /// Every metric registered, with its help and labels (`--print-metrics`).
+    pub described: Vec<service_kit::MetricInfo>,
     /// Requests by route (`apply`, `layers`) and outcome (`ok` or the stable error code).
     pub requests: IntCounterVec,
     /// Server compute time of one apply.
@@ -58,7 +60,7 @@ impl Metrics {
             "Packing keys received and prepared",
         )
         .expect("metric");
-        let names = service_kit::register_metrics(
+        let described = service_kit::register_metrics(
             &registry,
             vec![
                 Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -71,9 +73,11 @@ impl Metrics {
                 Box::new(key_loads.clone()),
             ],
         );
+        let names = described.iter().map(|m| m.name.clone()).collect();
         Metrics {
             registry,
             names,
+            described,
             requests,
             apply_seconds,
             request_bytes,
