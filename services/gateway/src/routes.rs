@@ -189,6 +189,29 @@ pub(crate) async fn apply(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    // The request runs to its end in a task of its own. A client that goes away (a timeout,
+    // Ctrl-C, a dropped connection) drops this handler's future, not the task: its reservation
+    // is always settled (the worker's answer billed once, as the work was done; a retry with
+    // the same query id is not billed again) or released, never stranded.
+    let task = tokio::spawn(apply_to_end(state, model, layer, headers, body));
+    task.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "apply task failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            codes::INTERNAL,
+            "the request failed inside the gateway",
+        )
+        .into_response()
+    })
+}
+
+async fn apply_to_end(
+    state: Arc<AppState>,
+    model: String,
+    layer: String,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let started = Instant::now();
     let mut in_worker = None;
     let response = apply_inner(&state, &model, &layer, &headers, body, &mut in_worker)
