@@ -623,14 +623,24 @@ enum Kind {
     Text,
 }
 
+/// A request's body, from a client that may send it.
+fn parse<T>(
+    server: &Server,
+    headers: &HeaderMap,
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    server.authorize(headers)?;
+    let Json(request) = body.map_err(|e| ApiError::invalid("invalid_json", e.body_text()))?;
+    Ok(request)
+}
+
 async fn chat_completions(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
     body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let result = async {
-        server.authorize(&headers)?;
-        let Json(request) = body.map_err(|e| ApiError::invalid("invalid_json", e.body_text()))?;
+        let request = parse(&server, &headers, body)?;
         let options = server.options(&request.sampling)?;
         let template = server.template.as_ref().ok_or_else(|| {
             ApiError::invalid(
@@ -654,20 +664,7 @@ async fn chat_completions(
         let text = template
             .render(&messages, true)
             .map_err(|e| ApiError::invalid("invalid_messages", e.to_string()))?;
-        let prompt = server.tokenize(&text)?;
-        let sampling = request.sampling;
-        Ok::<_, ApiError>(
-            answer(
-                &server,
-                Kind::Chat,
-                prompt,
-                options,
-                sampling.stop.list()?,
-                sampling.stream,
-                sampling.stream_options.is_some_and(|o| o.include_usage),
-            )
-            .await,
-        )
+        answer(&server, Kind::Chat, &text, options, request.sampling).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
@@ -679,8 +676,7 @@ async fn completions(
     body: Result<Json<CompletionRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let result = async {
-        server.authorize(&headers)?;
-        let Json(request) = body.map_err(|e| ApiError::invalid("invalid_json", e.body_text()))?;
+        let request = parse(&server, &headers, body)?;
         let options = server.options(&request.sampling)?;
         let text = match request.prompt {
             PromptText::One(t) => t,
@@ -692,39 +688,24 @@ async fn completions(
                 ))
             }
         };
-        let prompt = server.tokenize(&text)?;
-        let sampling = request.sampling;
-        Ok::<_, ApiError>(
-            answer(
-                &server,
-                Kind::Text,
-                prompt,
-                options,
-                sampling.stop.list()?,
-                sampling.stream,
-                sampling.stream_options.is_some_and(|o| o.include_usage),
-            )
-            .await,
-        )
+        answer(&server, Kind::Text, &text, options, request.sampling).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// Runs a job and answers it, whole or streamed.
+/// Generates after the prompt `text` and answers, whole or streamed as `sampling` asks.
 async fn answer(
     server: &Server,
     kind: Kind,
-    prompt: Vec<u32>,
+    text: &str,
     options: GenerateOptions,
-    stop: Vec<String>,
-    stream: bool,
-    include_usage: bool,
-) -> Response {
-    let mut steps = match server.submit(prompt, options, stop) {
-        Ok(steps) => steps,
-        Err(e) => return e.into_response(),
-    };
+    sampling: Sampling,
+) -> Result<Response, ApiError> {
+    let prompt = server.tokenize(text)?;
+    let stop = sampling.stop.list()?;
+    let include_usage = sampling.stream_options.is_some_and(|o| o.include_usage);
+    let mut steps = server.submit(prompt, options, stop)?;
     let (prefix, object) = match kind {
         Kind::Chat => ("chatcmpl", "chat.completion"),
         Kind::Text => ("cmpl", "text_completion"),
@@ -732,12 +713,12 @@ async fn answer(
     let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
     let created = now_s();
     let model = server.name.clone();
-    if !stream {
+    if !sampling.stream {
         let mut text = String::new();
         while let Some(step) = steps.recv().await {
             match step {
                 Step::Text(t) => text.push_str(&t),
-                Step::Failed(e) => return e.into_response(),
+                Step::Failed(e) => return Err(e),
                 Step::Done(finish) => {
                     let choice = match kind {
                         Kind::Chat => {
@@ -749,16 +730,17 @@ async fn answer(
                             "text": text})
                         }
                     };
-                    return Json(
+                    return Ok(Json(
                         json!({"id": id, "object": object, "created": created, "model": model,
                         "choices": [choice], "usage": finish.usage()}),
                     )
-                    .into_response();
+                    .into_response());
                 }
             }
         }
-        return ApiError::from_model(&ModelError::Backend("the model stopped".into()))
-            .into_response();
+        return Err(ApiError::from_model(&ModelError::Backend(
+            "the model stopped".into(),
+        )));
     }
     let chunk_object = match kind {
         Kind::Chat => "chat.completion.chunk",
@@ -778,14 +760,13 @@ async fn answer(
     };
     let event = |v: &Value| Ok::<_, std::convert::Infallible>(Event::default().data(v.to_string()));
     // The first chunk of a chat stream names the role, as OpenAI's does.
-    let mut first = match kind {
+    let first = match kind {
         Kind::Chat => vec![event(&chunk(
             json!({"role": "assistant", "content": ""}),
             None,
         ))],
         Kind::Text => vec![],
     };
-    first.reverse();
     let stream = futures_util::stream::unfold(
         (steps, first, false),
         move |(mut steps, mut pending, mut ended)| {
@@ -831,7 +812,7 @@ async fn answer(
             }
         },
     );
-    Sse::new(stream)
+    Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response())
 }

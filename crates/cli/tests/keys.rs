@@ -51,24 +51,26 @@ fn twenty_packed_runs_register_one_key_and_keys_are_managed() {
         assert!(ok, "{err}");
         last_json(&out)["token_ids"].clone()
     };
+    // `hybrid keys VERB` for this gateway and license, with the key store `store`.
+    let keys = |store: &std::path::Path, verb: &str, extra: &[&str]| {
+        let mut args = vec![
+            "keys",
+            verb,
+            "--url",
+            &stack.url,
+            "--license",
+            &stack.license,
+        ];
+        args.extend(extra);
+        run(store, &args)
+    };
     let first = generate(&store);
     // More runs than the license has key slots (8): all succeed, none registers a new key.
     for _ in 1..20 {
         assert_eq!(generate(&store), first);
     }
     let list = |store: &std::path::Path| {
-        let (ok, out, err) = run(
-            store,
-            &[
-                "keys",
-                "list",
-                "--url",
-                &stack.url,
-                "--license",
-                &stack.license,
-                "--json",
-            ],
-        );
+        let (ok, out, err) = keys(store, "list", &["--json"]);
         assert!(ok, "{err}");
         last_json(&out)
     };
@@ -88,18 +90,7 @@ fn twenty_packed_runs_register_one_key_and_keys_are_managed() {
     }
 
     // Rotation: a new key registered, the old one gone at the gateway, generation still works.
-    let (ok, out, err) = run(
-        &store,
-        &[
-            "keys",
-            "rotate",
-            "--url",
-            &stack.url,
-            "--license",
-            &stack.license,
-            "--json",
-        ],
-    );
+    let (ok, out, err) = keys(&store, "rotate", &["--json"]);
     assert!(ok, "{err}");
     let rotated = last_json(&out);
     assert_eq!(rotated["replaced"], key_id.as_str());
@@ -117,18 +108,10 @@ fn twenty_packed_runs_register_one_key_and_keys_are_managed() {
 
     // Deleted at the gateway only (another machine's `keys delete --key-id`): the stored key is
     // registered again on the next run.
-    let (ok, _, err) = run(
+    let (ok, _, err) = keys(
         &dir.path().join("elsewhere"),
-        &[
-            "keys",
-            "delete",
-            "--url",
-            &stack.url,
-            "--license",
-            &stack.license,
-            "--key-id",
-            &new_id,
-        ],
+        "delete",
+        &["--key-id", &new_id],
     );
     assert!(ok, "{err}");
     assert_eq!(list(&store)["gateway"]["keys"].as_array().unwrap().len(), 0);
@@ -136,18 +119,7 @@ fn twenty_packed_runs_register_one_key_and_keys_are_managed() {
     assert_eq!(list(&store)["gateway"]["keys"].as_array().unwrap().len(), 1);
 
     // Deleted with the store's entry: gone in both places.
-    let (ok, out, err) = run(
-        &store,
-        &[
-            "keys",
-            "delete",
-            "--url",
-            &stack.url,
-            "--license",
-            &stack.license,
-            "--json",
-        ],
-    );
+    let (ok, out, err) = keys(&store, "delete", &["--json"]);
     assert!(ok, "{err}");
     assert_eq!(last_json(&out)["removed_locally"], true);
     let listed = list(&store);
@@ -158,18 +130,6 @@ fn twenty_packed_runs_register_one_key_and_keys_are_managed() {
     );
     assert_eq!(listed["local"].as_array().unwrap().len(), 0, "{listed}");
     // Deleting a key the license does not have is refused, without a panic.
-    let (ok, _, err) = run(
-        &store,
-        &[
-            "keys",
-            "delete",
-            "--url",
-            &stack.url,
-            "--license",
-            &stack.license,
-            "--key-id",
-            &key_id,
-        ],
-    );
+    let (ok, _, err) = keys(&store, "delete", &["--key-id", &key_id]);
     assert!(!ok && err.contains("no packing key"), "{err}");
 }

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 mod common;
 
 use common::{
-    agent, free_port, hybrid, hybrid_code, last_json, service_binary, stack, wait_ready, Service,
-    StackOptions, EXIT_REFUSED, EXIT_RETRY_LATER,
+    agent, free_port, hybrid_code, issue_license, last_json, service_binary, stack, wait_ready,
+    Service, StackOptions, EXIT_REFUSED, EXIT_RETRY_LATER,
 };
 
 fn generate(bundle: &std::path::Path, tokens: &str, extra: &[&str]) -> (i32, String, String) {
@@ -72,24 +72,7 @@ fn rate_limits_and_row_caps_are_ridden_out_and_billed_once() {
     assert_eq!(billed(&stack.url, &stack.license), prompt_tokens + 59);
 
     // A batch larger than the bucket can ever hold: 422 exceeds_rate_limit, nothing billed.
-    let (ok, out, _) = hybrid(&[
-        "license",
-        "issue",
-        "--key",
-        stack.keys.join("k1.key.pem").to_str().unwrap(),
-        "--kid",
-        "k1",
-        "--customer",
-        "acme",
-        "--model",
-        "tiny",
-        "--quota",
-        "1000",
-        "--rate-per-minute",
-        "4",
-    ]);
-    assert!(ok);
-    let small = out.trim().to_string();
+    let small = issue_license(&stack.keys, "tiny", 1000, 4);
     let spec = fhe_linear::LayerSpec::choose(
         &fhe_linear::HFHE_GLWE_2048_V1,
         fhe_linear::LayerShape::new(64, 192),
@@ -125,22 +108,7 @@ fn rate_limits_and_row_caps_are_ridden_out_and_billed_once() {
     assert_eq!(billed(&stack.url, &small), 0);
 
     // Quota used up: refused, exit 77, with the gateway's code.
-    let (ok, out, _) = hybrid(&[
-        "license",
-        "issue",
-        "--key",
-        stack.keys.join("k1.key.pem").to_str().unwrap(),
-        "--kid",
-        "k1",
-        "--customer",
-        "acme",
-        "--model",
-        "tiny",
-        "--quota",
-        "3",
-    ]);
-    assert!(ok);
-    let poor = out.trim().to_string();
+    let poor = issue_license(&stack.keys, "tiny", 3, 6000);
     let (code, _, err) = generate(
         &bundle,
         "2",

@@ -151,20 +151,7 @@ fn the_openai_client_talks_to_smollm2_with_a_protected_layer() {
 fn serve_runs_a_bundle_remotely_bills_in_usage_and_answers_curl() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
-    let (ok, _, err) = hybrid(&[
-        "compile",
-        "--model",
-        "tiny",
-        "--protect",
-        "layers.1.mixer.Wqkv",
-        "--protect",
-        "layers.2.mlp.fc1",
-        "--activations",
-        "dynamic",
-        "--out",
-        bundle.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    test_support::compile_tiny(&bundle, &["layers.1.mixer.Wqkv", "layers.2.mlp.fc1"]);
     let stack = stack(dir.path(), &bundle, "tiny", &StackOptions::default());
     let (url, _server) = serve(&[
         "--bundle",

@@ -7,7 +7,7 @@ use std::path::Path;
 
 mod common;
 
-use common::{agent, hybrid, hybrid_code, last_json, stack, StackOptions, StackTls};
+use common::{agent, hybrid_code, last_json, stack, StackOptions, StackTls};
 use test_support::tls::TestCa;
 
 fn token_ids(out: &str) -> Vec<u64> {
@@ -38,18 +38,7 @@ fn generate(bundle: &Path, extra: &[&str]) -> (i32, String, String) {
 fn the_sdk_reaches_gateway_and_workers_over_https_with_mutual_tls_inside() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
-    let (ok, _, err) = hybrid(&[
-        "compile",
-        "--model",
-        "tiny",
-        "--protect",
-        "layers.1.mixer.Wqkv",
-        "--activations",
-        "dynamic",
-        "--out",
-        bundle.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    test_support::compile_tiny(&bundle, &["layers.1.mixer.Wqkv"]);
     let (code, out, err) = generate(&bundle, &["--mode", "simulate"]);
     assert_eq!(code, 0, "{err}");
     let want = token_ids(&out);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use server_bundle::sha256_hex;
 
 use crate::remote::PackedKeys;
 use crate::ModelError;
@@ -56,12 +56,8 @@ pub fn license_id(license: Option<&str>) -> String {
         .and_then(|v| v.get("jti").and_then(|j| j.as_str()).map(String::from));
     match jti {
         Some(jti) => jti,
-        None => format!("token-{}", &hex(&Sha256::digest(token.as_bytes()))[..16]),
+        None => format!("token-{}", &sha256_hex(token.as_bytes())[..16]),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn normalize(gateway: &str) -> String {
@@ -110,7 +106,7 @@ impl KeyStore {
 
     /// The directory of the entry for `gateway` and `license_id`.
     pub fn entry_dir(&self, gateway: &str, license_id: &str) -> PathBuf {
-        let digest = Sha256::digest(format!("{}\n{license_id}", normalize(gateway)).as_bytes());
+        let digest = sha256_hex(format!("{}\n{license_id}", normalize(gateway)).as_bytes());
         let safe: String = license_id
             .chars()
             .map(|c| {
@@ -122,7 +118,7 @@ impl KeyStore {
             })
             .take(40)
             .collect();
-        self.root.join(format!("{safe}-{}", &hex(&digest)[..12]))
+        self.root.join(format!("{safe}-{}", &digest[..12]))
     }
 
     /// The entry for `gateway` and `license_id`, if its keys exist.

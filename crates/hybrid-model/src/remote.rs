@@ -674,32 +674,32 @@ impl RemoteBackend {
         let stats = self.config.stats.as_deref();
         let started = Instant::now();
         let store = match &self.config.keys {
-            KeySource::UserStore => Some(KeyStore::user()?),
-            KeySource::Store(store) => Some(store.clone()),
-            KeySource::Fixed(_) | KeySource::Session => None,
-        };
-        let (keys, entry) = match (&self.config.keys, store) {
-            (KeySource::Fixed(keys), _) => (keys.clone(), None),
-            (_, Some(store)) => {
-                let license = crate::keystore::license_id(self.config.license.as_deref());
-                let (keys, entry) = store.load_or_create(&self.config.url, &license)?;
-                (Arc::new(keys), Some((store, entry)))
+            KeySource::UserStore => KeyStore::user()?,
+            KeySource::Store(store) => store.clone(),
+            KeySource::Fixed(keys) => return self.upload_keys(keys.clone(), None),
+            KeySource::Session => {
+                let keys = Arc::new(PackedKeys::generate()?);
+                if let Some(st) = stats {
+                    add_time(&st.keygen_ns, started);
+                }
+                return self.upload_keys(keys, None);
             }
-            (_, None) => (Arc::new(PackedKeys::generate()?), None),
         };
+        let license = crate::keystore::license_id(self.config.license.as_deref());
+        let (keys, entry) = store.load_or_create(&self.config.url, &license)?;
+        let keys = Arc::new(keys);
         if let Some(st) = stats {
             add_time(&st.keygen_ns, started);
         }
-        if let Some((store, entry)) = &entry {
-            if let Some(key_id) = &entry.key_id {
-                return Ok(Registered {
-                    keys,
-                    key_id: key_id.clone(),
-                    entry: Some((store.clone(), entry.clone())),
-                });
-            }
+        match entry.key_id.clone() {
+            // Registered by an earlier run: nothing to upload.
+            Some(key_id) => Ok(Registered {
+                keys,
+                key_id,
+                entry: Some((store, entry)),
+            }),
+            None => self.upload_keys(keys, Some((store, entry))),
         }
-        self.upload_keys(keys, entry)
     }
 
     /// Registers `keys` (idempotent on the service), recording the id in the key store.

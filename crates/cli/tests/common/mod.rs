@@ -231,6 +231,18 @@ pub fn stack(dir: &Path, bundle: &Path, model: &str, options: &StackOptions) -> 
     let mut gateway = Service(gateway.spawn().unwrap());
     let url = format!("{scheme}://{host}:{gateway_port}");
     wait_ready(&url, &mut gateway, ca);
+    let license = issue_license(&keys, model, options.quota, options.rate_per_minute);
+    Stack {
+        url,
+        worker_url,
+        license,
+        keys,
+        services: vec![gateway, worker],
+    }
+}
+
+/// A license for `model` signed with the key `hybrid license keygen` wrote into `keys`.
+pub fn issue_license(keys: &Path, model: &str, quota: u64, rate_per_minute: u64) -> String {
     let (ok, out, err) = hybrid(&[
         "license",
         "issue",
@@ -243,18 +255,12 @@ pub fn stack(dir: &Path, bundle: &Path, model: &str, options: &StackOptions) -> 
         "--model",
         model,
         "--quota",
-        &options.quota.to_string(),
+        &quota.to_string(),
         "--rate-per-minute",
-        &options.rate_per_minute.to_string(),
+        &rate_per_minute.to_string(),
     ]);
     assert!(ok, "{err}");
-    Stack {
-        url,
-        worker_url,
-        license: out.trim().to_string(),
-        keys,
-        services: vec![gateway, worker],
-    }
+    out.trim().to_string()
 }
 
 /// The JSON object a command printed on its last line.
