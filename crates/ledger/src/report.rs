@@ -8,9 +8,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use sqlx::Row;
-
-use crate::{day_start, hour_start, month_start, usage_event, Ledger, LedgerError, UsageEvent};
+use crate::settle::USAGE_COLUMNS;
+use crate::{day_start, hour_start, month_start, Ledger, LedgerError, UsageEvent};
 
 /// Width of a report's time buckets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +43,7 @@ pub struct UsageFilter {
 
 impl UsageFilter {
     /// `AND column = $n` for each set filter, numbering parameters after `first`.
-    fn clauses(&self, first: usize) -> (String, Vec<String>) {
+    pub(crate) fn clauses(&self, first: usize) -> (String, Vec<String>) {
         let mut sql = String::new();
         let mut binds = Vec::new();
         for (column, value) in [
@@ -98,10 +97,34 @@ pub struct EventCursor {
 }
 
 /// One audit event with its position in the log.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct AuditEntry {
     pub id: i64,
+    #[sqlx(flatten)]
     pub event: crate::AuditEvent,
+}
+
+/// One row of a rollup table.
+#[derive(sqlx::FromRow)]
+struct RollupRow {
+    license_id: String,
+    customer_id: String,
+    model: String,
+    layer: String,
+    bucket_start: i64,
+    requests: i64,
+    tokens: i64,
+    upload_bytes: i64,
+    download_bytes: i64,
+}
+
+/// A license row with its revocation, if any.
+#[derive(sqlx::FromRow)]
+struct ListedLicense {
+    #[sqlx(flatten)]
+    license: crate::LicenseRecord,
+    revoked_at: Option<i64>,
+    reason: Option<String>,
 }
 
 /// Rollup counts of one license, layer and bucket.
@@ -133,33 +156,31 @@ impl Ledger {
         };
         let (clauses, binds) = filter.clauses(2);
         let sql = format!(
-            "SELECT license_id, customer_id, model, layer, {column}, requests, tokens, upload_bytes, download_bytes \
+            "SELECT license_id, customer_id, model, layer, {column} AS bucket_start, requests, tokens, upload_bytes, download_bytes \
              FROM {table} WHERE {column} >= $1 AND {column} < $2{clauses}"
         );
-        let mut query = sqlx::query(&sql).bind(from).bind(to);
+        let mut query = sqlx::query_as(&sql).bind(from).bind(to);
         for b in &binds {
             query = query.bind(b);
         }
-        let rows = query.fetch_all(self.pool()).await?;
+        let rows: Vec<RollupRow> = query.fetch_all(self.pool()).await?;
 
         // (license, layer, bucket) -> counts, with the license's customer and model.
         let mut fine: BTreeMap<(String, String, i64), (String, String, Counts)> = BTreeMap::new();
-        for r in &rows {
-            let at: i64 = r.try_get(4)?;
+        for r in rows {
             let start = match grain {
-                Grain::Month => month_start(at),
-                _ => at,
+                Grain::Month => month_start(r.bucket_start),
+                _ => r.bucket_start,
             };
-            let key = (r.try_get(0)?, r.try_get(3)?, start);
             let entry = fine
-                .entry(key)
+                .entry((r.license_id, r.layer, start))
                 .or_insert_with(|| (String::new(), String::new(), Counts::default()));
-            entry.0 = r.try_get(1)?;
-            entry.1 = r.try_get(2)?;
-            entry.2.requests += r.try_get::<i64, _>(5)?;
-            entry.2.tokens += r.try_get::<i64, _>(6)?;
-            entry.2.upload += r.try_get::<i64, _>(7)?;
-            entry.2.download += r.try_get::<i64, _>(8)?;
+            entry.0 = r.customer_id;
+            entry.1 = r.model;
+            entry.2.requests += r.requests;
+            entry.2.tokens += r.tokens;
+            entry.2.upload += r.upload_bytes;
+            entry.2.download += r.download_bytes;
         }
 
         let mut groups: BTreeMap<GroupKey, UsageBucket> = BTreeMap::new();
@@ -210,29 +231,18 @@ impl Ledger {
             sql.push_str(" WHERE l.customer_id = $1");
         }
         sql.push_str(" ORDER BY l.issued_at, l.id");
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query_as(&sql);
         if let Some(c) = customer {
             query = query.bind(c);
         }
-        let rows = query.fetch_all(self.pool()).await?;
-        rows.iter()
-            .map(|r| {
-                let revoked_at: Option<i64> = r.try_get(7)?;
-                let reason: Option<String> = r.try_get(8)?;
-                Ok(LicenseListing {
-                    license: crate::LicenseRecord {
-                        id: r.try_get(0)?,
-                        customer_id: r.try_get(1)?,
-                        model: r.try_get(2)?,
-                        quota_tokens: r.try_get(3)?,
-                        quota_period: r.try_get(4)?,
-                        issued_at: r.try_get(5)?,
-                        expires_at: r.try_get(6)?,
-                    },
-                    revoked: revoked_at.map(|at| (at, reason.unwrap_or_default())),
-                })
+        let rows: Vec<ListedLicense> = query.fetch_all(self.pool()).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| LicenseListing {
+                license: r.license,
+                revoked: r.revoked_at.map(|at| (at, r.reason.unwrap_or_default())),
             })
-            .collect()
+            .collect())
     }
 
     /// Up to `limit` usage rows in `filter`'s window (query times), in (time, license, query id)
@@ -243,9 +253,8 @@ impl Ledger {
         after: Option<&EventCursor>,
         limit: i64,
     ) -> Result<Vec<UsageEvent>, LedgerError> {
-        let mut sql = String::from(
-            "SELECT query_id, license_id, customer_id, model, layer, tokens, upload_bytes, download_bytes, worker, \
-             compute_ms, status, created_at, results, key_id FROM usage_events WHERE created_at >= $1 AND created_at < $2",
+        let mut sql = format!(
+            "SELECT {USAGE_COLUMNS} FROM usage_events WHERE created_at >= $1 AND created_at < $2"
         );
         let (clauses, binds) = filter.clauses(2);
         sql.push_str(&clauses);
@@ -260,7 +269,7 @@ impl Ledger {
         sql.push_str(&format!(
             " ORDER BY created_at, license_id, query_id LIMIT ${limit_param}"
         ));
-        let mut query = sqlx::query(&sql).bind(filter.from).bind(filter.to);
+        let mut query = sqlx::query_as(&sql).bind(filter.from).bind(filter.to);
         for b in &binds {
             query = query.bind(b);
         }
@@ -270,8 +279,7 @@ impl Ledger {
                 .bind(&c.license_id)
                 .bind(&c.query_id);
         }
-        let rows = query.bind(limit).fetch_all(self.pool()).await?;
-        rows.iter().map(usage_event).collect()
+        Ok(query.bind(limit).fetch_all(self.pool()).await?)
     }
 
     /// Up to `limit` audit events with ids above `after_id`, oldest first.
@@ -280,27 +288,13 @@ impl Ledger {
         after_id: i64,
         limit: i64,
     ) -> Result<Vec<AuditEntry>, LedgerError> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT id, at, actor, action, subject, details FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2",
         )
         .bind(after_id)
         .bind(limit)
         .fetch_all(self.pool())
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AuditEntry {
-                    id: r.try_get(0)?,
-                    event: crate::AuditEvent {
-                        at: r.try_get(1)?,
-                        actor: r.try_get(2)?,
-                        action: r.try_get(3)?,
-                        subject: r.try_get(4)?,
-                        details: r.try_get(5)?,
-                    },
-                })
-            })
-            .collect()
+        .await?)
     }
 }
 

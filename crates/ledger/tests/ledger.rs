@@ -42,6 +42,50 @@ fn event(query_id: &str, layer: &str, tokens: i64, at: i64) -> UsageEvent {
     }
 }
 
+/// Admits `tokens` for each of `layers` of lic-1 at NOW, with a rate that never refuses and a
+/// one-minute lease.
+async fn reserve<'l>(
+    l: &'l Ledger,
+    layers: &[&str],
+    period: i64,
+    quota: i64,
+    tokens: i64,
+) -> Result<Reservation<'l>, LedgerError> {
+    reserve_at(l, layers, period, quota, tokens, NOW, 60_000).await
+}
+
+async fn reserve_at<'l>(
+    l: &'l Ledger,
+    layers: &[&str],
+    period: i64,
+    quota: i64,
+    tokens: i64,
+    now: i64,
+    lease_ms: i64,
+) -> Result<Reservation<'l>, LedgerError> {
+    l.reserve(&Reserve {
+        license_id: "lic-1",
+        customer_id: "acme",
+        model: "tiny",
+        layers,
+        period_start: period,
+        quota,
+        tokens,
+        rate: Rate {
+            per_minute: 1_000_000,
+            cost: tokens * layers.len() as i64,
+        },
+        now,
+        lease_ms,
+    })
+    .await
+}
+
+/// Settles a one-layer reservation.
+async fn settle(r: Reservation<'_>, e: &UsageEvent) -> Result<Settlement, LedgerError> {
+    Ok(r.settle(std::slice::from_ref(e)).await?[0])
+}
+
 async fn setup(l: &Ledger) {
     l.upsert_customer("acme", "Acme", NOW).await.unwrap();
     let license = LicenseRecord {
@@ -65,13 +109,10 @@ async fn quota_race(l: Arc<Ledger>) {
         .map(|i| {
             let l = l.clone();
             tokio::spawn(async move {
-                match l
-                    .reserve("lic-1", "layers.1.mixer.Wqkv", period, 20, 1)
-                    .await
-                {
+                match reserve(&l, &["layers.1.mixer.Wqkv"], period, 20, 1).await {
                     Ok(r) => {
                         let event = event(&format!("q{i}"), "layers.1.mixer.Wqkv", 1, NOW);
-                        assert!(l.settle(&r, &event).await.unwrap().billed);
+                        assert!(settle(r, &event).await.unwrap().billed);
                         true
                     }
                     Err(LedgerError::QuotaExceeded { .. }) => false,
@@ -87,8 +128,7 @@ async fn quota_race(l: Arc<Ledger>) {
     assert_eq!(admitted, 20);
     assert_eq!(l.billable_tokens("lic-1", period).await.unwrap(), 20);
     assert_eq!(l.usage_events("lic-1").await.unwrap().len(), 20);
-    let err = l
-        .reserve("lic-1", "layers.1.mixer.Wqkv", period, 20, 1)
+    let err = reserve(&l, &["layers.1.mixer.Wqkv"], period, 20, 1)
         .await
         .unwrap_err();
     assert_eq!(err.code(), "quota_exceeded");
@@ -99,9 +139,8 @@ async fn exactly_once(l: Ledger) {
     setup(&l).await;
     let period = month_start(NOW);
     let layer = "layers.1.mixer.Wqkv";
-    let r1 = l.reserve("lic-1", layer, period, 20, 4).await.unwrap();
-    let first = l
-        .settle(&r1, &event("q-retried", layer, 4, NOW))
+    let r1 = reserve(&l, &[layer], period, 20, 4).await.unwrap();
+    let first = settle(r1, &event("q-retried", layer, 4, NOW))
         .await
         .unwrap();
     assert_eq!(
@@ -112,9 +151,8 @@ async fn exactly_once(l: Ledger) {
         }
     );
     assert!(l.is_claimed("lic-1", "q-retried").await.unwrap());
-    let r2 = l.reserve("lic-1", layer, period, 20, 4).await.unwrap();
-    let retry = l
-        .settle(&r2, &event("q-retried", layer, 4, NOW + 5))
+    let r2 = reserve(&l, &[layer], period, 20, 4).await.unwrap();
+    let retry = settle(r2, &event("q-retried", layer, 4, NOW + 5))
         .await
         .unwrap();
     assert_eq!(
@@ -125,18 +163,23 @@ async fn exactly_once(l: Ledger) {
         },
         "billed twice"
     );
-    let failed = l.reserve("lic-1", layer, period, 20, 16).await.unwrap();
-    l.release(&failed).await.unwrap();
+    let failed = reserve(&l, &[layer], period, 20, 16).await.unwrap();
+    failed.release().await.unwrap();
     assert_eq!(l.billable_tokens("lic-1", period).await.unwrap(), 4);
     assert_eq!(l.usage_events("lic-1").await.unwrap().len(), 1);
     // 16 tokens are still free: the released reservation came back.
-    l.reserve("lic-1", layer, period, 20, 16).await.unwrap();
+    reserve(&l, &[layer], period, 20, 16)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
 
     // A token crossing two protected layers is billed once: the largest count over layers.
     let other = "layers.1.mlp.fc1";
-    let r = l.reserve("lic-1", other, period, 20, 4).await.unwrap();
+    let r = reserve(&l, &[other], period, 20, 4).await.unwrap();
     assert!(
-        l.settle(&r, &event("q-fc1", other, 4, NOW))
+        settle(r, &event("q-fc1", other, 4, NOW))
             .await
             .unwrap()
             .billed
@@ -197,11 +240,10 @@ async fn postgres_usage_is_partitioned_by_month_and_old_months_drop() {
     let layer = "layers.1.mixer.Wqkv";
     let last_month = month_start(NOW) - 1;
     for (q, at) in [("old", last_month), ("new", NOW)] {
-        let r = l
-            .reserve("lic-1", layer, month_start(at), 100, 1)
+        let r = reserve(&l, &[layer], month_start(at), 100, 1)
             .await
             .unwrap();
-        l.settle(&r, &event(q, layer, 1, at)).await.unwrap();
+        settle(r, &event(q, layer, 1, at)).await.unwrap();
     }
     assert_eq!(l.usage_events("lic-1").await.unwrap().len(), 2);
     let dropped = l
@@ -241,11 +283,10 @@ async fn reports(l: Ledger) {
     ] {
         for layer in layers {
             n += 1;
-            let r = l
-                .reserve("lic-1", layer, month_start(at), 1000, tokens)
+            let r = reserve(&l, &[layer], month_start(at), 1000, tokens)
                 .await
                 .unwrap();
-            l.settle(&r, &event(&format!("q{n}"), layer, tokens, at))
+            settle(r, &event(&format!("q{n}"), layer, tokens, at))
                 .await
                 .unwrap();
         }
@@ -393,11 +434,11 @@ async fn packing_keys(l: Ledger) {
         .collect();
     assert_eq!(uploads.len(), 1);
     // A packed query records its encoding and key.
-    let r = l.reserve("lic-1", "l1", 0, 1000, 2).await.unwrap();
+    let r = reserve(&l, &["l1"], 0, 1000, 2).await.unwrap();
     let mut e = event("q-packed", "l1", 2, NOW);
     e.results = "packed".into();
     e.key_id = record.key_id.clone();
-    assert!(l.settle(&r, &e).await.unwrap().billed);
+    assert!(settle(r, &e).await.unwrap().billed);
     let rows = l.usage_events("lic-1").await.unwrap();
     assert_eq!(rows.last().unwrap(), &e);
 }
@@ -419,32 +460,22 @@ async fn group_reservations(l: Ledger) {
     setup(&l).await;
     let period = month_start(NOW);
     // Layer b already has 15 of its 20 tokens used.
-    let r = l.reserve("lic-1", "b", period, 20, 15).await.unwrap();
-    l.settle(&r, &event("q0", "b", 15, NOW)).await.unwrap();
-    let refused = l
-        .reserve_all("lic-1", &["a", "b", "c"], period, 20, 6)
-        .await;
+    let r = reserve(&l, &["b"], period, 20, 15).await.unwrap();
+    settle(r, &event("q0", "b", 15, NOW)).await.unwrap();
+    let refused = reserve(&l, &["a", "b", "c"], period, 20, 6).await;
     assert!(matches!(
         refused,
         Err(LedgerError::QuotaExceeded { remaining: 5, .. })
     ));
     // Nothing was left reserved on a or c by the refused request.
-    let group = l
-        .reserve_all("lic-1", &["a", "c"], period, 20, 20)
-        .await
-        .unwrap();
-    assert_eq!(group.len(), 2);
+    let group = reserve(&l, &["a", "c"], period, 20, 20).await.unwrap();
+    assert_eq!(group.leases().len(), 2);
     let events = [event("q1.0", "a", 20, NOW), event("q1.1", "c", 20, NOW)];
-    let items: Vec<_> = group.iter().zip(&events).collect();
-    let settled = l.settle_all(&items).await.unwrap();
+    let settled = group.settle(&events).await.unwrap();
     assert!(settled.iter().all(|s| s.billed && s.layer_used == 20));
     // The same queries again (a retry): not billed twice.
-    let again = l
-        .reserve_all("lic-1", &["a", "c"], period, 40, 20)
-        .await
-        .unwrap();
-    let items: Vec<_> = again.iter().zip(&events).collect();
-    let settled = l.settle_all(&items).await.unwrap();
+    let again = reserve(&l, &["a", "c"], period, 40, 20).await.unwrap();
+    let settled = again.settle(&events).await.unwrap();
     assert!(settled.iter().all(|s| !s.billed && s.layer_used == 20));
     assert_eq!(l.billable_tokens("lic-1", period).await.unwrap(), 20);
     assert_eq!(l.usage_events("lic-1").await.unwrap().len(), 3);
@@ -459,4 +490,315 @@ async fn postgres_group_reservations_are_all_or_nothing() {
 async fn sqlite_group_reservations_are_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
     group_reservations(sqlite(&dir).await).await;
+}
+
+/// Per key: `reserved` is the sum of its leases and `used` the sum of its usage rows.
+async fn counters_agree(l: &Ledger) {
+    let rows = sqlx::query(
+        "SELECT q.layer, q.reserved, q.used, \
+         CAST((SELECT COALESCE(SUM(r.tokens), 0) FROM reservations r WHERE r.license_id = q.license_id AND r.layer = q.layer AND r.period_start = q.period_start) AS BIGINT), \
+         CAST((SELECT COALESCE(SUM(e.tokens), 0) FROM usage_events e WHERE e.license_id = q.license_id AND e.layer = q.layer) AS BIGINT) \
+         FROM quota_usage q",
+    )
+    .fetch_all(l.pool())
+    .await
+    .unwrap();
+    for r in rows {
+        use sqlx::Row;
+        let layer: String = r.get(0);
+        let (reserved, used, leases, billed): (i64, i64, i64, i64) =
+            (r.get(1), r.get(2), r.get(3), r.get(4));
+        assert_eq!((reserved, used), (leases, billed), "layer {layer}");
+    }
+}
+
+/// Reservations nobody settles (their gateway died) stop holding quota when their lease
+/// expires; a settlement after its lease is billed once, and never beyond the quota.
+async fn leases(l: Ledger) {
+    setup(&l).await;
+    let period = month_start(NOW);
+    let in_flight = |now| {
+        let l = &l;
+        async move {
+            let only = UsageFilter {
+                license: Some("lic-1".into()),
+                ..UsageFilter::default()
+            };
+            let rows = l.in_flight(&only, now).await.unwrap();
+            rows.iter().map(|r| r.tokens).sum::<i64>()
+        }
+    };
+    // A gateway admits 6 tokens and dies (the reservation is never settled).
+    drop(
+        reserve_at(&l, &["a"], period, 10, 6, NOW, 1000)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(in_flight(NOW).await, 6);
+    let refused = reserve_at(&l, &["a"], period, 10, 5, NOW + 500, 1000).await;
+    assert!(
+        matches!(
+            refused,
+            Err(LedgerError::QuotaExceeded { remaining: 4, .. })
+        ),
+        "the lease still holds"
+    );
+    // After the lease: not in flight any more, and the quota is whole again.
+    assert_eq!(in_flight(NOW + 1000).await, 0);
+    let r = reserve_at(&l, &["a"], period, 10, 5, NOW + 1001, 1000)
+        .await
+        .unwrap();
+    assert!(
+        settle(r, &event("q1", "a", 5, NOW + 1001))
+            .await
+            .unwrap()
+            .billed
+    );
+    counters_agree(&l).await;
+
+    // A request that outlives its lease, reclaimed by an admission that needed the room: its
+    // settlement finds no room (5 + 4 used of 10) and bills nothing.
+    let slow = reserve_at(&l, &["a"], period, 10, 3, NOW + 1002, 10)
+        .await
+        .unwrap();
+    let r = reserve_at(&l, &["a"], period, 10, 4, NOW + 2000, 1000)
+        .await
+        .unwrap();
+    assert!(
+        settle(r, &event("q2", "a", 4, NOW + 2000))
+            .await
+            .unwrap()
+            .billed
+    );
+    let late = settle(slow, &event("q-slow", "a", 3, NOW + 2001)).await;
+    assert!(
+        matches!(
+            late,
+            Err(LedgerError::LeaseExpired {
+                remaining: 1,
+                requested: 3,
+                ..
+            })
+        ),
+        "{late:?}"
+    );
+    assert!(!l.is_claimed("lic-1", "q-slow").await.unwrap());
+    assert_eq!(l.billable_tokens("lic-1", period).await.unwrap(), 9);
+    counters_agree(&l).await;
+
+    // One that outlives its lease while the quota has room is billed once.
+    let slow = reserve_at(&l, &["a"], period, 10, 1, NOW + 3000, 10)
+        .await
+        .unwrap();
+    let r = reserve_at(&l, &["a"], period, 10, 1, NOW + 4000, 1000)
+        .await
+        .unwrap();
+    r.release().await.unwrap();
+    let late = settle(slow, &event("q-late", "a", 1, NOW + 4001))
+        .await
+        .unwrap();
+    assert_eq!(
+        late,
+        Settlement {
+            billed: true,
+            layer_used: 10
+        }
+    );
+    // The same query again, its lease reclaimed too: answered, not billed twice.
+    let retry = reserve_at(&l, &["a"], period, 20, 1, NOW + 5000, 10)
+        .await
+        .unwrap();
+    reserve_at(&l, &["a"], period, 20, 10, NOW + 6000, 1000)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let again = settle(retry, &event("q-late", "a", 1, NOW + 6001))
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Settlement {
+            billed: false,
+            layer_used: 10
+        }
+    );
+    assert_eq!(l.billable_tokens("lic-1", period).await.unwrap(), 10);
+    assert_eq!(l.usage_events("lic-1").await.unwrap().len(), 3);
+    counters_agree(&l).await;
+
+    // A settlement must match its reservation.
+    let r = reserve(&l, &["a"], period, 20, 1).await.unwrap();
+    assert!(matches!(
+        settle(r, &event("q-wrong", "b", 1, NOW)).await,
+        Err(LedgerError::Mismatch(_))
+    ));
+}
+
+#[tokio::test]
+async fn postgres_leases_expire_and_late_settlements_bill_once() {
+    leases(postgres().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_leases_expire_and_late_settlements_bill_once() {
+    let dir = tempfile::tempdir().unwrap();
+    leases(sqlite(&dir).await).await;
+}
+
+/// A license's rate is one bucket for every gateway: two ledgers (two replicas) on one
+/// database share it.
+async fn rate_limits(a: Ledger, b: Ledger) {
+    setup(&a).await;
+    let period = month_start(NOW);
+    let ask = |cost: i64, now: i64| Reserve {
+        license_id: "lic-1",
+        customer_id: "acme",
+        model: "tiny",
+        layers: &["a"],
+        period_start: period,
+        quota: 1000,
+        tokens: cost,
+        rate: Rate {
+            per_minute: 60,
+            cost,
+        },
+        now,
+        lease_ms: 60_000,
+    };
+    a.reserve(&ask(40, NOW))
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    b.reserve(&ask(20, NOW))
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    for l in [&a, &b] {
+        let refused = l.reserve(&ask(2, NOW + 100)).await;
+        assert!(
+            matches!(
+                refused,
+                Err(LedgerError::RateLimited {
+                    retry_after_s: 2,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+    }
+    // The bucket refills at 1 token per second.
+    b.reserve(&ask(30, NOW + 30_000))
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    assert!(a.reserve(&ask(1, NOW + 30_000)).await.is_err());
+    a.reserve(&ask(1, NOW + 31_000))
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    // A group pays its rate once for all its layers.
+    let group = Reserve {
+        layers: &["a", "b"],
+        tokens: 10,
+        rate: Rate {
+            per_minute: 60,
+            cost: 20,
+        },
+        ..ask(0, NOW + 51_000)
+    };
+    b.reserve(&group).await.unwrap().release().await.unwrap();
+    assert!(a.reserve(&ask(1, NOW + 51_000)).await.is_err());
+}
+
+#[tokio::test]
+async fn postgres_rate_limits_hold_across_replicas() {
+    let url = test_support::fresh_postgres_database("ledger_test").await;
+    let a = Ledger::connect(&url).await.unwrap();
+    let b = Ledger::connect(&url).await.unwrap();
+    rate_limits(a, b).await;
+}
+
+#[tokio::test]
+async fn sqlite_rate_limits_hold_across_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    rate_limits(sqlite(&dir).await, sqlite(&dir).await).await;
+}
+
+/// Settlements in groups (Postgres) bill exactly as one by one: each query once (also when its
+/// retry waits in the same group), each settlement sees the usage as of its own turn, and a
+/// settlement whose lease was reclaimed is still billed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_group_commit_bills_as_one_by_one() {
+    let l = Arc::new(postgres().await);
+    setup(&l).await;
+    l.start_group_commit(16);
+    let period = month_start(NOW);
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let l = l.clone();
+            tokio::spawn(async move {
+                // Queries 40..50 are retries of 0..10, sent at the same time.
+                let id = format!("q{}", if i < 40 { i } else { i - 40 });
+                let r = reserve(&l, &["a"], period, 100, 1).await.unwrap();
+                settle(r, &event(&id, "a", 1, NOW)).await.unwrap()
+            })
+        })
+        .collect();
+    let mut used = Vec::new();
+    for t in tasks {
+        let settled = t.await.unwrap();
+        if settled.billed {
+            used.push(settled.layer_used);
+        }
+    }
+    used.sort();
+    assert_eq!(used, (1..=40).collect::<Vec<i64>>());
+    assert_eq!(l.usage_events("lic-1").await.unwrap().len(), 40);
+    assert_eq!(l.billable_tokens("lic-1", period).await.unwrap(), 40);
+    counters_agree(&l).await;
+    let daily = l
+        .usage_report(
+            &UsageFilter {
+                from: month_start(NOW),
+                to: next_month_start(NOW),
+                ..UsageFilter::default()
+            },
+            Grain::Day,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((daily[0].requests, daily[0].tokens), (40, 40), "rollups");
+
+    // A lease reclaimed before its settlement reaches the group: billed once, after the batch.
+    let slow = reserve_at(&l, &["a"], period, 100, 1, NOW + 1, 1)
+        .await
+        .unwrap();
+    reserve_at(&l, &["a"], period, 100, 60, NOW + 10, 1000)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let late = settle(slow, &event("q-late", "a", 1, NOW + 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        late,
+        Settlement {
+            billed: true,
+            layer_used: 41
+        }
+    );
+    counters_agree(&l).await;
 }

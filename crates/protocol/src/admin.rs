@@ -148,6 +148,23 @@ pub struct UsageReport {
     pub from_ms: i64,
     pub to_ms: i64,
     pub rows: Vec<UsageRow>,
+    /// Tokens in flight now (admitted, not yet settled, under a live lease) in the report's
+    /// filter, per license and layer. They are not billed until settled; an expired lease no
+    /// longer holds quota.
+    #[serde(default)]
+    pub in_flight: Vec<InFlightRow>,
+}
+
+/// Tokens reserved under live leases for one license and layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InFlightRow {
+    pub license: String,
+    pub layer: String,
+    pub reserved_tokens: i64,
+    /// Requests (reservations) in flight.
+    pub requests: i64,
+    /// When the first of their leases expires.
+    pub next_expiry_ms: i64,
 }
 
 /// A customer's view of its own license and usage.
@@ -162,6 +179,11 @@ pub struct CustomerUsage {
     pub quota_tokens: u64,
     /// Billable tokens in the current quota period.
     pub billable_tokens: i64,
+    /// Tokens in flight in the current period (admitted, not yet settled; largest over the
+    /// layers, as billing counts): they hold quota until settled, released or their lease
+    /// expires.
+    #[serde(default)]
+    pub reserved_tokens: i64,
     /// The license's usage over the requested window.
     pub report: UsageReport,
     /// Packing keys the license registered (one-time uploads for packed results).

@@ -135,6 +135,12 @@ pub mod codes {
     /// The license's quota for the period is used up (429 without `Retry-After`: retrying
     /// within the period does not help).
     pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
+    /// The license's rate (tokens per minute, over every gateway replica) is spent for now:
+    /// 429 with `Retry-After`.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// The request outlived its reservation's lease, which was reclaimed, and the quota has no
+    /// room left for it: nothing was billed, no answer returned (429 without `Retry-After`).
+    pub const LEASE_EXPIRED: &str = "lease_expired";
 }
 
 /// The JSON body of every error answer.

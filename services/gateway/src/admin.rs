@@ -173,12 +173,26 @@ async fn report(
         .usage_report(&f, grain(group), &ledger_dims)
         .await
         .map_err(ledger_down)?;
+    let in_flight = ledger
+        .in_flight(&f, now_ms())
+        .await
+        .map_err(ledger_down)?
+        .into_iter()
+        .map(|r| InFlightRow {
+            license: r.license_id,
+            layer: r.layer,
+            reserved_tokens: r.tokens,
+            requests: r.leases,
+            next_expiry_ms: r.next_expiry,
+        })
+        .collect();
     Ok(UsageReport {
         group,
         by: dims,
         from_ms: f.from,
         to_ms: f.to,
         rows: rows.into_iter().map(row).collect(),
+        in_flight,
     })
 }
 
@@ -219,6 +233,12 @@ pub(crate) async fn customer_usage(
             .collect();
         let f = filter(&q, period)?;
         let report = report(&state.ledger, &q, f, dims).await?;
+        let reserved = report
+            .in_flight
+            .iter()
+            .map(|r| r.reserved_tokens)
+            .max()
+            .unwrap_or(0);
         let packing_keys = state
             .ledger
             .packing_keys(&claims.jti)
@@ -240,6 +260,7 @@ pub(crate) async fn customer_usage(
             period_start_ms: period,
             quota_tokens: claims.quota_tokens,
             billable_tokens: billed,
+            reserved_tokens: reserved,
             report,
             packing_keys,
         }))

@@ -1,9 +1,10 @@
-//! Per-license admission on this replica: rate limit (tokens per minute, a token bucket) and
-//! requests in flight; and the revocation list, refreshed from the ledger at most every few
-//! seconds so that a revocation reaches every replica quickly.
+//! Per-license admission on this replica: requests in flight; and the revocation list,
+//! refreshed from the ledger at most every few seconds so that a revocation reaches every
+//! replica quickly.
 //!
-//! Rate and in-flight limits are per replica (N replicas allow up to N times the rate); the
-//! quota, which is what is billed, is enforced across replicas by the ledger.
+//! The in-flight cap is per replica (it bounds what one license holds of this process); the
+//! rate limit and the quota are enforced across replicas by the ledger, in the statement that
+//! reserves the quota.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -11,13 +12,7 @@ use std::time::{Duration, Instant};
 
 use ledger::{Ledger, LedgerError};
 
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
 pub struct Admission {
-    buckets: Mutex<HashMap<String, Bucket>>,
     in_flight: Arc<Mutex<HashMap<String, u32>>>,
     revoked: tokio::sync::RwLock<(Option<Instant>, HashSet<String>)>,
     refresh: Duration,
@@ -44,31 +39,9 @@ impl Drop for InFlight {
 impl Admission {
     pub fn new(refresh: Duration) -> Self {
         Admission {
-            buckets: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Mutex::new(HashMap::new())),
             revoked: tokio::sync::RwLock::new((None, HashSet::new())),
             refresh,
-        }
-    }
-
-    /// Takes `tokens` from the license's bucket (capacity and refill: `per_minute`). Returns the
-    /// seconds to wait when the bucket is short.
-    pub fn take_rate(&self, license: &str, per_minute: u32, tokens: usize) -> Result<(), u64> {
-        let capacity = per_minute.max(1) as f64;
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().expect("rate buckets");
-        let b = buckets.entry(license.to_string()).or_insert(Bucket {
-            tokens: capacity,
-            at: now,
-        });
-        b.tokens =
-            (b.tokens + now.duration_since(b.at).as_secs_f64() * capacity / 60.0).min(capacity);
-        b.at = now;
-        if b.tokens >= tokens as f64 {
-            b.tokens -= tokens as f64;
-            Ok(())
-        } else {
-            Err((((tokens as f64 - b.tokens) * 60.0 / capacity).ceil() as u64).max(1))
         }
     }
 

@@ -36,6 +36,10 @@ pub struct Settings {
     pub revocation_refresh_ms: Option<u64>,
     pub worker_timeout_ms: Option<u64>,
     pub health_interval_ms: Option<u64>,
+    /// How long a reservation holds quota when its request is never settled or released (a
+    /// gateway killed mid-request); default: three worker timeouts (the longest forward: a
+    /// packed request, its key pushed, and the request again) and 10 s.
+    pub reservation_lease_seconds: Option<u64>,
     /// How often the key set files are checked for changes (new keys apply without a restart).
     pub keyset_reload_ms: Option<u64>,
     /// Serve the API over TLS with this certificate chain (PEM) and `tls_key`.
@@ -58,6 +62,8 @@ pub enum ConfigError {
     Key { path: PathBuf, reason: String },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("setting `{0}`: {1}")]
+    Invalid(&'static str, &'static str),
     #[error("worker_client_cert and worker_client_key go together: give both or neither")]
     ClientIdentity,
 }
@@ -85,6 +91,9 @@ impl Settings {
             revocation_refresh_ms: self.revocation_refresh_ms.or(base.revocation_refresh_ms),
             worker_timeout_ms: self.worker_timeout_ms.or(base.worker_timeout_ms),
             health_interval_ms: self.health_interval_ms.or(base.health_interval_ms),
+            reservation_lease_seconds: self
+                .reservation_lease_seconds
+                .or(base.reservation_lease_seconds),
             keyset_reload_ms: self.keyset_reload_ms.or(base.keyset_reload_ms),
             tls_cert: self.tls_cert.or(base.tls_cert),
             tls_key: self.tls_key.or(base.tls_key),
@@ -153,6 +162,16 @@ impl Settings {
         if let Some(v) = self.health_interval_ms {
             config.health_interval = Duration::from_millis(v);
         }
+        config.reservation_lease = match self.reservation_lease_seconds {
+            Some(0) => {
+                return Err(ConfigError::Invalid(
+                    "reservation_lease_seconds",
+                    "at least 1",
+                ))
+            }
+            Some(v) => Duration::from_secs(v),
+            None => GatewayConfig::default_lease(config.worker_timeout),
+        };
         config.tls = tls::ServerTls::from_parts(self.tls_cert, self.tls_key, None)?;
         config.worker_tls = tls::ClientTls {
             ca_cert: self.worker_ca_cert,

@@ -1,10 +1,11 @@
 //! The gateway: the licensed, metered entry point of the service.
 //!
-//! Per apply request: verify the license (signature, audience, time, revocation) -> admission
-//! (model and layer licensed, rows per request, rate limit and in-flight cap per license) ->
-//! atomic quota reservation in the ledger -> forward the ciphertext bytes to a healthy worker
-//! (one retry on another worker if the connection fails before an answer) -> settle (usage row,
-//! rollups, quota) -> answer. It fails closed: when the ledger cannot record usage, nothing is
+//! Per apply request: verify the license (signature, audience, time, revocation) -> admission (model and layer licensed, rows per request,
+//! in-flight cap per license on this replica) -> the license's rate and quota reserved in the
+//! ledger in one statement, shared by every replica, under a lease -> forward the ciphertext
+//! bytes to a healthy worker (one retry on another worker if the connection fails before an
+//! answer) -> settle (usage row, rollups, quota; settlements that wait together go in one
+//! statement) -> answer. It fails closed: when the ledger cannot record usage, nothing is
 //! forwarded and the client gets 503. It reads only the header of a ciphertext (to meter it).
 //!
 //! It serves its API over TLS when given a certificate (`tls_cert`, `tls_key`) and reaches its
@@ -31,6 +32,9 @@ use tokio::net::TcpListener;
 
 pub use metrics::Metrics;
 pub use openapi::openapi_json;
+
+/// Most settlements one ledger statement carries (group commit).
+const SETTLEMENT_GROUP: usize = 64;
 
 /// Gateway settings.
 #[derive(Clone)]
@@ -61,6 +65,8 @@ pub struct GatewayConfig {
     pub revocation_refresh: Duration,
     pub worker_timeout: Duration,
     pub health_interval: Duration,
+    /// How long a reservation holds quota if its request is never settled or released.
+    pub reservation_lease: Duration,
     /// TLS of the API (none: plain HTTP, for a TLS-terminating load balancer in front).
     pub tls: Option<tls::ServerTls>,
     /// How the workers are reached over `https`: a private CA, a client certificate (mutual
@@ -69,6 +75,12 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// The lease of a reservation when none is set: the longest forward (a packed request,
+    /// its key pushed, the request again: three worker timeouts) and 10 s.
+    pub fn default_lease(worker_timeout: Duration) -> Duration {
+        worker_timeout * 3 + Duration::from_secs(10)
+    }
+
     pub fn local(database_url: &str, keyset: KeySet, audience: &str, workers: Vec<String>) -> Self {
         GatewayConfig {
             listen: ([127, 0, 0, 1], 0).into(),
@@ -87,6 +99,7 @@ impl GatewayConfig {
             revocation_refresh: Duration::from_secs(2),
             worker_timeout: Duration::from_secs(60),
             health_interval: Duration::from_secs(2),
+            reservation_lease: Self::default_lease(Duration::from_secs(60)),
             tls: None,
             worker_tls: tls::ClientTls::default(),
         }
@@ -139,6 +152,8 @@ impl Application {
         // Certificate files are checked before anything starts: a bad file stops the start.
         let tls = config.tls.as_ref().map(|t| t.config()).transpose()?;
         let ledger = Arc::new(Ledger::connect(&config.database_url).await?);
+        // Settlements that wait together are settled in one statement (Postgres).
+        ledger.start_group_commit(SETTLEMENT_GROUP);
         let api = TcpListener::bind(config.listen).await?;
         let metrics_listener = TcpListener::bind(config.metrics_listen).await?;
         let workers =

@@ -71,6 +71,10 @@ struct Args {
     /// [default: 2000]
     #[arg(long, env = "GATEWAY_HEALTH_INTERVAL_MS")]
     health_interval_ms: Option<u64>,
+    /// How long a reservation holds quota when its request is never settled (its gateway
+    /// was killed) [default: 3 x the worker timeout + 10 s].
+    #[arg(long, env = "GATEWAY_RESERVATION_LEASE_SECONDS")]
+    reservation_lease_seconds: Option<u64>,
     /// How often the key set files are checked for changes [default: 5000].
     #[arg(long, env = "GATEWAY_KEYSET_RELOAD_MS")]
     keyset_reload_ms: Option<u64>,
@@ -116,6 +120,7 @@ impl Args {
             revocation_refresh_ms: self.revocation_refresh_ms,
             worker_timeout_ms: self.worker_timeout_ms,
             health_interval_ms: self.health_interval_ms,
+            reservation_lease_seconds: self.reservation_lease_seconds,
             keyset_reload_ms: self.keyset_reload_ms,
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,

@@ -298,17 +298,6 @@ async fn apply_inner(
             ),
         ));
     }
-    state
-        .admission
-        .take_rate(&claims.jti, claims.rate_limit_per_minute, rate_cost)
-        .map_err(|wait| {
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "token rate limit of the license reached",
-            )
-            .retry(wait)
-        })?;
     let _slot = state
         .admission
         .enter(&claims.jti, claims.max_in_flight)
@@ -324,19 +313,25 @@ async fn apply_inner(
     let now = now_ms();
     let period = period_start(&claims, now);
     // Reserve the batch's tokens for every metered layer before forwarding anything (fail
-    // closed): all of a group's layers or none.
+    // closed): the license's rate (shared by every replica) and quota, all of a group's
+    // layers or none, under a lease that frees the quota if this gateway dies mid-request.
     let layers: Vec<&str> = metered.iter().map(Name::as_str).collect();
-    let reservations = match state
-        .ledger
-        .reserve_all(
-            &claims.jti,
-            &layers,
-            period,
-            claims.quota_tokens as i64,
-            tokens as i64,
-        )
-        .await
-    {
+    let reserve = ledger::Reserve {
+        license_id: &claims.jti,
+        customer_id: &claims.sub,
+        model: model.as_str(),
+        layers: &layers,
+        period_start: period,
+        quota: claims.quota_tokens as i64,
+        tokens: tokens as i64,
+        rate: ledger::Rate {
+            per_minute: claims.rate_limit_per_minute.max(1) as i64,
+            cost: rate_cost as i64,
+        },
+        now,
+        lease_ms: state.config.reservation_lease.as_millis() as i64,
+    };
+    let reservation = match state.ledger.reserve(&reserve).await {
         Ok(r) => r,
         Err(LedgerError::QuotaExceeded {
             quota,
@@ -349,6 +344,14 @@ async fn apply_inner(
                 codes::QUOTA_EXCEEDED,
                 format!("{requested} tokens requested, {remaining} of {quota} left in this period"),
             ));
+        }
+        Err(LedgerError::RateLimited { retry_after_s, .. }) => {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                codes::RATE_LIMITED,
+                "token rate limit of the license reached",
+            )
+            .retry(retry_after_s));
         }
         Err(e) => return Err(ledger_down(e)),
     };
@@ -375,7 +378,7 @@ async fn apply_inner(
         Ok(a) if a.status == 200 => a,
         Ok(a) => {
             // The worker refused the request (malformed, wrong shape...): nothing to bill.
-            release_all(state, &reservations).await?;
+            reservation.release().await.map_err(ledger_down)?;
             let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut response = (status, a.body).into_response();
             response.headers_mut().insert(
@@ -385,7 +388,7 @@ async fn apply_inner(
             return Ok(response);
         }
         Err(ForwardError::Unreachable(reason)) => {
-            release_all(state, &reservations).await?;
+            reservation.release().await.map_err(ledger_down)?;
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_worker",
@@ -423,8 +426,24 @@ async fn apply_inner(
         })
         .collect();
     // Not recorded, not returned: the client retries with the same query id.
-    let items: Vec<_> = reservations.iter().zip(&events).collect();
-    let settlements = state.ledger.settle_all(&items).await.map_err(ledger_down)?;
+    let settlements = reservation.settle(&events).await.map_err(|e| match e {
+        LedgerError::LeaseExpired {
+            quota,
+            remaining,
+            requested,
+        } => {
+            state.metrics.quota_rejections.inc();
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                codes::LEASE_EXPIRED,
+                format!(
+                    "the request outlived its reservation's lease and the quota has no room left \
+                     for it ({requested} tokens, {remaining} of {quota} left): nothing was billed"
+                ),
+            )
+        }
+        e => ledger_down(e),
+    })?;
     for (part, settled) in metered.iter().zip(settlements) {
         if settled.billed {
             state.metrics.tokens_metered.inc_by(tokens as u64);
@@ -440,17 +459,6 @@ async fn apply_inner(
         answer.body,
         answer.compute_ms,
     ))
-}
-
-/// Releases every reservation of a request that will not be billed.
-async fn release_all(
-    state: &AppState,
-    reservations: &[ledger::Reservation],
-) -> Result<(), ApiError> {
-    for r in reservations {
-        state.ledger.release(r).await.map_err(ledger_down)?;
-    }
-    Ok(())
 }
 
 /// Forwards a request for packed results with its key id; a worker that has not loaded the key
