@@ -345,14 +345,27 @@ impl KeySet {
             }
         })?;
         let claims = data.claims;
-        let (nbf, exp) = claims.window();
-        if now > exp + LEEWAY_SECONDS {
-            return Err(LicenseError::Expired);
-        }
-        if now + LEEWAY_SECONDS < nbf {
-            return Err(LicenseError::NotYetValid);
-        }
+        check_window(claims.window(), now)?;
         Ok(claims)
+    }
+}
+
+/// Whether `now` lies in a token's (`nbf`, `exp`) window, with [`LEEWAY_SECONDS`] either side.
+fn check_window((nbf, exp): (u64, u64), now: u64) -> Result<(), LicenseError> {
+    if now > exp + LEEWAY_SECONDS {
+        return Err(LicenseError::Expired);
+    }
+    if now + LEEWAY_SECONDS < nbf {
+        return Err(LicenseError::NotYetValid);
+    }
+    Ok(())
+}
+
+impl LicenseClaims {
+    /// Whether the license is valid at `now` (seconds), as [`KeySet::verify`] checks it: for
+    /// claims verified earlier and kept.
+    pub fn check_time(&self, now: u64) -> Result<(), LicenseError> {
+        check_window(self.window(), now)
     }
 }
 

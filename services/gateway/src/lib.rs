@@ -1,6 +1,7 @@
 //! The gateway: the licensed, metered entry point of the service.
 //!
-//! Per apply request: verify the license (signature, audience, time, revocation) -> admission (model and layer licensed, rows per request,
+//! Per apply request: verify the license (signature once per license and key set; audience,
+//! time and revocation every time) -> admission (model and layer licensed, rows per request,
 //! in-flight cap per license on this replica) -> the license's rate and quota reserved in the
 //! ledger in one statement, shared by every replica, under a lease -> forward the ciphertext
 //! bytes to a healthy worker (one retry on another worker if the connection fails before an

@@ -60,8 +60,7 @@ pub(crate) async fn authenticate(
     let now = (now_ms() / 1000) as u64;
     let claims = state
         .keysets
-        .get()
-        .verify(token, &state.config.audience, now)
+        .verify_license(token, &state.config.audience, now)
         .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
     refuse_revoked(
         state,
