@@ -330,8 +330,21 @@ async fn apply_inner(
         now,
         lease_ms: state.config.reservation_lease.as_millis() as i64,
     };
+    // One query id per metered layer: a group's under `ID.i` (ids never contain a dot), so
+    // that a retry of the same query is billed once per layer.
+    let query_ids: Vec<String> = match metered.len() {
+        1 => vec![query_id.clone()],
+        k => (0..k).map(|i| format!("{query_id}.{i}")).collect(),
+    };
     let reservation = match state.ledger.reserve(&reserve).await {
-        Ok(r) => r,
+        Ok(r) => Some(r),
+        Err(LedgerError::QuotaExceeded { .. })
+            if already_billed(state, &claims.jti, &query_ids).await? =>
+        {
+            // A retry of a query billed before (its answer was lost): paid for, so answered
+            // again without quota, and not billed again.
+            None
+        }
         Err(LedgerError::QuotaExceeded {
             quota,
             remaining,
@@ -377,7 +390,9 @@ async fn apply_inner(
         Ok(a) if a.status == 200 => a,
         Ok(a) => {
             // The worker refused the request (malformed, wrong shape...): nothing to bill.
-            reservation.release().await.map_err(ledger_down)?;
+            if let Some(r) = reservation {
+                r.release().await.map_err(ledger_down)?;
+            }
             let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut response = (status, a.body).into_response();
             response.headers_mut().insert(
@@ -387,7 +402,9 @@ async fn apply_inner(
             return Ok(response);
         }
         Err(ForwardError::Unreachable(reason)) => {
-            reservation.release().await.map_err(ledger_down)?;
+            if let Some(r) = reservation {
+                r.release().await.map_err(ledger_down)?;
+            }
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_worker",
@@ -397,18 +414,14 @@ async fn apply_inner(
         }
     };
     // One usage row per metered layer: a group's bytes and compute time shared among its
-    // layers, each under its own query id (`ID.i`; ids never contain a dot) so that a retry of
-    // the same query is billed once per layer.
+    // layers, each under its own query id.
     let k = metered.len();
     let share = |total: usize, i: usize| (total / k + usize::from(i < total % k)) as i64;
     let events: Vec<UsageEvent> = metered
         .iter()
         .enumerate()
         .map(|(i, part)| UsageEvent {
-            query_id: match k {
-                1 => query_id.clone(),
-                _ => format!("{query_id}.{i}"),
-            },
+            query_id: query_ids[i].clone(),
             license_id: claims.jti.clone(),
             customer_id: claims.sub.clone(),
             model: model.to_string(),
@@ -425,6 +438,13 @@ async fn apply_inner(
         })
         .collect();
     // Not recorded, not returned: the client retries with the same query id.
+    let Some(reservation) = reservation else {
+        state.metrics.bytes_out.inc_by(answer.body.len() as u64);
+        return Ok(service_kit::ciphertext_answer(
+            answer.body,
+            answer.compute_ms,
+        ));
+    };
     let settlements = reservation.settle(&events).await.map_err(|e| match e {
         LedgerError::LeaseExpired {
             quota,
@@ -458,6 +478,25 @@ async fn apply_inner(
         answer.body,
         answer.compute_ms,
     ))
+}
+
+/// Whether every query id of a request was billed before (a retry whose first answer was lost).
+async fn already_billed(
+    state: &AppState,
+    license_id: &str,
+    query_ids: &[String],
+) -> Result<bool, ApiError> {
+    for id in query_ids {
+        if !state
+            .ledger
+            .is_claimed(license_id, id)
+            .await
+            .map_err(ledger_down)?
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Forwards a request for packed results with its key id; a worker that has not loaded the key

@@ -1,8 +1,8 @@
 //! A gateway killed (`kill -9`) with requests in flight strands no quota for good: after the
 //! reservation lease its license has its whole quota again, nothing was billed for the
 //! unanswered requests, and a query answered just before the crash is billed exactly once when
-//! its client retries it with the same query id. The gateway runs as a real process, on SQLite
-//! and on Postgres.
+//! its client retries it with the same query id (also once the quota is used up: it was paid
+//! for). The gateway runs as a real process, on SQLite and on Postgres.
 
 mod common;
 
@@ -162,6 +162,8 @@ async fn check(database_url: String) {
         apply(&url, &license, "q-full", 1).await,
         (429, "quota_exceeded".to_string())
     );
+    // With the quota used up, a retry of a billed query is still answered (it was paid for).
+    assert_eq!(apply(&url, &license, "q-after", 4).await.0, 200);
     let seen = usage(&url, &license).await;
     assert_eq!((seen.billable_tokens, seen.reserved_tokens), (5, 0));
     let billed: Vec<String> = ledger
