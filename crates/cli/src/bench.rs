@@ -20,6 +20,9 @@ pub enum BenchCommand {
     E2e(crate::bench_e2e::E2eArgs),
     /// Accuracy of protected layers on a real model (SmolLM2, GGUF): simulate vs float.
     Accuracy(crate::bench_accuracy::AccuracyArgs),
+    /// A soak under faults: gateways and workers killed and restarted while clients retry;
+    /// checks that every answer is billed exactly once and nothing else is.
+    Chaos(crate::bench_chaos::ChaosArgs),
 }
 
 #[derive(Args)]
@@ -64,6 +67,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Gateway(args) => crate::bench_gateway::run(args),
         BenchCommand::E2e(args) => crate::bench_e2e::e2e(args),
         BenchCommand::Accuracy(args) => crate::bench_accuracy::run(args),
+        BenchCommand::Chaos(args) => crate::bench_chaos::run(args),
     }
 }
 

@@ -5,7 +5,7 @@
 //! the per-token split, bytes per token and each process's peak memory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,7 +20,7 @@ use hybrid_model::{
 use license::{KeySet, LicenseClaims, QuotaPeriod, SigningKey};
 use serde_json::json;
 
-use crate::local::WorkDir;
+use crate::local::{free_port, sibling_binary, Service, WorkDir};
 use crate::model_cmd::load_source;
 use crate::split::Split;
 
@@ -128,33 +128,6 @@ fn peak_mb(pid: &str) -> f64 {
 /// Resets this process's peak-memory mark (Linux: `clear_refs` 5).
 fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// A child process killed when dropped.
-struct Service(Child);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sibling_binary(name: &str) -> Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    if !path.exists() {
-        bail!(
-            "{} not found: build the services first (`cargo build --release`)",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 fn wait_ready(url: &str, what: &str, limit: Duration) -> Result<()> {

@@ -45,16 +45,17 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-pub fn run(args: GatewayArgs) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(bench(args))
-}
-
-async fn bench(args: GatewayArgs) -> Result<()> {
-    let work = WorkDir::new(None, "hybrid-bench")?;
-    let dir = work.path().to_path_buf();
+/// The stand-in model of the service benchmarks: the tiny model with its
+/// `layers.1.mixer.Wqkv` protected, `hidden` wide (smaller is a faster worker), compiled into
+/// `dir` (`client/`, `server.safetensors`). Returns the bundles' paths and the model's shape.
+pub(crate) fn stand_in_bundle(
+    dir: &std::path::Path,
+    hidden: usize,
+) -> Result<(
+    std::path::PathBuf,
+    std::path::PathBuf,
+    hybrid_model::PhiConfig,
+)> {
     let (client_dir, server) = (dir.join("client"), dir.join("server.safetensors"));
     let options = CompileOptions {
         model_name: "tiny".into(),
@@ -66,11 +67,11 @@ async fn bench(args: GatewayArgs) -> Result<()> {
     };
     let mut tiny = hybrid_model::tiny::tiny_config();
     anyhow::ensure!(
-        args.hidden >= 8 && args.hidden.is_multiple_of(8),
+        hidden >= 8 && hidden.is_multiple_of(8),
         "--hidden: a multiple of 8"
     );
-    tiny.hidden_size = args.hidden;
-    tiny.intermediate_size = 4 * args.hidden;
+    tiny.hidden_size = hidden;
+    tiny.intermediate_size = 4 * hidden;
     let weights = hybrid_model::tiny::random_weights(&tiny, 7)?;
     compile(
         &hybrid_model::Checkpoint::new(tiny.clone(), weights),
@@ -79,6 +80,21 @@ async fn bench(args: GatewayArgs) -> Result<()> {
         &server,
         &mut |_, _, _| {},
     )?;
+
+    Ok((client_dir, server, tiny))
+}
+
+pub fn run(args: GatewayArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(bench(args))
+}
+
+async fn bench(args: GatewayArgs) -> Result<()> {
+    let work = WorkDir::new(None, "hybrid-bench")?;
+    let dir = work.path().to_path_buf();
+    let (_client_dir, server, tiny) = stand_in_bundle(&dir, args.hidden)?;
 
     // Keyless requests only: no packed weight transforms.
     let mut config = worker::WorkerConfig::local(vec![server]);

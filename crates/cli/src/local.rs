@@ -75,3 +75,32 @@ pub fn chat_prompt(
     let template = hybrid_model::chat::ChatTemplate::new(template, "", &eos)?;
     Ok(template.render(&[hybrid_model::chat::Message::user(question)], true)?)
 }
+
+/// A free port on loopback (bound, then released for a child process to take).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A child process killed when dropped.
+pub struct Service(pub std::process::Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A binary installed beside this one (`hybrid-gateway`, `hybrid-worker`).
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.exists() {
+        anyhow::bail!(
+            "{} not found: build the services first (`cargo build --release`)",
+            path.display()
+        );
+    }
+    Ok(path)
+}

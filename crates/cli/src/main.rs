@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_accuracy;
+mod bench_chaos;
 mod bench_e2e;
 mod bench_gateway;
 mod client;

@@ -20,7 +20,8 @@
 //! - `settle`: a reservation turned into usage rows, rollups and used quota, exactly once per
 //!   query id, also after its lease expired;
 //! - `keys`: packing keys; `audit`: the audit log; `partitions`: monthly usage partitions and
-//!   retention (Postgres); `report`: the read side for compliance and billing.
+//!   retention (Postgres); `report`: the read side for compliance and billing; `reconcile`:
+//!   whether the counters agree with the rows.
 
 mod audit;
 mod group_commit;
@@ -28,6 +29,7 @@ mod keys;
 mod licenses;
 mod partitions;
 mod quota;
+mod reconcile;
 mod report;
 mod settle;
 mod time;
