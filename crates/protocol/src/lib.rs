@@ -141,6 +141,83 @@ pub mod codes {
     /// The request outlived its reservation's lease, which was reclaimed, and the quota has no
     /// room left for it: nothing was billed, no answer returned (429 without `Retry-After`).
     pub const LEASE_EXPIRED: &str = "lease_expired";
+    /// More rows in one request than the gateway admits (`max_rows_per_request`).
+    pub const TOO_MANY_ROWS: &str = "too_many_rows";
+    pub const TOO_MANY_IN_FLIGHT: &str = "too_many_in_flight";
+    /// No worker answered (all unreachable or unhealthy): 503 with `Retry-After`.
+    pub const NO_WORKER: &str = "no_worker";
+    /// The ledger cannot record usage now: 503 with `Retry-After`, nothing forwarded.
+    pub const LEDGER_UNAVAILABLE: &str = "ledger_unavailable";
+    pub const LICENSE_MISSING: &str = "license_missing";
+    pub const LICENSE_REVOKED: &str = "license_revoked";
+    pub const LICENSE_WRONG_MODEL: &str = "license_wrong_model";
+    pub const LAYER_NOT_LICENSED: &str = "layer_not_licensed";
+    /// A license that does not verify (the license crate's `LicenseError::code`).
+    pub const LICENSE_MALFORMED: &str = "license_malformed";
+    pub const LICENSE_ALGORITHM_REFUSED: &str = "license_algorithm_refused";
+    pub const LICENSE_MISSING_KID: &str = "license_missing_kid";
+    pub const LICENSE_UNKNOWN_KID: &str = "license_unknown_kid";
+    pub const LICENSE_BAD_SIGNATURE: &str = "license_bad_signature";
+    pub const LICENSE_WRONG_AUDIENCE: &str = "license_wrong_audience";
+    pub const LICENSE_EXPIRED: &str = "license_expired";
+    pub const LICENSE_NOT_YET_VALID: &str = "license_not_yet_valid";
+    pub const LICENSE_KEY_ERROR: &str = "license_key_error";
+    pub const ADMIN_TOKEN_MISSING: &str = "admin_token_missing";
+    pub const ADMIN_TOKEN_INVALID: &str = "admin_token_invalid";
+    pub const ADMIN_TOKEN_EXPIRED: &str = "admin_token_expired";
+    pub const ADMIN_TOKEN_REVOKED: &str = "admin_token_revoked";
+    pub const ADMIN_ROLE_INSUFFICIENT: &str = "admin_role_insufficient";
+    /// The gateway has no signing key: licenses are issued offline (`hybrid license issue`).
+    pub const ISSUING_DISABLED: &str = "issuing_disabled";
+    pub const INVALID_LICENSE_REQUEST: &str = "invalid_license_request";
+    pub const BAD_QUERY: &str = "bad_query";
+    /// A JSON body that does not parse (400), lacks its content type (415) or has wrong fields
+    /// (422).
+    pub const BAD_JSON: &str = "bad_json";
+
+    /// The HTTP status of every code the gateway answers with itself (worker answers it passes
+    /// on keep the worker's status): the one table of both.
+    pub fn http_status(code: &str) -> u16 {
+        match code {
+            INVALID_NAME
+            | BAD_BODY
+            | MISSING_QUERY_ID
+            | KEY_REQUIRED
+            | KEY_PARAMETER_MISMATCH
+            | INVALID_KEY
+            | LAYER_PARTS_MISMATCH
+            | TOO_MANY_ROWS
+            | BAD_QUERY
+            | BAD_JSON
+            | RESULTS_NOT_SERVED => 400,
+            LICENSE_MISSING
+            | LICENSE_REVOKED
+            | LICENSE_MALFORMED
+            | LICENSE_ALGORITHM_REFUSED
+            | LICENSE_MISSING_KID
+            | LICENSE_UNKNOWN_KID
+            | LICENSE_BAD_SIGNATURE
+            | LICENSE_WRONG_AUDIENCE
+            | LICENSE_EXPIRED
+            | LICENSE_NOT_YET_VALID
+            | LICENSE_KEY_ERROR
+            | ADMIN_TOKEN_MISSING
+            | ADMIN_TOKEN_INVALID
+            | ADMIN_TOKEN_EXPIRED
+            | ADMIN_TOKEN_REVOKED => 401,
+            LICENSE_WRONG_MODEL | LAYER_NOT_LICENSED | KEY_NOT_OWNED | ADMIN_ROLE_INSUFFICIENT => {
+                403
+            }
+            UNKNOWN_MODEL | UNKNOWN_LAYER | UNKNOWN_KEY => 404,
+            TOO_MANY_KEYS | KEY_NOT_LOADED => 409,
+            BODY_TOO_LARGE => 413,
+            EXCEEDS_RATE_LIMIT | INVALID_LICENSE_REQUEST => 422,
+            QUOTA_EXCEEDED | RATE_LIMITED | LEASE_EXPIRED | TOO_MANY_IN_FLIGHT => 429,
+            ISSUING_DISABLED => 501,
+            NO_WORKER | LEDGER_UNAVAILABLE | OVERLOADED | NOT_READY => 503,
+            _ => 500,
+        }
+    }
 }
 
 /// The JSON body of every error answer.

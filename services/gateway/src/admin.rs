@@ -10,20 +10,18 @@ use std::sync::Arc;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::Json;
 use futures_util::StreamExt;
 use ledger::{EventCursor, Ledger, LicenseListing, UsageBucket, UsageFilter};
-use license::{AdminClaims, LicenseClaims, QuotaPeriod, Role};
+use license::{LicenseClaims, QuotaPeriod};
 use protocol::admin::*;
-use protocol::{ErrorBody, Name};
+use protocol::{codes, ErrorBody, Name};
 use serde::Deserialize;
-use service_kit::ApiError;
 
-use crate::routes::{
-    authenticate, bearer, ledger_down, now_ms, period_start, record, refuse_revoked,
-};
+use crate::auth::{now_ms, period_start, Administrator, Compliance, Licensed};
+use crate::error::Error;
 use crate::AppState;
 
 /// Rows per page of the CSV export (one database query per page).
@@ -33,72 +31,11 @@ const MAX_HOURLY_WINDOW_MS: i64 = 93 * 86_400_000;
 /// Issuer of licenses signed by the gateway.
 const ISSUER: &str = "vendor";
 
-fn bad_query(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "bad_query", message)
+fn bad_query(message: impl Into<String>) -> Error {
+    Error::new(codes::BAD_QUERY, message)
 }
 
-fn bad_json(rejection: JsonRejection) -> ApiError {
-    ApiError::new(rejection.status(), "bad_json", rejection.body_text())
-}
-
-/// Verifies an admin token and that its role is at least `needed`.
-async fn authorize(
-    state: &AppState,
-    headers: &HeaderMap,
-    needed: Role,
-) -> Result<AdminClaims, ApiError> {
-    let token = bearer(headers).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "admin_token_missing",
-            "send Authorization: Bearer <admin token>",
-        )
-    })?;
-    let now = (now_ms() / 1000) as u64;
-    let audience = license::admin_audience(&state.config.audience);
-    let claims = state
-        .admin_keysets
-        .get()
-        .verify_admin(token, &audience, now)
-        .map_err(|e| {
-            let code = match e {
-                license::LicenseError::Expired => "admin_token_expired",
-                _ => "admin_token_invalid",
-            };
-            ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string())
-        })?;
-    refuse_revoked(
-        state,
-        &claims.jti,
-        "admin_token_revoked",
-        "this admin token was revoked",
-    )
-    .await?;
-    if claims.role < needed {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "admin_role_insufficient",
-            format!(
-                "this action needs the `{}` role; the token has `{}`",
-                needed.as_str(),
-                claims.role.as_str()
-            ),
-        ));
-    }
-    Ok(claims)
-}
-
-/// Answers and counts a handler's result under the `admin` or `usage` route label.
-fn finish<T: IntoResponse>(state: &AppState, route: &str, result: Result<T, ApiError>) -> Response {
-    let response = match result {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    };
-    record(state, route, &response);
-    response
-}
-
-fn text_filter(name: &str, value: &Option<String>) -> Result<Option<String>, ApiError> {
+fn text_filter(name: &str, value: &Option<String>) -> Result<Option<String>, Error> {
     match value {
         Some(v) if v.is_empty() || v.len() > 128 => {
             Err(bad_query(format!("`{name}` must be 1 to 128 characters")))
@@ -108,7 +45,7 @@ fn text_filter(name: &str, value: &Option<String>) -> Result<Option<String>, Api
 }
 
 /// The ledger filter of a query, with its window defaulted to `[default_from, now]`.
-fn filter(q: &UsageQuery, default_from: i64) -> Result<UsageFilter, ApiError> {
+fn filter(q: &UsageQuery, default_from: i64) -> Result<UsageFilter, Error> {
     let from = q.from_ms.unwrap_or(default_from);
     let to = q.to_ms.unwrap_or_else(|| now_ms() + 1);
     if from >= to {
@@ -161,7 +98,7 @@ async fn report(
     q: &UsageQuery,
     f: UsageFilter,
     dims: Vec<Dimension>,
-) -> Result<UsageReport, ApiError> {
+) -> Result<UsageReport, Error> {
     let group = q.group.unwrap_or_default();
     if group == Grain::Hour && f.to - f.from > MAX_HOURLY_WINDOW_MS {
         return Err(bad_query(
@@ -169,14 +106,10 @@ async fn report(
         ));
     }
     let ledger_dims: Vec<_> = dims.iter().copied().map(dim).collect();
-    let rows = ledger
-        .usage_report(&f, grain(group), &ledger_dims)
-        .await
-        .map_err(ledger_down)?;
+    let rows = ledger.usage_report(&f, grain(group), &ledger_dims).await?;
     let in_flight = ledger
         .in_flight(&f, now_ms())
-        .await
-        .map_err(ledger_down)?
+        .await?
         .into_iter()
         .map(|r| InFlightRow {
             license: r.license_id,
@@ -211,62 +144,52 @@ fn period_name(p: QuotaPeriod) -> &'static str {
     responses((status = 200, body = CustomerUsage), (status = 401, body = ErrorBody)))]
 pub(crate) async fn customer_usage(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Licensed(claims): Licensed,
     query: Result<Query<UsageQuery>, QueryRejection>,
-) -> Response {
-    let result = async {
-        let Query(mut q) = query.map_err(|e| bad_query(e.body_text()))?;
-        let claims: LicenseClaims = authenticate(&state, &headers).await?;
-        let period = period_start(&claims, now_ms());
-        let billed = state
-            .ledger
-            .billable_tokens(&claims.jti, period)
-            .await
-            .map_err(ledger_down)?;
-        q.customer = None;
-        q.license = Some(claims.jti.clone());
-        let dims = q
-            .dimensions()
-            .map_err(bad_query)?
-            .into_iter()
-            .filter(|d| matches!(d, Dimension::Layer))
-            .collect();
-        let f = filter(&q, period)?;
-        let report = report(&state.ledger, &q, f, dims).await?;
-        let reserved = report
-            .in_flight
-            .iter()
-            .map(|r| r.reserved_tokens)
-            .max()
-            .unwrap_or(0);
-        let packing_keys = state
-            .ledger
-            .packing_keys(&claims.jti)
-            .await
-            .map_err(ledger_down)?
-            .into_iter()
-            .map(|k| PackingKeyUpload {
-                key_id: k.key_id,
-                parameter_set: k.parameter_set,
-                bytes: k.bytes,
-                uploaded_at_ms: k.uploaded_at,
-            })
-            .collect();
-        Ok::<_, ApiError>(Json(CustomerUsage {
-            license_id: claims.jti,
-            customer: claims.sub,
-            model: claims.model,
-            quota_period: period_name(claims.quota_period).into(),
-            period_start_ms: period,
-            quota_tokens: claims.quota_tokens,
-            billable_tokens: billed,
-            reserved_tokens: reserved,
-            report,
-            packing_keys,
-        }))
-    }
-    .await;
-    finish(&state, "usage", result)
+) -> Result<impl IntoResponse, Error> {
+    let Query(mut q) = query.map_err(|e| bad_query(e.body_text()))?;
+    let period = period_start(&claims, now_ms());
+    let billed = state.ledger.billable_tokens(&claims.jti, period).await?;
+    q.customer = None;
+    q.license = Some(claims.jti.clone());
+    let dims = q
+        .dimensions()
+        .map_err(bad_query)?
+        .into_iter()
+        .filter(|d| matches!(d, Dimension::Layer))
+        .collect();
+    let f = filter(&q, period)?;
+    let report = report(&state.ledger, &q, f, dims).await?;
+    let reserved = report
+        .in_flight
+        .iter()
+        .map(|r| r.reserved_tokens)
+        .max()
+        .unwrap_or(0);
+    let packing_keys = state
+        .ledger
+        .packing_keys(&claims.jti)
+        .await?
+        .into_iter()
+        .map(|k| PackingKeyUpload {
+            key_id: k.key_id,
+            parameter_set: k.parameter_set,
+            bytes: k.bytes,
+            uploaded_at_ms: k.uploaded_at,
+        })
+        .collect();
+    Ok(Json(CustomerUsage {
+        license_id: claims.jti,
+        customer: claims.sub,
+        model: claims.model,
+        quota_period: period_name(claims.quota_period).into(),
+        period_start_ms: period,
+        quota_tokens: claims.quota_tokens,
+        billable_tokens: billed,
+        reserved_tokens: reserved,
+        report,
+        packing_keys,
+    }))
 }
 
 /// Usage of every customer, grouped by bucket and dimensions.
@@ -276,18 +199,13 @@ pub(crate) async fn customer_usage(
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub(crate) async fn usage_report(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Compliance(_): Compliance,
     query: Result<Query<UsageQuery>, QueryRejection>,
-) -> Response {
-    let result = async {
-        let Query(q) = query.map_err(|e| bad_query(e.body_text()))?;
-        authorize(&state, &headers, Role::Compliance).await?;
-        let dims = q.dimensions().map_err(bad_query)?;
-        let f = filter(&q, ledger::month_start(now_ms()))?;
-        Ok::<_, ApiError>(Json(report(&state.ledger, &q, f, dims).await?))
-    }
-    .await;
-    finish(&state, "admin", result)
+) -> Result<impl IntoResponse, Error> {
+    let Query(q) = query.map_err(|e| bad_query(e.body_text()))?;
+    let dims = q.dimensions().map_err(bad_query)?;
+    let f = filter(&q, ledger::month_start(now_ms()))?;
+    Ok(Json(report(&state.ledger, &q, f, dims).await?))
 }
 
 /// One CSV line per billed query (columns: `protocol::admin::USAGE_CSV_COLUMNS`), streamed page
@@ -298,98 +216,92 @@ pub(crate) async fn usage_report(
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub(crate) async fn usage_export(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Compliance(admin): Compliance,
     query: Result<Query<ExportQuery>, QueryRejection>,
-) -> Response {
-    let result = async {
-        let Query(q) = query.map_err(|e| bad_query(e.body_text()))?;
-        let q = UsageQuery::from(q);
-        let admin = authorize(&state, &headers, Role::Compliance).await?;
-        let f = filter(&q, ledger::month_start(now_ms()))?;
-        let details = format!(
-            "from={} to={} customer={} license={} model={} layer={}",
-            f.from,
-            f.to,
-            f.customer.as_deref().unwrap_or("*"),
-            f.license.as_deref().unwrap_or("*"),
-            f.model.as_deref().unwrap_or("*"),
-            f.layer.as_deref().unwrap_or("*"),
-        );
-        state
-            .ledger
-            .audit(
-                &admin.sub,
-                "usage.export",
-                "usage_events",
-                &details,
-                now_ms(),
-            )
-            .await
-            .map_err(ledger_down)?;
-        let header = csv_bytes(|w| w.write_record(USAGE_CSV_COLUMNS));
-        let pages = futures_util::stream::unfold(
-            Some((state.ledger.clone(), f, None::<EventCursor>)),
-            |cursor| async move {
-                let (ledger, f, after) = cursor?;
-                match ledger
-                    .usage_events_page(&f, after.as_ref(), EXPORT_PAGE)
-                    .await
-                {
-                    Ok(page) if page.is_empty() => None,
-                    Ok(page) => {
-                        let last = page.last().expect("non-empty page");
-                        let next = EventCursor {
-                            created_at: last.created_at,
-                            license_id: last.license_id.clone(),
-                            query_id: last.query_id.clone(),
-                        };
-                        let more = page.len() as i64 == EXPORT_PAGE;
-                        let bytes = csv_bytes(|w| {
-                            for e in &page {
-                                w.write_record([
-                                    e.created_at.to_string(),
-                                    e.query_id.clone(),
-                                    e.license_id.clone(),
-                                    e.customer_id.clone(),
-                                    e.model.clone(),
-                                    e.layer.clone(),
-                                    e.tokens.to_string(),
-                                    e.upload_bytes.to_string(),
-                                    e.download_bytes.to_string(),
-                                    e.worker.clone(),
-                                    format!("{:.3}", e.compute_ms),
-                                    e.status.clone(),
-                                    e.results.clone(),
-                                    e.key_id.clone(),
-                                ])?;
-                            }
-                            Ok(())
-                        });
-                        Some((bytes, more.then_some((ledger, f, Some(next)))))
-                    }
-                    // The status line is gone: end the body early, which the client sees as
-                    // a broken transfer rather than a short file.
-                    Err(e) => {
-                        tracing::error!(error = %e, "usage export interrupted");
-                        Some((Err(std::io::Error::other(e.to_string())), None))
-                    }
+) -> Result<impl IntoResponse, Error> {
+    let Query(q) = query.map_err(|e| bad_query(e.body_text()))?;
+    let q = UsageQuery::from(q);
+    let f = filter(&q, ledger::month_start(now_ms()))?;
+    let details = format!(
+        "from={} to={} customer={} license={} model={} layer={}",
+        f.from,
+        f.to,
+        f.customer.as_deref().unwrap_or("*"),
+        f.license.as_deref().unwrap_or("*"),
+        f.model.as_deref().unwrap_or("*"),
+        f.layer.as_deref().unwrap_or("*"),
+    );
+    state
+        .ledger
+        .audit(
+            &admin.sub,
+            "usage.export",
+            "usage_events",
+            &details,
+            now_ms(),
+        )
+        .await?;
+    let header = csv_bytes(|w| w.write_record(USAGE_CSV_COLUMNS));
+    let pages = futures_util::stream::unfold(
+        Some((state.ledger.clone(), f, None::<EventCursor>)),
+        |cursor| async move {
+            let (ledger, f, after) = cursor?;
+            match ledger
+                .usage_events_page(&f, after.as_ref(), EXPORT_PAGE)
+                .await
+            {
+                Ok(page) if page.is_empty() => None,
+                Ok(page) => {
+                    let last = page.last().expect("non-empty page");
+                    let next = EventCursor {
+                        created_at: last.created_at,
+                        license_id: last.license_id.clone(),
+                        query_id: last.query_id.clone(),
+                    };
+                    let more = page.len() as i64 == EXPORT_PAGE;
+                    let bytes = csv_bytes(|w| {
+                        for e in &page {
+                            w.write_record([
+                                e.created_at.to_string(),
+                                e.query_id.clone(),
+                                e.license_id.clone(),
+                                e.customer_id.clone(),
+                                e.model.clone(),
+                                e.layer.clone(),
+                                e.tokens.to_string(),
+                                e.upload_bytes.to_string(),
+                                e.download_bytes.to_string(),
+                                e.worker.clone(),
+                                format!("{:.3}", e.compute_ms),
+                                e.status.clone(),
+                                e.results.clone(),
+                                e.key_id.clone(),
+                            ])?;
+                        }
+                        Ok(())
+                    });
+                    Some((bytes, more.then_some((ledger, f, Some(next)))))
                 }
-            },
-        );
-        let body = futures_util::stream::once(async move { header }).chain(pages);
-        Ok::<_, ApiError>((
-            [
-                (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
-                (
-                    header::CONTENT_DISPOSITION,
-                    "attachment; filename=\"usage.csv\"",
-                ),
-            ],
-            Body::from_stream(body),
-        ))
-    }
-    .await;
-    finish(&state, "admin", result)
+                // The status line is gone: end the body early, which the client sees as
+                // a broken transfer rather than a short file.
+                Err(e) => {
+                    tracing::error!(error = %e, "usage export interrupted");
+                    Some((Err(std::io::Error::other(e.to_string())), None))
+                }
+            }
+        },
+    );
+    let body = futures_util::stream::once(async move { header }).chain(pages);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"usage.csv\"",
+            ),
+        ],
+        Body::from_stream(body),
+    ))
 }
 
 fn csv_bytes(
@@ -435,32 +347,19 @@ pub(crate) struct LicenseQuery {
         (status = 403, body = ErrorBody)))]
 pub(crate) async fn list_licenses(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Compliance(_): Compliance,
     query: Result<Query<LicenseQuery>, QueryRejection>,
-) -> Response {
-    let result = async {
-        let Query(q) = query.map_err(|e| bad_query(e.body_text()))?;
-        authorize(&state, &headers, Role::Compliance).await?;
-        let customer = text_filter("customer", &q.customer)?;
-        let licenses = state
-            .ledger
-            .list_licenses(customer.as_deref())
-            .await
-            .map_err(ledger_down)?;
-        Ok::<_, ApiError>(Json(LicenseList {
-            licenses: licenses.into_iter().map(summary).collect(),
-        }))
-    }
-    .await;
-    finish(&state, "admin", result)
+) -> Result<impl IntoResponse, Error> {
+    let Query(q) = query.map_err(|e| bad_query(e.body_text()))?;
+    let customer = text_filter("customer", &q.customer)?;
+    let licenses = state.ledger.list_licenses(customer.as_deref()).await?;
+    Ok(Json(LicenseList {
+        licenses: licenses.into_iter().map(summary).collect(),
+    }))
 }
 
-fn invalid(field: &str, e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid_license_request",
-        format!("{field}: {e}"),
-    )
+fn invalid(field: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(codes::INVALID_LICENSE_REQUEST, format!("{field}: {e}"))
 }
 
 /// Signs a license with the gateway's signing key, records it (audited) and returns its token.
@@ -471,87 +370,77 @@ fn invalid(field: &str, e: impl std::fmt::Display) -> ApiError {
         (status = 501, description = "no signing key configured", body = ErrorBody)))]
 pub(crate) async fn issue_license(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Administrator(admin): Administrator,
     body: Result<Json<IssueLicense>, JsonRejection>,
-) -> Response {
-    let result = async {
-        let admin = authorize(&state, &headers, Role::Admin).await?;
-        let Json(req) = body.map_err(bad_json)?;
-        let key = state.config.signing_key.as_ref().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "issuing_disabled",
-                "this gateway holds no signing key (setting `signing_key`)",
-            )
-        })?;
-        let customer = Name::parse(&req.customer).map_err(|e| invalid("customer", e))?;
-        let model = Name::parse(&req.model).map_err(|e| invalid("model", e))?;
-        for layer in &req.layers {
-            if layer != "*" {
-                Name::parse(layer).map_err(|e| invalid("layers", e))?;
-            }
+) -> Result<impl IntoResponse, Error> {
+    let Json(req) = body.map_err(Error::json)?;
+    let key = state.config.signing_key.as_ref().ok_or_else(|| {
+        Error::new(
+            codes::ISSUING_DISABLED,
+            "this gateway holds no signing key (setting `signing_key`)",
+        )
+    })?;
+    let customer = Name::parse(&req.customer).map_err(|e| invalid("customer", e))?;
+    let model = Name::parse(&req.model).map_err(|e| invalid("model", e))?;
+    for layer in &req.layers {
+        if layer != "*" {
+            Name::parse(layer).map_err(|e| invalid("layers", e))?;
         }
-        if req.layers.is_empty() {
-            return Err(invalid("layers", "name at least one layer, or `*`"));
-        }
-        let period: QuotaPeriod = serde_json::from_value(serde_json::json!(req.quota_period))
-            .map_err(|_| invalid("quota_period", "day, month or total"))?;
-        if !(1..=3650).contains(&req.valid_days) {
-            return Err(invalid("valid_days", "1 to 3650"));
-        }
-        let id = match &req.id {
-            Some(id) => Name::parse(id).map_err(|e| invalid("id", e))?.to_string(),
-            None => format!("lic-{}", uuid::Uuid::new_v4()),
-        };
-        let now = now_ms();
-        let now_s = (now / 1000) as u64;
-        let claims = LicenseClaims {
-            jti: id.clone(),
-            sub: customer.to_string(),
-            iss: ISSUER.into(),
-            aud: state.config.audience.clone(),
-            model: model.to_string(),
-            layers: req.layers.clone(),
-            quota_tokens: req.quota_tokens,
-            quota_period: period,
-            rate_limit_per_minute: req.rate_limit_per_minute,
-            max_in_flight: req.max_in_flight,
-            iat: now_s,
-            nbf: now_s,
-            exp: now_s + u64::from(req.valid_days) * 86_400,
-        };
-        let token = key.issue(&claims).map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })?;
-        let record = ledger::LicenseRecord {
-            id,
-            customer_id: customer.to_string(),
-            model: model.to_string(),
-            quota_tokens: req.quota_tokens.min(i64::MAX as u64) as i64,
-            quota_period: period_name(period).into(),
-            issued_at: now,
-            expires_at: (claims.exp * 1000) as i64,
-        };
-        let name = req.customer_name.as_deref().unwrap_or(customer.as_str());
-        state
-            .ledger
-            .upsert_customer(customer.as_str(), name, now)
-            .await
-            .map_err(ledger_down)?;
-        // Recorded (and audited) before the token leaves: no license exists unrecorded.
-        state
-            .ledger
-            .record_license(&record, &admin.sub, now)
-            .await
-            .map_err(ledger_down)?;
-        let license = summary(LicenseListing {
-            license: record,
-            revoked: None,
-        });
-        Ok::<_, ApiError>((StatusCode::CREATED, Json(IssuedLicense { license, token })))
     }
-    .await;
-    finish(&state, "admin", result)
+    if req.layers.is_empty() {
+        return Err(invalid("layers", "name at least one layer, or `*`"));
+    }
+    let period: QuotaPeriod = serde_json::from_value(serde_json::json!(req.quota_period))
+        .map_err(|_| invalid("quota_period", "day, month or total"))?;
+    if !(1..=3650).contains(&req.valid_days) {
+        return Err(invalid("valid_days", "1 to 3650"));
+    }
+    let id = match &req.id {
+        Some(id) => Name::parse(id).map_err(|e| invalid("id", e))?.to_string(),
+        None => format!("lic-{}", uuid::Uuid::new_v4()),
+    };
+    let now = now_ms();
+    let now_s = (now / 1000) as u64;
+    let claims = LicenseClaims {
+        jti: id.clone(),
+        sub: customer.to_string(),
+        iss: ISSUER.into(),
+        aud: state.config.audience.clone(),
+        model: model.to_string(),
+        layers: req.layers.clone(),
+        quota_tokens: req.quota_tokens,
+        quota_period: period,
+        rate_limit_per_minute: req.rate_limit_per_minute,
+        max_in_flight: req.max_in_flight,
+        iat: now_s,
+        nbf: now_s,
+        exp: now_s + u64::from(req.valid_days) * 86_400,
+    };
+    let token = key.issue(&claims).map_err(Error::internal)?;
+    let record = ledger::LicenseRecord {
+        id,
+        customer_id: customer.to_string(),
+        model: model.to_string(),
+        quota_tokens: req.quota_tokens.min(i64::MAX as u64) as i64,
+        quota_period: period_name(period).into(),
+        issued_at: now,
+        expires_at: (claims.exp * 1000) as i64,
+    };
+    let name = req.customer_name.as_deref().unwrap_or(customer.as_str());
+    state
+        .ledger
+        .upsert_customer(customer.as_str(), name, now)
+        .await?;
+    // Recorded (and audited) before the token leaves: no license exists unrecorded.
+    state
+        .ledger
+        .record_license(&record, &admin.sub, now)
+        .await?;
+    let license = summary(LicenseListing {
+        license: record,
+        revoked: None,
+    });
+    Ok((StatusCode::CREATED, Json(IssuedLicense { license, token })))
 }
 
 /// Revokes a license (or an admin token) by id; gateways refuse it within seconds.
@@ -562,30 +451,24 @@ pub(crate) async fn issue_license(
         (status = 403, body = ErrorBody)))]
 pub(crate) async fn revoke_license(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Administrator(admin): Administrator,
     Path(id): Path<String>,
     body: Result<Json<RevokeLicense>, JsonRejection>,
-) -> Response {
-    let result = async {
-        let admin = authorize(&state, &headers, Role::Admin).await?;
-        let Json(req) = body.map_err(bad_json)?;
-        let id = Name::parse(&id).map_err(ApiError::invalid_name)?;
-        if req.reason.trim().is_empty() || req.reason.len() > 1000 {
-            return Err(invalid("reason", "1 to 1000 characters"));
-        }
-        let now = now_ms();
-        state
-            .ledger
-            .revoke(id.as_str(), &req.reason, &admin.sub, now)
-            .await
-            .map_err(ledger_down)?;
-        Ok::<_, ApiError>(Json(RevokedLicense {
-            id: id.to_string(),
-            revoked_at_ms: now,
-        }))
+) -> Result<impl IntoResponse, Error> {
+    let Json(req) = body.map_err(Error::json)?;
+    let id = Name::parse(&id).map_err(Error::name)?;
+    if req.reason.trim().is_empty() || req.reason.len() > 1000 {
+        return Err(invalid("reason", "1 to 1000 characters"));
     }
-    .await;
-    finish(&state, "admin", result)
+    let now = now_ms();
+    state
+        .ledger
+        .revoke(id.as_str(), &req.reason, &admin.sub, now)
+        .await?;
+    Ok(Json(RevokedLicense {
+        id: id.to_string(),
+        revoked_at_ms: now,
+    }))
 }
 
 /// The audit log, oldest first, a page at a time.
@@ -595,38 +478,29 @@ pub(crate) async fn revoke_license(
         (status = 403, body = ErrorBody)))]
 pub(crate) async fn audit_log(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Compliance(_): Compliance,
     query: Result<Query<AuditQuery>, QueryRejection>,
-) -> Response {
-    let result = async {
-        let Query(q) = query.map_err(|e| bad_query(e.body_text()))?;
-        authorize(&state, &headers, Role::Compliance).await?;
-        let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-        let page = state
-            .ledger
-            .audit_page(q.after.unwrap_or(0), limit)
-            .await
-            .map_err(ledger_down)?;
-        let next_after = if page.len() as i64 == limit {
-            page.last().map(|e| e.id)
-        } else {
-            None
-        };
-        Ok::<_, ApiError>(Json(AuditLog {
-            next_after,
-            entries: page
-                .into_iter()
-                .map(|e| AuditEntry {
-                    id: e.id,
-                    at_ms: e.event.at,
-                    actor: e.event.actor,
-                    action: e.event.action,
-                    subject: e.event.subject,
-                    details: e.event.details,
-                })
-                .collect(),
-        }))
-    }
-    .await;
-    finish(&state, "admin", result)
+) -> Result<impl IntoResponse, Error> {
+    let Query(q) = query.map_err(|e| bad_query(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let page = state.ledger.audit_page(q.after.unwrap_or(0), limit).await?;
+    let next_after = if page.len() as i64 == limit {
+        page.last().map(|e| e.id)
+    } else {
+        None
+    };
+    Ok(Json(AuditLog {
+        next_after,
+        entries: page
+            .into_iter()
+            .map(|e| AuditEntry {
+                id: e.id,
+                at_ms: e.event.at,
+                actor: e.event.actor,
+                action: e.event.action,
+                subject: e.event.subject,
+                details: e.event.details,
+            })
+            .collect(),
+    }))
 }

@@ -16,9 +16,9 @@ use fhe_linear::wire::Header;
 use fhe_linear::PackingKey;
 use ledger::PackingKeyRecord;
 use protocol::{codes, ErrorBody, KeyInfo, KeyList, KeyRegistered};
-use service_kit::ApiError;
 
-use crate::routes::{authenticate, ledger_down, now_ms, record};
+use crate::auth::{now_ms, Licensed};
+use crate::error::Error;
 use crate::AppState;
 
 /// Owners of the keys seen recently (key id -> (license id, parameter set id)): requests for
@@ -58,6 +58,15 @@ impl KeyOwners {
     }
 }
 
+/// The largest packing key of any parameter set this build knows.
+pub(crate) fn max_key_bytes() -> usize {
+    fhe_linear::PARAMETER_SETS
+        .iter()
+        .filter_map(PackingKey::serialized_len)
+        .max()
+        .unwrap_or(0)
+}
+
 /// Registers the caller's packing key (the body: `fhe_linear`'s packing key format) under its
 /// license. Idempotent; the upload is recorded with its size and audited.
 #[utoipa::path(put, path = "/v1/keys", tag = "inference",
@@ -71,50 +80,23 @@ impl KeyOwners {
         (status = 503, body = ErrorBody)))]
 pub(crate) async fn put_key(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Licensed(claims): Licensed,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let response = put_key_inner(&state, &headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response);
-    record(&state, "put_key", &response);
-    response
-}
-
-/// The largest packing key of any parameter set this build knows.
-pub(crate) fn max_key_bytes() -> usize {
-    fhe_linear::PARAMETER_SETS
-        .iter()
-        .filter_map(PackingKey::serialized_len)
-        .max()
-        .unwrap_or(0)
-}
-
-async fn put_key_inner(
-    state: &Arc<AppState>,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let claims = authenticate(state, headers).await?;
-    let body = body.map_err(|e| ApiError::body(e, state.config.max_body_bytes))?;
+) -> Result<Response, Error> {
+    let body = body.map_err(|e| Error::body(e, state.config.max_body_bytes))?;
     if body.len() > max_key_bytes() {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
+        return Err(Error::new(
             codes::BODY_TOO_LARGE,
             format!("a packing key has at most {} bytes", max_key_bytes()),
         ));
     }
-    let key = PackingKey::from_bytes(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, codes::INVALID_KEY, e.to_string()))?;
+
+    let key =
+        PackingKey::from_bytes(&body).map_err(|e| Error::new(codes::INVALID_KEY, e.to_string()))?;
     let key_id = protocol::key_id(&claims.jti, &body);
-    let existing = state
-        .ledger
-        .packing_keys(&claims.jti)
-        .await
-        .map_err(ledger_down)?;
+    let existing = state.ledger.packing_keys(&claims.jti).await?;
     if existing.len() >= MAX_KEYS_PER_LICENSE && !existing.iter().any(|k| k.key_id == key_id) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
+        return Err(Error::new(
             codes::TOO_MANY_KEYS,
             format!("a license registers at most {MAX_KEYS_PER_LICENSE} packing keys"),
         ));
@@ -127,11 +109,7 @@ async fn put_key_inner(
         bytes: body.len() as i64,
         uploaded_at: now_ms(),
     };
-    let created = state
-        .ledger
-        .register_packing_key(&record, &body)
-        .await
-        .map_err(ledger_down)?;
+    let created = state.ledger.register_packing_key(&record, &body).await?;
     state
         .key_owners
         .insert(&key_id, (claims.jti.clone(), key.params().id.0));
@@ -160,31 +138,23 @@ async fn put_key_inner(
 #[utoipa::path(get, path = "/v1/keys", tag = "inference", security(("license" = [])),
     responses((status = 200, body = KeyList), (status = 401, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
-pub(crate) async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let result = async {
-        let claims = authenticate(&state, &headers).await?;
-        let keys = state
-            .ledger
-            .packing_keys(&claims.jti)
-            .await
-            .map_err(ledger_down)?;
-        Ok::<_, ApiError>(Json(KeyList {
-            keys: keys
-                .into_iter()
-                .map(|k| KeyInfo {
-                    key_id: k.key_id,
-                    parameter_set: k.parameter_set,
-                    bytes: k.bytes as usize,
-                    uploaded_at_ms: k.uploaded_at,
-                })
-                .collect(),
-            max_keys: MAX_KEYS_PER_LICENSE,
-        }))
-    }
-    .await;
-    let response = result.map_or_else(IntoResponse::into_response, IntoResponse::into_response);
-    record(&state, "list_keys", &response);
-    response
+pub(crate) async fn list_keys(
+    State(state): State<Arc<AppState>>,
+    Licensed(claims): Licensed,
+) -> Result<Json<KeyList>, Error> {
+    let keys = state.ledger.packing_keys(&claims.jti).await?;
+    Ok(Json(KeyList {
+        keys: keys
+            .into_iter()
+            .map(|k| KeyInfo {
+                key_id: k.key_id,
+                parameter_set: k.parameter_set,
+                bytes: k.bytes as usize,
+                uploaded_at_ms: k.uploaded_at,
+            })
+            .collect(),
+        max_keys: MAX_KEYS_PER_LICENSE,
+    }))
 }
 
 /// Deletes one of the caller's packing keys (audited); it frees one of the license's key slots.
@@ -197,31 +167,22 @@ pub(crate) async fn list_keys(State(state): State<Arc<AppState>>, headers: Heade
 pub(crate) async fn delete_key(
     State(state): State<Arc<AppState>>,
     Path(key_id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    let result = async {
-        let claims = authenticate(&state, &headers).await?;
-        let deleted = state
-            .ledger
-            .delete_packing_key(&key_id, &claims.jti, now_ms())
-            .await
-            .map_err(ledger_down)?;
-        if !deleted {
-            // Another license's key is not this caller's business: it learns no more than
-            // that it has no key of that id.
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                codes::UNKNOWN_KEY,
-                format!("the license has no packing key {key_id}"),
-            ));
-        }
-        state.key_owners.forget(&key_id);
-        Ok(StatusCode::NO_CONTENT)
+    Licensed(claims): Licensed,
+) -> Result<StatusCode, Error> {
+    let deleted = state
+        .ledger
+        .delete_packing_key(&key_id, &claims.jti, now_ms())
+        .await?;
+    if !deleted {
+        // Another license's key is not this caller's business: it learns no more than that it
+        // has no key of that id.
+        return Err(Error::new(
+            codes::UNKNOWN_KEY,
+            format!("the license has no packing key {key_id}"),
+        ));
     }
-    .await;
-    let response = result.map_or_else(IntoResponse::into_response, IntoResponse::into_response);
-    record(&state, "delete_key", &response);
-    response
+    state.key_owners.forget(&key_id);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Checks the key a request for packed results names: present, registered, registered by this
@@ -231,14 +192,13 @@ pub(crate) async fn check_request_key(
     headers: &HeaderMap,
     license_id: &str,
     batch: &Header,
-) -> Result<String, ApiError> {
+) -> Result<String, Error> {
     let key_id = headers
         .get(protocol::KEY_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| protocol::is_key_id(v))
         .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
+            Error::new(
                 codes::KEY_REQUIRED,
                 format!(
                     "packed results need a registered packing key: PUT {} then send {}",
@@ -261,15 +221,13 @@ pub(crate) async fn check_request_key(
         }
     };
     if owner.0 != license_id {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
+        return Err(Error::new(
             codes::KEY_NOT_OWNED,
             "the packing key was registered by another license",
         ));
     }
     if owner.1 != batch.param_set.0 {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
+        return Err(Error::new(
             codes::KEY_PARAMETER_MISMATCH,
             "the packing key belongs to another parameter set than the batch",
         ));
@@ -281,22 +239,15 @@ pub(crate) async fn check_request_key(
 async fn registered_key(
     state: &AppState,
     key_id: &str,
-) -> Result<(PackingKeyRecord, Vec<u8>), ApiError> {
+) -> Result<(PackingKeyRecord, Vec<u8>), Error> {
     state
         .ledger
         .packing_key(key_id)
-        .await
-        .map_err(ledger_down)?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                codes::UNKNOWN_KEY,
-                format!("no packing key {key_id}"),
-            )
-        })
+        .await?
+        .ok_or_else(|| Error::new(codes::UNKNOWN_KEY, format!("no packing key {key_id}")))
 }
 
 /// The bytes of a registered key, to push to a worker.
-pub(crate) async fn key_bytes(state: &AppState, key_id: &str) -> Result<Bytes, ApiError> {
+pub(crate) async fn key_bytes(state: &AppState, key_id: &str) -> Result<Bytes, Error> {
     Ok(Bytes::from(registered_key(state, key_id).await?.1))
 }

@@ -15,11 +15,14 @@
 
 mod admin;
 mod admission;
+mod auth;
 pub mod config;
+mod error;
 mod keys;
 mod keysets;
 mod metrics;
 mod openapi;
+mod router;
 mod routes;
 mod workers;
 
@@ -211,7 +214,7 @@ impl Application {
         let served = service_kit::serve(
             self.api,
             self.tls,
-            routes::router(self.state),
+            router::router(self.state),
             self.metrics,
             metrics,
             shutdown,

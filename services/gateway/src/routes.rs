@@ -1,105 +1,26 @@
 //! HTTP handlers of the gateway.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
-use axum::Router;
 use fhe_linear::{Limits, ResultEncoding};
 use ledger::{LedgerError, UsageEvent};
-use license::{LicenseClaims, QuotaPeriod};
+use license::LicenseClaims;
 use protocol::{codes, ErrorBody, ModelLayers, Name};
-use service_kit::{outcome, ApiError};
+use service_kit::outcome;
 
+use crate::auth::{authenticate, now_ms, period_start, Licensed};
+use crate::error::Error;
 use crate::workers::ForwardError;
-use crate::{admin, keys, AppState};
+use crate::{keys, AppState};
 
-pub(crate) fn ledger_down(e: LedgerError) -> ApiError {
-    tracing::error!(error = %e, "ledger unavailable: refusing the request");
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "ledger_unavailable",
-        "usage cannot be recorded now; retry",
-    )
-    .retry(1)
-}
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// The bearer token of a request, if any.
-pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-}
-
-/// Verifies the bearer license, including revocation.
-pub(crate) async fn authenticate(
-    state: &AppState,
-    headers: &HeaderMap,
-) -> Result<LicenseClaims, ApiError> {
-    let token = bearer(headers).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "license_missing",
-            "send Authorization: Bearer <license>",
-        )
-    })?;
-    let now = (now_ms() / 1000) as u64;
-    let claims = state
-        .keysets
-        .verify_license(token, &state.config.audience, now)
-        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
-    refuse_revoked(
-        state,
-        &claims.jti,
-        "license_revoked",
-        "this license was revoked",
-    )
-    .await?;
-    Ok(claims)
-}
-
-/// 401 with `code` when token id `jti` is on the revocation list (refreshed every few seconds).
-pub(crate) async fn refuse_revoked(
-    state: &AppState,
-    jti: &str,
-    code: &'static str,
-    message: &'static str,
-) -> Result<(), ApiError> {
-    if state
-        .admission
-        .is_revoked(&state.ledger, jti)
-        .await
-        .map_err(ledger_down)?
-    {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, code, message));
-    }
-    Ok(())
-}
-
-pub(crate) fn period_start(claims: &LicenseClaims, now: i64) -> i64 {
-    match claims.quota_period {
-        QuotaPeriod::Day => ledger::day_start(now),
-        QuotaPeriod::Month => ledger::month_start(now),
-        QuotaPeriod::Total => 0,
-    }
-}
-
-fn names(model: &str, layer: &str) -> Result<(Name, Name), ApiError> {
-    let bad = ApiError::invalid_name;
+fn names(model: &str, layer: &str) -> Result<(Name, Name), Error> {
+    let bad = Error::name;
     Ok((
         Name::parse(model).map_err(bad)?,
         Name::parse(layer).map_err(bad)?,
@@ -111,17 +32,16 @@ const MAX_PARTS: usize = 16;
 
 /// The layers a request is metered for: its layer, or a group's layers named in
 /// `x-layer-parts` (checked again by the worker against the group it serves).
-fn metered_layers(layer: &Name, headers: &HeaderMap) -> Result<Vec<Name>, ApiError> {
+fn metered_layers(layer: &Name, headers: &HeaderMap) -> Result<Vec<Name>, Error> {
     let Some(value) = headers.get(protocol::LAYER_PARTS_HEADER) else {
         return Ok(vec![layer.clone()]);
     };
-    let bad =
-        |why: String| ApiError::new(StatusCode::BAD_REQUEST, codes::LAYER_PARTS_MISMATCH, why);
+    let bad = |why: String| Error::new(codes::LAYER_PARTS_MISMATCH, why);
     let parts: Vec<Name> = value
         .to_str()
         .map_err(|_| bad(format!("{} is not text", protocol::LAYER_PARTS_HEADER)))?
         .split(',')
-        .map(|p| Name::parse(p.trim()).map_err(ApiError::invalid_name))
+        .map(|p| Name::parse(p.trim()).map_err(Error::name))
         .collect::<Result<_, _>>()?;
     let unique: std::collections::HashSet<&str> = parts.iter().map(Name::as_str).collect();
     if parts.len() < 2 || parts.len() > MAX_PARTS || unique.len() != parts.len() {
@@ -133,7 +53,7 @@ fn metered_layers(layer: &Name, headers: &HeaderMap) -> Result<Vec<Name>, ApiErr
     Ok(parts)
 }
 
-fn query_id(headers: &HeaderMap) -> Result<String, ApiError> {
+fn query_id(headers: &HeaderMap) -> Result<String, Error> {
     let id = headers
         .get(protocol::QUERY_ID_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -145,8 +65,7 @@ fn query_id(headers: &HeaderMap) -> Result<String, ApiError> {
     if ok {
         Ok(id.to_string())
     } else {
-        Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
+        Err(Error::new(
             codes::MISSING_QUERY_ID,
             format!(
                 "send {}: 1 to 128 of A-Z a-z 0-9 - _",
@@ -195,12 +114,7 @@ pub(crate) async fn apply(
     let task = tokio::spawn(apply_to_end(state, model, layer, headers, body));
     task.await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "apply task failed");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            codes::INTERNAL,
-            "the request failed inside the gateway",
-        )
-        .into_response()
+        Error::new(codes::INTERNAL, "the request failed inside the gateway").into_response()
     })
 }
 
@@ -240,40 +154,35 @@ async fn apply_inner(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     in_worker: &mut Option<std::time::Duration>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let (model, layer) = names(model, layer)?;
     let claims = authenticate(state, headers).await?;
     if claims.model != model.as_str() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "license_wrong_model",
+        return Err(Error::new(
+            codes::LICENSE_WRONG_MODEL,
             format!("the license covers model `{}`", claims.model),
         ));
     }
     let metered = metered_layers(&layer, headers)?;
     if let Some(part) = metered.iter().find(|l| !claims.allows_layer(l.as_str())) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "layer_not_licensed",
+        return Err(Error::new(
+            codes::LAYER_NOT_LICENSED,
             format!("the license does not cover layer `{part}`"),
         ));
     }
     let query_id = query_id(headers)?;
-    let body = body.map_err(|e| ApiError::body(e, state.config.max_body_bytes))?;
+    let body = body.map_err(|e| Error::body(e, state.config.max_body_bytes))?;
     // Meter from the header only; the ciphertext itself is the worker's business.
     let limits = Limits {
         max_bytes: state.config.max_body_bytes as u64,
         max_tokens: state.config.max_rows_per_request,
         ..Limits::default()
     };
-    let header = fhe_linear::wire::read_batch_header(&body, &limits).map_err(|e| {
-        let (status, code) = match &e {
-            fhe_linear::WireError::InvalidHeader(m) if m.contains("tokens outside") => {
-                (StatusCode::BAD_REQUEST, "too_many_rows")
-            }
-            _ => (StatusCode::BAD_REQUEST, e.code()),
-        };
-        ApiError::new(status, code, e.to_string())
+    let header = fhe_linear::wire::read_batch_header(&body, &limits).map_err(|e| match &e {
+        fhe_linear::WireError::InvalidHeader(m) if m.contains("tokens outside") => {
+            Error::new(codes::TOO_MANY_ROWS, e.to_string())
+        }
+        _ => Error::from(e),
     })?;
     let tokens = header.tokens;
     let key_id = match header.encoding {
@@ -285,8 +194,7 @@ async fn apply_inner(
     let rate_cost = tokens * metered.len();
     if rate_cost > claims.rate_limit_per_minute.max(1) as usize {
         // No wait would let the bucket hold that much: smaller requests, not retries.
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
+        return Err(Error::new(
             codes::EXCEEDS_RATE_LIMIT,
             format!(
                 "{tokens} rows x {} layers exceed the license's rate of {} tokens per minute: \
@@ -301,9 +209,8 @@ async fn apply_inner(
         .admission
         .enter(&claims.jti, claims.max_in_flight)
         .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_in_flight",
+            Error::new(
+                codes::TOO_MANY_IN_FLIGHT,
                 "too many requests in flight for this license",
             )
             .retry(1)
@@ -345,27 +252,12 @@ async fn apply_inner(
             // again without quota, and not billed again.
             None
         }
-        Err(LedgerError::QuotaExceeded {
-            quota,
-            remaining,
-            requested,
-        }) => {
-            state.metrics.quota_rejections.inc();
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                codes::QUOTA_EXCEEDED,
-                format!("{requested} tokens requested, {remaining} of {quota} left in this period"),
-            ));
+        Err(e) => {
+            if matches!(e, LedgerError::QuotaExceeded { .. }) {
+                state.metrics.quota_rejections.inc();
+            }
+            return Err(e.into());
         }
-        Err(LedgerError::RateLimited { retry_after_s, .. }) => {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                codes::RATE_LIMITED,
-                "token rate limit of the license reached",
-            )
-            .retry(retry_after_s));
-        }
-        Err(e) => return Err(ledger_down(e)),
     };
     state.metrics.bytes_in.inc_by(body.len() as u64);
 
@@ -391,7 +283,7 @@ async fn apply_inner(
         Ok(a) => {
             // The worker refused the request (malformed, wrong shape...): nothing to bill.
             if let Some(r) = reservation {
-                r.release().await.map_err(ledger_down)?;
+                r.release().await?;
             }
             let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut response = (status, a.body).into_response();
@@ -403,14 +295,11 @@ async fn apply_inner(
         }
         Err(ForwardError::Unreachable(reason)) => {
             if let Some(r) = reservation {
-                r.release().await.map_err(ledger_down)?;
+                r.release().await?;
             }
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_worker",
-                format!("no worker answered: {reason}"),
-            )
-            .retry(1));
+            return Err(
+                Error::new(codes::NO_WORKER, format!("no worker answered: {reason}")).retry(1),
+            );
         }
     };
     // One usage row per metered layer: a group's bytes and compute time shared among its
@@ -445,23 +334,11 @@ async fn apply_inner(
             answer.compute_ms,
         ));
     };
-    let settlements = reservation.settle(&events).await.map_err(|e| match e {
-        LedgerError::LeaseExpired {
-            quota,
-            remaining,
-            requested,
-        } => {
+    let settlements = reservation.settle(&events).await.map_err(|e| {
+        if matches!(e, LedgerError::LeaseExpired { .. }) {
             state.metrics.quota_rejections.inc();
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                codes::LEASE_EXPIRED,
-                format!(
-                    "the request outlived its reservation's lease and the quota has no room left \
-                     for it ({requested} tokens, {remaining} of {quota} left): nothing was billed"
-                ),
-            )
         }
-        e => ledger_down(e),
+        Error::from(e)
     })?;
     for (part, settled) in metered.iter().zip(settlements) {
         if settled.billed {
@@ -485,14 +362,9 @@ async fn already_billed(
     state: &AppState,
     license_id: &str,
     query_ids: &[String],
-) -> Result<bool, ApiError> {
+) -> Result<bool, Error> {
     for id in query_ids {
-        if !state
-            .ledger
-            .is_claimed(license_id, id)
-            .await
-            .map_err(ledger_down)?
-        {
+        if !state.ledger.is_claimed(license_id, id).await? {
             return Ok(false);
         }
     }
@@ -565,49 +437,40 @@ async fn forward_packed(
 pub(crate) async fn layers(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    let result = async {
-        let model = Name::parse(&model).map_err(ApiError::invalid_name)?;
-        let claims = authenticate(&state, &headers).await?;
-        if claims.model != model.as_str() {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "license_wrong_model",
-                format!("the license covers model `{}`", claims.model),
-            ));
-        }
-        match state
-            .workers
-            .send(reqwest::Method::GET, &protocol::layers_path(&model), None)
-            .await
-        {
-            Ok(a) => {
-                let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
-                // Each layer says how many rows this license may send it at once.
-                let body = match serde_json::from_slice::<ModelLayers>(&a.body) {
-                    Ok(mut served) if status == StatusCode::OK => {
-                        for layer in &mut served.layers {
-                            let parts = layer.parts.len().max(1);
-                            layer.max_rows = Some(max_rows(&state.config, &claims, parts));
-                        }
-                        serde_json::to_vec(&served)
-                            .map(Into::into)
-                            .unwrap_or(a.body)
-                    }
-                    _ => a.body,
-                };
-                Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
-            }
-            Err(ForwardError::Unreachable(reason)) => {
-                Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_worker", reason).retry(1))
-            }
-        }
+    Licensed(claims): Licensed,
+) -> Result<Response, Error> {
+    let model = Name::parse(&model).map_err(Error::name)?;
+    if claims.model != model.as_str() {
+        return Err(Error::new(
+            codes::LICENSE_WRONG_MODEL,
+            format!("the license covers model `{}`", claims.model),
+        ));
     }
-    .await;
-    let response = result.unwrap_or_else(IntoResponse::into_response);
-    record(&state, "layers", &response);
-    response
+    let a = match state
+        .workers
+        .send(reqwest::Method::GET, &protocol::layers_path(&model), None)
+        .await
+    {
+        Ok(a) => a,
+        Err(ForwardError::Unreachable(reason)) => {
+            return Err(Error::new(codes::NO_WORKER, reason).retry(1))
+        }
+    };
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    // Each layer says how many rows this license may send it at once.
+    let body = match serde_json::from_slice::<ModelLayers>(&a.body) {
+        Ok(mut served) if status == StatusCode::OK => {
+            for layer in &mut served.layers {
+                let parts = layer.parts.len().max(1);
+                layer.max_rows = Some(max_rows(&state.config, &claims, parts));
+            }
+            serde_json::to_vec(&served)
+                .map(Into::into)
+                .unwrap_or(a.body)
+        }
+        _ => a.body,
+    };
+    Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// Rows one request of `parts` metered layers may carry for a license: the row cap, and what
@@ -626,47 +489,10 @@ pub(crate) async fn healthz() -> &'static str {
 /// Ready when the ledger answers and at least one worker is healthy.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = String), (status = 503, body = ErrorBody)))]
-pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
-    state.ledger.ping().await.map_err(ledger_down)?;
+pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Result<&'static str, Error> {
+    state.ledger.ping().await?;
     if state.workers.healthy_count() == 0 {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_worker",
-            "no healthy worker",
-        )
-        .retry(1));
+        return Err(Error::new(codes::NO_WORKER, "no healthy worker").retry(1));
     }
     Ok("ready")
-}
-
-pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.config.max_body_bytes;
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/v1/usage", get(admin::customer_usage))
-        .route("/v1/admin/usage", get(admin::usage_report))
-        .route("/v1/admin/usage/export.csv", get(admin::usage_export))
-        .route(
-            "/v1/admin/licenses",
-            get(admin::list_licenses).post(admin::issue_license),
-        )
-        .route(
-            "/v1/admin/licenses/{id}/revoke",
-            post(admin::revoke_license),
-        )
-        .route("/v1/admin/audit", get(admin::audit_log))
-        .route("/v1/models/{model}/layers", get(layers))
-        .route("/v1/models/{model}/layers/{layer}/apply", post(apply))
-        // Packing keys may be larger than the largest ciphertext a gateway accepts.
-        .route(
-            "/v1/keys",
-            put(keys::put_key)
-                .layer(DefaultBodyLimit::max(keys::max_key_bytes().max(limit)))
-                .get(keys::list_keys),
-        )
-        .route("/v1/keys/{key_id}", delete(keys::delete_key))
-        .route("/.well-known/jwks.json", get(crate::keysets::jwks))
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
 }
