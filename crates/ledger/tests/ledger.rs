@@ -81,6 +81,17 @@ async fn reserve_at<'l>(
     .await
 }
 
+/// Reserves and releases `tokens` on layer `a` at `now`: an admission that needs the room, so
+/// that it reclaims the expired leases first.
+async fn reclaim_at(l: &Ledger, period: i64, quota: i64, tokens: i64, now: i64) {
+    reserve_at(l, &["a"], period, quota, tokens, now, 1000)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+}
+
 /// Settles a one-layer reservation.
 async fn settle(r: Reservation<'_>, e: &UsageEvent) -> Result<Settlement, LedgerError> {
     Ok(r.settle(std::slice::from_ref(e)).await?[0])
@@ -575,10 +586,7 @@ async fn leases(l: Ledger) {
     let slow = reserve_at(&l, &["a"], period, 10, 1, NOW + 3000, 10)
         .await
         .unwrap();
-    let r = reserve_at(&l, &["a"], period, 10, 1, NOW + 4000, 1000)
-        .await
-        .unwrap();
-    r.release().await.unwrap();
+    reclaim_at(&l, period, 10, 1, NOW + 4000).await;
     let late = settle(slow, &event("q-late", "a", 1, NOW + 4001))
         .await
         .unwrap();
@@ -593,12 +601,7 @@ async fn leases(l: Ledger) {
     let retry = reserve_at(&l, &["a"], period, 20, 1, NOW + 5000, 10)
         .await
         .unwrap();
-    reserve_at(&l, &["a"], period, 20, 10, NOW + 6000, 1000)
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
+    reclaim_at(&l, period, 20, 10, NOW + 6000).await;
     let again = settle(retry, &event("q-late", "a", 1, NOW + 6001))
         .await
         .unwrap();
@@ -769,12 +772,7 @@ async fn postgres_group_commit_bills_as_one_by_one() {
     let slow = reserve_at(&l, &["a"], period, 100, 1, NOW + 1, 1)
         .await
         .unwrap();
-    reserve_at(&l, &["a"], period, 100, 60, NOW + 10, 1000)
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
+    reclaim_at(&l, period, 100, 60, NOW + 10).await;
     let late = settle(slow, &event("q-late", "a", 1, NOW + 10))
         .await
         .unwrap();

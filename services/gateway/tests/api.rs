@@ -39,17 +39,8 @@ async fn remote_generation_through_the_gateway_is_exact_and_billed() {
     // Prefill (5 rows) + 5 decode steps (1 row each) through the one protected layer.
     assert_eq!(s.billable("lic-gen").await, 10);
     assert_eq!(s.ledger.usage_events("lic-gen").await.unwrap().len(), 6);
-    let usage = reqwest::Client::new()
-        .get(format!("{}/v1/usage", s.url))
-        .bearer_auth(&license)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let usage: serde_json::Value = serde_json::from_slice(&usage).unwrap();
-    assert_eq!(usage["billable_tokens"], 10);
+    let usage = customer_usage(&s.url, &license).await;
+    assert_eq!((usage.billable_tokens, usage.reserved_tokens), (10, 0));
     let metrics = s.metrics().await;
     for name in [
         "gateway_requests_total",

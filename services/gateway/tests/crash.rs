@@ -68,31 +68,11 @@ async fn apply(url: &str, license: &str, query_id: &str, rows: usize) -> (u16, S
     (status, error_code(&answer.bytes().await.unwrap()))
 }
 
-async fn usage(url: &str, license: &str) -> protocol::admin::CustomerUsage {
-    let body = reqwest::Client::new()
-        .get(format!("{url}/v1/usage"))
-        .bearer_auth(license)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    serde_json::from_slice(&body).unwrap()
-}
-
 async fn check(database_url: String) {
     let dir = tempfile::tempdir().unwrap();
     let (_, server) = compile_tiny(dir.path());
-    // A worker with one compute slot that the test can hold: "the worker paused".
-    let mut worker_config = worker::WorkerConfig::local(vec![server]);
-    worker_config.max_concurrency = 1;
-    worker_config.queue_timeout = Duration::from_secs(30);
-    let worker = worker::Application::build(worker_config).await.unwrap();
-    let worker_url = format!("http://127.0.0.1:{}", worker.port());
-    let slots = worker.compute_slots();
-    tokio::spawn(worker.run_until_stopped(std::future::pending()));
-    wait_ready(&worker_url).await;
+    // A worker whose one compute slot the test can hold: "the worker paused".
+    let (worker_url, slots) = paused_worker(server, Duration::from_secs(30)).await;
 
     let key = SigningKey::generate("k1");
     let keyset = KeySet::new(&[key.public().unwrap()]).unwrap();
@@ -139,7 +119,7 @@ async fn check(database_url: String) {
     drop(held);
 
     let (mut gateway, url) = start_gateway(dir.path(), &database_url, &worker_url).await;
-    let seen = usage(&url, &license).await;
+    let seen = customer_usage(&url, &license).await;
     assert_eq!(seen.billable_tokens, 1);
     if crashed_at.elapsed() < Duration::from_secs(LEASE_SECONDS) {
         // The customer sees the stranded tokens as in flight, and the lease still holds them.
@@ -151,12 +131,12 @@ async fn check(database_url: String) {
     }
     // The answered query, retried with its id: answered again, not billed again.
     assert_eq!(apply(&url, &license, "q-done", 1).await.0, 200);
-    assert_eq!(usage(&url, &license).await.billable_tokens, 1);
+    assert_eq!(customer_usage(&url, &license).await.billable_tokens, 1);
 
     // After the lease: the whole quota is usable again.
     let lease_end = crashed_at + Duration::from_secs(LEASE_SECONDS) + Duration::from_millis(100);
     tokio::time::sleep_until(lease_end.into()).await;
-    assert_eq!(usage(&url, &license).await.reserved_tokens, 0);
+    assert_eq!(customer_usage(&url, &license).await.reserved_tokens, 0);
     assert_eq!(apply(&url, &license, "q-after", 4).await.0, 200);
     assert_eq!(
         apply(&url, &license, "q-full", 1).await,
@@ -164,7 +144,7 @@ async fn check(database_url: String) {
     );
     // With the quota used up, a retry of a billed query is still answered (it was paid for).
     assert_eq!(apply(&url, &license, "q-after", 4).await.0, 200);
-    let seen = usage(&url, &license).await;
+    let seen = customer_usage(&url, &license).await;
     assert_eq!((seen.billable_tokens, seen.reserved_tokens), (5, 0));
     let billed: Vec<String> = ledger
         .usage_events("lic-crash")

@@ -26,14 +26,7 @@ async fn check(database_url: String) {
     let dir = tempfile::tempdir().unwrap();
     let (_, server) = compile_tiny(dir.path());
     // A worker with one compute slot, held by the test: requests wait in its queue.
-    let mut worker_config = worker::WorkerConfig::local(vec![server]);
-    worker_config.max_concurrency = 1;
-    worker_config.queue_timeout = Duration::from_secs(10);
-    let worker = worker::Application::build(worker_config).await.unwrap();
-    let worker_url = format!("http://127.0.0.1:{}", worker.port());
-    let slots = worker.compute_slots();
-    tokio::spawn(worker.run_until_stopped(std::future::pending()));
-    wait_ready(&worker_url).await;
+    let (worker_url, slots) = paused_worker(server, Duration::from_secs(10)).await;
     let held = slots.clone().acquire_owned().await.unwrap();
 
     let key = SigningKey::generate("k1");

@@ -76,6 +76,37 @@ pub async fn wait_ready(url: &str) {
     panic!("{url} never became ready");
 }
 
+/// A worker with one compute slot that the test can hold ("the worker paused": requests wait
+/// in its queue for up to `queue_timeout`): its URL and its slots.
+pub async fn paused_worker(
+    server: PathBuf,
+    queue_timeout: Duration,
+) -> (String, Arc<tokio::sync::Semaphore>) {
+    let mut config = worker::WorkerConfig::local(vec![server]);
+    config.max_concurrency = 1;
+    config.queue_timeout = queue_timeout;
+    let worker = worker::Application::build(config).await.unwrap();
+    let url = format!("http://127.0.0.1:{}", worker.port());
+    let slots = worker.compute_slots();
+    tokio::spawn(worker.run_until_stopped(std::future::pending()));
+    wait_ready(&url).await;
+    (url, slots)
+}
+
+/// A license's own usage from the gateway at `url` (`GET /v1/usage`).
+pub async fn customer_usage(url: &str, license: &str) -> protocol::admin::CustomerUsage {
+    let body = reqwest::Client::new()
+        .get(format!("{url}/v1/usage"))
+        .bearer_auth(license)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
 /// Workers (plus `dead` unreachable addresses listed first) and a gateway over `database_url`.
 pub async fn stack(database_url: String, workers: usize, dead: usize) -> Stack {
     let mut front = Vec::new();
