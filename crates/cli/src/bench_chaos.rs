@@ -10,6 +10,11 @@
 //! - nothing stays reserved: each license can still reserve all of its unused quota;
 //! - the usage rows, rollups and quota counters agree (`Ledger::reconcile`).
 //!
+//! With `--prometheus`, a real Prometheus scrapes every process with `deploy/`'s jobs and alert
+//! rules (durations divided by `--alert-time-scale`), and the alerts that fired are reported;
+//! the rules for a dead worker (`--dead-worker-seconds`), gateway errors and ledger trouble
+//! (`--restart-postgres`) must fire on their faults.
+//!
 //! `invariants_hold` is true only when all of them hold.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -53,6 +58,21 @@ pub struct ChaosArgs {
     /// Clients sending at the same time (each one query at a time).
     #[arg(long, default_value_t = 8)]
     clients: usize,
+    /// Keep one worker dead this long (a quarter of the way in), for the dead-target alert
+    /// [default: 0, no such phase].
+    #[arg(long, default_value_t = 0)]
+    dead_worker_seconds: u64,
+    /// A Prometheus binary (Debian's `prometheus`) to scrape the processes and evaluate the
+    /// alert rules during the soak [default: none].
+    #[arg(long)]
+    prometheus: Option<std::path::PathBuf>,
+    /// The alert rules Prometheus evaluates.
+    #[arg(long, default_value = "deploy/prometheus/alerts.yml")]
+    alert_rules: std::path::PathBuf,
+    /// The rules' durations (`for:`, rate windows) are divided by this: 60 makes a minute of
+    /// rule time a second of the soak.
+    #[arg(long, default_value_t = 60.0)]
+    alert_time_scale: f64,
     #[arg(long)]
     json: bool,
 }
@@ -129,13 +149,16 @@ async fn soak(args: ChaosArgs) -> Result<()> {
     );
     let mut slots = Vec::new();
     let mut worker_urls = Vec::new();
+    let (mut worker_metrics, mut gateway_metrics) = (Vec::new(), Vec::new());
     for i in 0..2 {
         let port = free_port()?;
+        let metrics = format!("127.0.0.1:{}", free_port()?);
+        worker_metrics.push(metrics.clone());
         let mut command = Command::new(&worker_bin);
         command
             .args(["--bundle", server.to_str().unwrap()])
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port()?)])
+            .args(["--metrics-listen", &metrics])
             .args(["--packed-results", "false"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -151,13 +174,15 @@ async fn soak(args: ChaosArgs) -> Result<()> {
     let mut gateway_urls = Vec::new();
     for i in 0..2 {
         let port = free_port()?;
+        let metrics = format!("127.0.0.1:{}", free_port()?);
+        gateway_metrics.push(metrics.clone());
         let mut command = Command::new(&gateway_bin);
         command
             .args(["--keyset", keyset_path.to_str().unwrap()])
             .args(["--worker", &worker_urls.join(",")])
             .args(["--database-url", &args.database_url])
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port()?)])
+            .args(["--metrics-listen", &metrics])
             .args([
                 "--reservation-lease-seconds",
                 &args.lease_seconds.to_string(),
@@ -191,6 +216,21 @@ async fn soak(args: ChaosArgs) -> Result<()> {
             slot.name
         );
     }
+
+    let alerts = match &args.prometheus {
+        Some(binary) => Some(
+            crate::alert_watch::AlertWatch::start(
+                binary,
+                &dir,
+                &args.alert_rules,
+                args.alert_time_scale,
+                &gateway_metrics,
+                &worker_metrics,
+            )
+            .await?,
+        ),
+        None => None,
+    };
 
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let run_id = uuid::Uuid::new_v4().simple().to_string();
@@ -264,9 +304,25 @@ async fn soak(args: ChaosArgs) -> Result<()> {
     let mut dice = Dice(SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64 | 1);
     let mut postgres_restart = None;
     let mut restart_postgres = args.restart_postgres.clone();
+    let mut dead_phase = (args.dead_worker_seconds > 0).then_some(args.dead_worker_seconds);
+    let mut dead_worker = None;
     let every = Duration::from_secs_f64(args.kill_every.max(0.5));
     while Instant::now() + every < until {
         tokio::time::sleep(every).await;
+        let quarter_way = started.elapsed() * 4 >= until - started;
+        if let Some(seconds) = dead_phase.take_if(|_| quarter_way) {
+            // One worker stays dead: the other serves, and the dead target's alert must fire.
+            let slot = &mut slots[1];
+            if let Some(mut process) = slot.process.take() {
+                process.0.kill()?;
+                process.0.wait()?;
+            }
+            let at = started.elapsed().as_secs_f64();
+            dead_worker = Some(json!({ "target": slot.name, "at_s": at, "seconds": seconds }));
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            slot.start()?;
+            continue;
+        }
         let half_way = started.elapsed() * 2 >= until - started;
         if let Some(command) = restart_postgres.take_if(|_| half_way) {
             let at = started.elapsed().as_secs_f64();
@@ -281,6 +337,9 @@ async fn soak(args: ChaosArgs) -> Result<()> {
             continue;
         }
         let slot = &mut slots[dice.next(4)];
+        if slot.process.is_none() {
+            continue;
+        }
         let at = started.elapsed().as_secs_f64();
         if let Some(mut process) = slot.process.take() {
             process.0.kill()?; // SIGKILL
@@ -357,12 +416,33 @@ async fn soak(args: ChaosArgs) -> Result<()> {
         }
     }
     let disagreements = ledger.reconcile().await?;
+    // The alerts that must have fired on the faults the soak caused.
+    let (fired, alerts_fired_on_their_faults) = match &alerts {
+        None => (None, true),
+        Some(watch) => {
+            let fired = watch.fired();
+            let mut expected = Vec::new();
+            if dead_worker.is_some() {
+                expected.push("HybridTargetDown");
+            }
+            if postgres_restart.is_some() {
+                expected.extend(["HybridLedgerUnavailable", "HybridGatewayHighErrorRate"]);
+            }
+            let missing: Vec<_> = expected
+                .iter()
+                .filter(|a| !fired.contains_key(**a))
+                .collect();
+            let report = json!({ "fired": fired, "expected": expected, "missing": missing });
+            (Some(report), missing.is_empty())
+        }
+    };
     let invariants = json!({
         "answered_billed_exactly_once": answered_billed_once,
         "no_unanswered_query_billed": unanswered_billed.is_empty(),
         "no_quota_exceeded": over_quota.is_empty(),
         "nothing_reserved_after_the_lease": stranded.is_empty(),
         "counters_agree": disagreements.is_empty(),
+        "alerts_fired_on_their_faults": alerts_fired_on_their_faults,
     });
     let invariants_hold = invariants
         .as_object()
@@ -386,6 +466,8 @@ async fn soak(args: ChaosArgs) -> Result<()> {
         "retried": seen.retried,
         "kills": kills,
         "postgres_restart": postgres_restart,
+        "dead_worker": dead_worker,
+        "alerts": fired,
         "invariants": invariants,
         "violations": {
             "unanswered_billed": unanswered_billed.iter().take(10).map(|(l, q)| format!("{l} {q}")).collect::<Vec<_>>(),

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod alert_watch;
 mod bench;
 mod bench_accuracy;
 mod bench_chaos;
