@@ -93,7 +93,6 @@ async fn authorize(
     let audience = license::admin_audience(&state.config.audience);
     let claims = state
         .admin_keysets
-        .get()
         .verify_admin(token, &audience, now)
         .map_err(|e| {
             let code = match e {

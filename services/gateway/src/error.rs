@@ -28,10 +28,6 @@ impl Error {
         Error(self.0.retry(seconds))
     }
 
-    pub fn code(&self) -> &'static str {
-        self.0.code
-    }
-
     /// A JSON body that does not parse, lacks its content type or has wrong fields: `bad_json`
     /// with axum's status (400, 415 or 422).
     pub fn json(rejection: JsonRejection) -> Self {

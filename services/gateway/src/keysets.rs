@@ -61,9 +61,25 @@ impl Reloadable {
         self.set.read().expect("key set").clone()
     }
 
-    /// The set in use now.
-    pub fn get(&self) -> KeySet {
-        self.keys().set.clone()
+    /// Verifies an admin token with the set in use now (admin tokens are not kept: they are
+    /// few and short-lived).
+    pub fn verify_admin(
+        &self,
+        token: &str,
+        audience: &str,
+        now: u64,
+    ) -> Result<license::AdminClaims, LicenseError> {
+        self.keys().set.verify_admin(token, audience, now)
+    }
+
+    /// The set in use now as a JWKS document.
+    pub fn to_jwks(&self) -> String {
+        self.keys().set.to_jwks()
+    }
+
+    /// The key ids of the set in use now.
+    pub fn kids(&self) -> Vec<String> {
+        self.keys().set.kids()
     }
 
     /// Verifies a license for `audience` at `now` (seconds): its signature once per key set,
@@ -128,7 +144,7 @@ pub async fn reload_loop(state: Arc<AppState>, every: Duration) {
         for (which, set) in [("license", &state.keysets), ("admin", &state.admin_keysets)] {
             match set.reload() {
                 Ok(true) => {
-                    tracing::info!(keys = ?set.get().kids(), which, "key set reloaded")
+                    tracing::info!(keys = ?set.kids(), which, "key set reloaded")
                 }
                 Ok(false) => {}
                 Err(e) => {
@@ -147,7 +163,7 @@ pub async fn reload_loop(state: Arc<AppState>, every: Duration) {
 pub(crate) async fn jwks(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/jwk-set+json")],
-        state.keysets.get().to_jwks(),
+        state.keysets.to_jwks(),
     )
         .into_response()
 }
