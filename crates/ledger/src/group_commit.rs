@@ -14,7 +14,10 @@ use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::quota::Lease;
-use crate::settle::{bind_usage, settle_late, Settlement, UsageEvent, USAGE_COLUMNS};
+use crate::settle::{
+    bind_usage, rollup_conflict, rollup_insert, settle_late_alone, Settlement, UsageEvent,
+    USAGE_COLUMNS,
+};
 use crate::time::{day_start, hour_start};
 use crate::LedgerError;
 
@@ -112,17 +115,10 @@ async fn settle_batch(pool: &AnyPool, batch: Vec<Job>) {
         let result = if live {
             Ok(Settlement { billed, layer_used })
         } else {
-            late(pool, &job.lease, &job.event).await
+            settle_late_alone(pool, &job.lease, &job.event).await
         };
         let _ = job.reply.send(result);
     }
-}
-
-async fn late(pool: &AnyPool, lease: &Lease, e: &UsageEvent) -> Result<Settlement, LedgerError> {
-    let mut tx = pool.begin().await?;
-    let settled = settle_late(&mut tx, lease, e).await?;
-    tx.commit().await?;
-    Ok(settled)
 }
 
 /// The whole batch as one statement of data-modifying CTEs over a list of input rows.
@@ -141,13 +137,11 @@ async fn batch_statement(
         .collect();
     let rollup = |table: &str, column: &str| {
         format!(
-            "{table}_up AS (INSERT INTO {table} (license_id, customer_id, model, layer, {column}, requests, tokens, upload_bytes, download_bytes) \
-             SELECT license_id, MIN(customer_id), MIN(model), layer, {column}, COUNT(*), CAST(SUM(tokens) AS BIGINT), \
-             CAST(SUM(upload_bytes) AS BIGINT), CAST(SUM(download_bytes) AS BIGINT) FROM billed \
-             GROUP BY license_id, layer, {column} \
-             ON CONFLICT (license_id, layer, {column}) DO UPDATE SET requests = {table}.requests + excluded.requests, \
-             tokens = {table}.tokens + excluded.tokens, upload_bytes = {table}.upload_bytes + excluded.upload_bytes, \
-             download_bytes = {table}.download_bytes + excluded.download_bytes)"
+            "{table}_up AS ({} SELECT license_id, MIN(customer_id), MIN(model), layer, {column}, COUNT(*), \
+             CAST(SUM(tokens) AS BIGINT), CAST(SUM(upload_bytes) AS BIGINT), CAST(SUM(download_bytes) AS BIGINT) \
+             FROM billed GROUP BY license_id, layer, {column} {})",
+            rollup_insert(table, column),
+            rollup_conflict(table, column)
         )
     };
     let sql = format!(

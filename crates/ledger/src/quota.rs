@@ -137,11 +137,8 @@ impl Drop for Reservation<'_> {
 }
 
 /// Deletes a lease and takes its tokens off its key's `reserved`; nothing when it is gone
-/// already (reclaimed after expiry). Returns whether it was there.
-pub(crate) async fn remove_lease(
-    conn: &mut AnyConnection,
-    lease: &Lease,
-) -> Result<bool, LedgerError> {
+/// already (reclaimed after expiry).
+async fn remove_lease(conn: &mut AnyConnection, lease: &Lease) -> Result<(), LedgerError> {
     let removed = sqlx::query("DELETE FROM reservations WHERE id = $1")
         .bind(&lease.id)
         .execute(&mut *conn)
@@ -157,7 +154,7 @@ pub(crate) async fn remove_lease(
             .execute(&mut *conn)
             .await?;
     }
-    Ok(removed)
+    Ok(())
 }
 
 impl Ledger {
@@ -183,7 +180,7 @@ impl Ledger {
                 "WITH rate AS ({} RETURNING 1), \
                  admitted AS (INSERT INTO quota_usage (license_id, layer, period_start, quota_tokens, reserved) \
                  SELECT $1, $5, $6, $7, $8 WHERE $8 <= $7 AND EXISTS (SELECT 1 FROM rate) {ADMIT_CONFLICT} RETURNING 1), \
-                 lease AS (INSERT INTO reservations (id, license_id, customer_id, model, layer, period_start, tokens, reserved_at, expires_at) \
+                 lease AS (INSERT INTO reservations ({LEASE_COLUMNS}) \
                  SELECT $9, $1, $10, $11, $5, $6, $8, $4, $12 FROM admitted RETURNING 1) \
                  SELECT EXISTS (SELECT 1 FROM rate) AS rate_ok, EXISTS (SELECT 1 FROM lease) AS admitted",
                 rate_upsert(self.backend),
@@ -257,10 +254,9 @@ impl Ledger {
                     requested: req.tokens,
                 });
             }
-            sqlx::query(
-                "INSERT INTO reservations (id, license_id, customer_id, model, layer, period_start, tokens, reserved_at, expires_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
+            sqlx::query(&format!(
+                "INSERT INTO reservations ({LEASE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ))
             .bind(&lease.id)
             .bind(&lease.license_id)
             .bind(req.customer_id)
@@ -348,6 +344,10 @@ fn rate_upsert(backend: Backend) -> String {
          WHERE {refilled} >= $3"
     )
 }
+
+/// The columns of a lease row.
+const LEASE_COLUMNS: &str =
+    "id, license_id, customer_id, model, layer, period_start, tokens, reserved_at, expires_at";
 
 /// Creates the key's row or adds to it, only where the quota allows (`$1` license, `$2` layer,
 /// `$3` period, `$4` quota, `$5` tokens).

@@ -61,6 +61,25 @@ macro_rules! bind_usage {
 }
 pub(crate) use bind_usage;
 
+/// The start of an insert into a rollup (`usage_hourly` by `hour_start`, `usage_daily` by
+/// `day_start`); its rows follow.
+pub(crate) fn rollup_insert(table: &str, column: &str) -> String {
+    format!(
+        "INSERT INTO {table} (license_id, customer_id, model, layer, {column}, requests, tokens, \
+         upload_bytes, download_bytes)"
+    )
+}
+
+/// What a rollup insert does to a bucket that exists: adds the new requests, tokens and bytes.
+pub(crate) fn rollup_conflict(table: &str, column: &str) -> String {
+    format!(
+        "ON CONFLICT (license_id, layer, {column}) DO UPDATE SET \
+         requests = {table}.requests + excluded.requests, tokens = {table}.tokens + excluded.tokens, \
+         upload_bytes = {table}.upload_bytes + excluded.upload_bytes, \
+         download_bytes = {table}.download_bytes + excluded.download_bytes"
+    )
+}
+
 /// What settling a query did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
 pub struct Settlement {
@@ -122,10 +141,8 @@ impl Reservation<'_> {
             if let Some(settled) = settle_in_one_statement(&mut conn, lease, e).await? {
                 return Ok(vec![settled]);
             }
-            let mut tx = ledger.pool().begin().await?;
-            let settled = settle_late(&mut tx, lease, e).await?;
-            tx.commit().await?;
-            return Ok(vec![settled]);
+            drop(conn);
+            return Ok(vec![settle_late_alone(ledger.pool(), lease, e).await?]);
         }
         let mut tx = ledger.pool().begin().await?;
         let mut out = Vec::with_capacity(events.len());
@@ -154,11 +171,9 @@ async fn settle_in_one_statement(
 ) -> Result<Option<Settlement>, LedgerError> {
     let rollup = |table: &str, column: &str, param: &str| {
         format!(
-            "{table}_up AS (INSERT INTO {table} (license_id, customer_id, model, layer, {column}, requests, tokens, upload_bytes, download_bytes) \
-             SELECT $2, $3, $4, $5, {param}, 1, $6, $7, $8 FROM claim \
-             ON CONFLICT (license_id, layer, {column}) DO UPDATE SET requests = {table}.requests + 1, \
-             tokens = {table}.tokens + excluded.tokens, upload_bytes = {table}.upload_bytes + excluded.upload_bytes, \
-             download_bytes = {table}.download_bytes + excluded.download_bytes)"
+            "{table}_up AS ({} SELECT $2, $3, $4, $5, {param}, 1, $6, $7, $8 FROM claim {})",
+            rollup_insert(table, column),
+            rollup_conflict(table, column)
         )
     };
     let sql = format!(
@@ -222,7 +237,7 @@ async fn settle_steps(
 /// The settlement of a lease that was reclaimed after it expired, inside the caller's
 /// transaction: billed once if the quota still has room, else refused (the caller's
 /// transaction rolls back, nothing is billed).
-pub(crate) async fn settle_late(
+async fn settle_late(
     conn: &mut AnyConnection,
     lease: &Lease,
     e: &UsageEvent,
@@ -273,6 +288,18 @@ pub(crate) async fn settle_late(
     })
 }
 
+/// [`settle_late`] in a transaction of its own.
+pub(crate) async fn settle_late_alone(
+    pool: &sqlx::AnyPool,
+    lease: &Lease,
+    e: &UsageEvent,
+) -> Result<Settlement, LedgerError> {
+    let mut tx = pool.begin().await?;
+    let settled = settle_late(&mut tx, lease, e).await?;
+    tx.commit().await?;
+    Ok(settled)
+}
+
 /// Claims a query id; false when it was claimed (billed) before.
 async fn claim(conn: &mut AnyConnection, e: &UsageEvent) -> Result<bool, LedgerError> {
     Ok(sqlx::query("INSERT INTO query_claims (license_id, query_id, claimed_at) VALUES ($1, $2, $3) ON CONFLICT (license_id, query_id) DO NOTHING")
@@ -298,10 +325,9 @@ async fn record_usage(conn: &mut AnyConnection, e: &UsageEvent) -> Result<(), Le
         ("usage_daily", "day_start", day_start(e.created_at)),
     ] {
         let sql = format!(
-            "INSERT INTO {table} (license_id, customer_id, model, layer, {column}, requests, tokens, upload_bytes, download_bytes) \
-             VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8) ON CONFLICT (license_id, layer, {column}) DO UPDATE SET \
-             requests = {table}.requests + 1, tokens = {table}.tokens + excluded.tokens, \
-             upload_bytes = {table}.upload_bytes + excluded.upload_bytes, download_bytes = {table}.download_bytes + excluded.download_bytes"
+            "{} VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8) {}",
+            rollup_insert(table, column),
+            rollup_conflict(table, column)
         );
         sqlx::query(&sql)
             .bind(&e.license_id)
