@@ -72,6 +72,9 @@ fn packed_results_are_exact_on_several_shapes() {
     }
 }
 
+/// Fresh encryptions whose noise is pooled where one holds few independent samples.
+const ENCRYPTIONS_POOLED: usize = 6;
+
 #[test]
 fn worst_case_weights_and_inputs_decode_exactly() {
     let (key, packing) = keys();
@@ -91,10 +94,17 @@ fn worst_case_weights_and_inputs_decode_exactly() {
         case.w = vec![w; d_in * d_out];
         case.x = vec![x; d_in];
         case.b = vec![0; d_out];
-        let (got, noise) = packed_round_trip(&case, &key, &packing);
-        assert_eq!(got, case.expected());
-        // Identical weights make the terms of one output coherent: the noise must still stay
-        // within the model (which budgets the worst norm) and far from the threshold.
+        // Identical weights make the terms of one output coherent, and give the outputs of one
+        // block the same input noise: one encryption holds only a few independent noise
+        // samples, so its sample std scatters by about half a bit around the truth. The noise
+        // of several fresh encryptions is pooled before it is compared with the model (which
+        // budgets the worst norm); each must decode exactly and stay far from the threshold.
+        let mut noise = Vec::new();
+        for _ in 0..ENCRYPTIONS_POOLED {
+            let (got, one) = packed_round_trip(&case, &key, &packing);
+            assert_eq!(got, case.expected());
+            noise.extend(one);
+        }
         let predicted = case.spec.noise_budget();
         let measured = std_of(&noise);
         assert!(
