@@ -16,7 +16,8 @@
 //! The modules, by responsibility:
 //! - [`licenses`](Ledger::record_license): customers, licenses and revocations;
 //! - `quota`: admission (rate limit and quota, all of a request's layers or none) into a
-//!   [`Reservation`] with a lease, and its release;
+//!   [`Reservation`] with a lease, and its release; `group_admission` and `group_commit`: the
+//!   admissions (of one key) and settlements that wait together, in one statement (Postgres);
 //! - `settle`: a reservation turned into usage rows, rollups and used quota, exactly once per
 //!   query id, also after its lease expired;
 //! - `keys`: packing keys; `audit`: the audit log; `partitions`: monthly usage partitions and
@@ -24,6 +25,7 @@
 //!   whether the counters agree with the rows.
 
 mod audit;
+mod group_admission;
 mod group_commit;
 mod keys;
 mod licenses;
@@ -117,6 +119,8 @@ pub struct Ledger {
     partitions: Mutex<HashSet<i64>>,
     /// Where single-layer settlements go to be settled in groups, once started.
     group_commit: OnceLock<tokio::sync::mpsc::Sender<group_commit::Job>>,
+    /// Where single-layer admissions go to be admitted in groups, once started.
+    group_admission: OnceLock<tokio::sync::mpsc::Sender<group_admission::Job>>,
 }
 
 impl Ledger {
@@ -145,6 +149,7 @@ impl Ledger {
             backend,
             partitions: Mutex::new(HashSet::new()),
             group_commit: OnceLock::new(),
+            group_admission: OnceLock::new(),
         })
     }
 
@@ -163,6 +168,16 @@ impl Ledger {
         if self.backend == Backend::Postgres {
             self.group_commit
                 .get_or_init(|| group_commit::start(self.pool.clone(), max_batch));
+        }
+    }
+
+    /// Admits single-layer requests of the same key that wait together in one statement, in
+    /// groups of at most `max_group`, from now on (Postgres; SQLite, a single writer, is
+    /// unchanged). Starts a task on the current Tokio runtime.
+    pub fn start_group_admission(&self, max_group: usize) {
+        if self.backend == Backend::Postgres {
+            self.group_admission
+                .get_or_init(|| group_admission::start(self.pool.clone(), max_group));
         }
     }
 

@@ -17,7 +17,7 @@
 use sqlx::AnyConnection;
 
 use crate::report::UsageFilter;
-use crate::{Backend, Ledger, LedgerError};
+use crate::{group_admission, Backend, Ledger, LedgerError};
 
 /// What to admit: `tokens` rows for each of `layers`, under the license's rate and quota.
 #[derive(Debug, Clone)]
@@ -76,9 +76,9 @@ pub struct InFlight {
 }
 
 #[derive(sqlx::FromRow)]
-struct Admitted {
-    rate_ok: bool,
-    admitted: bool,
+pub(crate) struct Admitted {
+    pub rate_ok: bool,
+    pub admitted: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -175,6 +175,23 @@ impl Ledger {
             })
             .collect();
         if self.backend == Backend::Postgres && leases.len() == 1 {
+            if let Some(group) = self.group_admission.get() {
+                // Admitted with the others that wait for the same key, or tried alone below.
+                let (reply, admitted) = tokio::sync::oneshot::channel();
+                let job = group_admission::Job {
+                    customer_id: req.customer_id.into(),
+                    model: req.model.into(),
+                    quota: req.quota,
+                    per_minute: req.rate.per_minute,
+                    cost: req.rate.cost,
+                    now: req.now,
+                    lease: leases[0].clone(),
+                    reply,
+                };
+                if group.send(job).await.is_ok() && admitted.await.unwrap_or(false) {
+                    return Ok(self.reservation(leases));
+                }
+            }
             // The common case in one round trip: rate, quota and lease in one statement.
             let sql = format!(
                 "WITH rate AS ({} RETURNING 1), \
@@ -330,7 +347,7 @@ impl Ledger {
 
 /// The rate bucket taken by `$3` tokens (`$1` license, `$2` tokens per minute, `$4` now): one
 /// upsert that writes only when the bucket, refilled since its last use, holds enough.
-fn rate_upsert(backend: Backend) -> String {
+pub(crate) fn rate_upsert(backend: Backend) -> String {
     let (least, greatest) = match backend {
         Backend::Postgres => ("LEAST", "GREATEST"),
         Backend::Sqlite => ("MIN", "MAX"),
@@ -346,7 +363,7 @@ fn rate_upsert(backend: Backend) -> String {
 }
 
 /// The columns of a lease row.
-const LEASE_COLUMNS: &str =
+pub(crate) const LEASE_COLUMNS: &str =
     "id, license_id, customer_id, model, layer, period_start, tokens, reserved_at, expires_at";
 
 /// Creates the key's row or adds to it, only where the quota allows (`$1` license, `$2` layer,
@@ -354,7 +371,7 @@ const LEASE_COLUMNS: &str =
 const ADMIT_INSERT: &str =
     "INSERT INTO quota_usage (license_id, layer, period_start, quota_tokens, reserved) \
      SELECT $1, $2, $3, $4, $5 WHERE $5 <= $4";
-const ADMIT_CONFLICT: &str = "ON CONFLICT (license_id, layer, period_start) DO UPDATE \
+pub(crate) const ADMIT_CONFLICT: &str = "ON CONFLICT (license_id, layer, period_start) DO UPDATE \
      SET quota_tokens = excluded.quota_tokens, reserved = quota_usage.reserved + excluded.reserved \
      WHERE quota_usage.used + quota_usage.reserved + excluded.reserved <= excluded.quota_tokens";
 

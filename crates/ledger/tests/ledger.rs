@@ -785,3 +785,66 @@ async fn postgres_group_commit_bills_as_one_by_one() {
     );
     counters_agree(&l).await;
 }
+
+/// Admissions in groups (Postgres) admit exactly as one by one: never more than the quota
+/// (a group the quota refuses as a whole is tried one by one), and never more than the rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_group_admission_admits_exactly_the_quota() {
+    let l = postgres().await;
+    l.start_group_admission(64);
+    l.start_group_commit(64);
+    quota_race(Arc::new(l)).await;
+}
+
+/// A group that the quota refuses gives back the rate tokens it took before its admissions are
+/// tried alone: 20 concurrent one-token requests on a quota of 10 and a rate of 20 per minute,
+/// over two replicas, admit 10 and refuse 10 for the quota, none for the rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_group_admission_pays_the_rate_once() {
+    let url = test_support::fresh_postgres_database("ledger_test").await;
+    let replicas = [
+        Arc::new(Ledger::connect(&url).await.unwrap()),
+        Arc::new(Ledger::connect(&url).await.unwrap()),
+    ];
+    setup(&replicas[0]).await;
+    let period = month_start(NOW);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let l = replicas[i % 2].clone();
+            l.start_group_admission(64);
+            tokio::spawn(async move {
+                let r = l
+                    .reserve(&Reserve {
+                        license_id: "lic-1",
+                        customer_id: "acme",
+                        model: "tiny",
+                        layers: &["a"],
+                        period_start: period,
+                        quota: 10,
+                        tokens: 1,
+                        rate: Rate {
+                            per_minute: 20,
+                            cost: 1,
+                        },
+                        now: NOW,
+                        lease_ms: 60_000,
+                    })
+                    .await;
+                match r {
+                    Ok(r) => Ok(r.leases().len()),
+                    Err(e) => Err(e.code()),
+                }
+            })
+        })
+        .collect();
+    let (mut admitted, mut refused) = (0, Vec::new());
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => admitted += 1,
+            Err(code) => refused.push(code),
+        }
+    }
+    assert_eq!(admitted, 10);
+    assert_eq!(refused, vec!["quota_exceeded"; 10]);
+    counters_agree(&replicas[0]).await;
+}

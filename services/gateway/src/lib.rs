@@ -39,6 +39,8 @@ pub use openapi::openapi_json;
 
 /// Most settlements one ledger statement carries (group commit).
 const SETTLEMENT_GROUP: usize = 64;
+/// The most admissions of one license x layer x period admitted in one statement.
+const ADMISSION_GROUP: usize = 64;
 
 /// Gateway settings.
 #[derive(Clone)]
@@ -156,7 +158,8 @@ impl Application {
         // Certificate files are checked before anything starts: a bad file stops the start.
         let tls = config.tls.as_ref().map(|t| t.config()).transpose()?;
         let ledger = Arc::new(Ledger::connect(&config.database_url).await?);
-        // Settlements that wait together are settled in one statement (Postgres).
+        // Admissions and settlements that wait together go in one statement each (Postgres).
+        ledger.start_group_admission(ADMISSION_GROUP);
         ledger.start_group_commit(SETTLEMENT_GROUP);
         let api = TcpListener::bind(config.listen).await?;
         let metrics_listener = TcpListener::bind(config.metrics_listen).await?;
