@@ -8,7 +8,9 @@
 //! more than the quota or the rate together. A group that is refused as a whole (the quota or the
 //! rate bucket is nearly used up) hands each of its admissions back to be tried alone, exactly
 //! as without groups; rate tokens that the group took before its quota refused it are given back
-//! first, so that nobody pays them twice.
+//! first, so that nobody pays them twice. An admission whose caller stopped waiting (its future
+//! dropped) may still be admitted with its group: its lease holds the tokens until it expires,
+//! like a reservation dropped unsettled.
 
 use std::collections::HashMap;
 
