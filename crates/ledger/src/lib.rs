@@ -120,7 +120,7 @@ pub struct Ledger {
     /// Where single-layer settlements go to be settled in groups, once started.
     group_commit: OnceLock<tokio::sync::mpsc::Sender<group_commit::Job>>,
     /// Where single-layer admissions go to be admitted in groups, once started.
-    group_admission: OnceLock<tokio::sync::mpsc::Sender<group_admission::Job>>,
+    group_admission: OnceLock<tokio::sync::mpsc::Sender<quota::Waiting>>,
 }
 
 impl Ledger {

@@ -14,10 +14,11 @@
 //! license's tokens per minute), taken by the same admission on every replica. It is taken
 //! before the quota: a request that the quota then refuses has used its rate tokens.
 
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, AnyPool};
+use tokio::sync::oneshot;
 
 use crate::report::UsageFilter;
-use crate::{group_admission, Backend, Ledger, LedgerError};
+use crate::{Backend, Ledger, LedgerError};
 
 /// What to admit: `tokens` rows for each of `layers`, under the license's rate and quota.
 #[derive(Debug, Clone)]
@@ -80,6 +81,22 @@ pub(crate) struct Admitted {
     pub rate_ok: bool,
     pub admitted: bool,
 }
+
+/// One single-layer admission, owned, as [`admit_together`] takes it.
+#[derive(Debug, Clone)]
+pub(crate) struct Admission {
+    pub customer_id: String,
+    pub model: String,
+    pub quota: i64,
+    pub per_minute: i64,
+    pub cost: i64,
+    pub now: i64,
+    pub lease: Lease,
+}
+
+/// An admission waiting for its group, with where to answer whether the group admitted it
+/// (`false`: to be tried alone).
+pub(crate) type Waiting = (Admission, oneshot::Sender<bool>);
 
 #[derive(sqlx::FromRow)]
 struct Bucket {
@@ -175,49 +192,26 @@ impl Ledger {
             })
             .collect();
         if self.backend == Backend::Postgres && leases.len() == 1 {
+            let admission = Admission {
+                customer_id: req.customer_id.into(),
+                model: req.model.into(),
+                quota: req.quota,
+                per_minute: req.rate.per_minute,
+                cost: req.rate.cost,
+                now: req.now,
+                lease: leases[0].clone(),
+            };
             if let Some(group) = self.group_admission.get() {
                 // Admitted with the others that wait for the same key, or tried alone below.
-                let (reply, admitted) = tokio::sync::oneshot::channel();
-                let job = group_admission::Job {
-                    customer_id: req.customer_id.into(),
-                    model: req.model.into(),
-                    quota: req.quota,
-                    per_minute: req.rate.per_minute,
-                    cost: req.rate.cost,
-                    now: req.now,
-                    lease: leases[0].clone(),
-                    reply,
-                };
-                if group.send(job).await.is_ok() && admitted.await.unwrap_or(false) {
+                let (reply, admitted) = oneshot::channel();
+                if group.send((admission.clone(), reply)).await.is_ok()
+                    && admitted.await.unwrap_or(false)
+                {
                     return Ok(self.reservation(leases));
                 }
             }
             // The common case in one round trip: rate, quota and lease in one statement.
-            let sql = format!(
-                "WITH rate AS ({} RETURNING 1), \
-                 admitted AS (INSERT INTO quota_usage (license_id, layer, period_start, quota_tokens, reserved) \
-                 SELECT $1, $5, $6, $7, $8 WHERE $8 <= $7 AND EXISTS (SELECT 1 FROM rate) {ADMIT_CONFLICT} RETURNING 1), \
-                 lease AS (INSERT INTO reservations ({LEASE_COLUMNS}) \
-                 SELECT $9, $1, $10, $11, $5, $6, $8, $4, $12 FROM admitted RETURNING 1) \
-                 SELECT EXISTS (SELECT 1 FROM rate) AS rate_ok, EXISTS (SELECT 1 FROM lease) AS admitted",
-                rate_upsert(self.backend),
-            );
-            let lease = &leases[0];
-            let result: Admitted = sqlx::query_as(&sql)
-                .bind(req.license_id)
-                .bind(req.rate.per_minute as f64)
-                .bind(req.rate.cost as f64)
-                .bind(req.now)
-                .bind(&lease.layer)
-                .bind(req.period_start)
-                .bind(req.quota)
-                .bind(req.tokens)
-                .bind(&lease.id)
-                .bind(req.customer_id)
-                .bind(req.model)
-                .bind(lease.expires_at)
-                .fetch_one(self.pool())
-                .await?;
+            let result = admit_together(self.pool(), std::slice::from_ref(&admission)).await?;
             if !result.rate_ok {
                 return Err(self.rate_refusal(req).await?);
             }
@@ -345,9 +339,67 @@ impl Ledger {
     }
 }
 
+/// The parameters before the lease rows of [`admit_together`]'s statement.
+const FIXED_PARAMS: usize = 8;
+/// The parameters of one of its lease rows.
+const PARAMS_PER_LEASE: usize = 6;
+
+/// Single-layer admissions of one key (Postgres), in one statement, as one request of their
+/// total tokens and rate cost: the rate bucket, then the quota, then a lease row each, all or
+/// none. Whether the rate was taken and whether they were admitted.
+pub(crate) async fn admit_together(
+    pool: &AnyPool,
+    group: &[Admission],
+) -> Result<Admitted, LedgerError> {
+    let first = &group[0];
+    let tokens: i64 = group.iter().map(|a| a.lease.tokens).sum();
+    let cost: i64 = group.iter().map(|a| a.cost).sum();
+    let now = group.iter().map(|a| a.now).max().unwrap_or(first.now);
+    let rows: Vec<String> = (0..group.len())
+        .map(|i| {
+            let base = FIXED_PARAMS + i * PARAMS_PER_LEASE;
+            let params: Vec<String> = (1..=PARAMS_PER_LEASE)
+                .map(|p| format!("${}", base + p))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect();
+    let sql = format!(
+        "WITH rate AS ({} RETURNING 1), \
+         admitted AS (INSERT INTO quota_usage (license_id, layer, period_start, quota_tokens, reserved) \
+         SELECT $1, $5, $6, $7, $8 WHERE $8 <= $7 AND EXISTS (SELECT 1 FROM rate) {ADMIT_CONFLICT} RETURNING 1), \
+         input (id, customer_id, model, tokens, reserved_at, expires_at) AS (VALUES {}), \
+         lease AS (INSERT INTO reservations ({LEASE_COLUMNS}) \
+         SELECT i.id, $1, i.customer_id, i.model, $5, $6, i.tokens, i.reserved_at, i.expires_at \
+         FROM input i, admitted RETURNING 1) \
+         SELECT EXISTS (SELECT 1 FROM rate) AS rate_ok, EXISTS (SELECT 1 FROM lease) AS admitted",
+        rate_upsert(Backend::Postgres),
+        rows.join(", "),
+    );
+    let mut query = sqlx::query_as(&sql)
+        .bind(&first.lease.license_id)
+        .bind(first.per_minute as f64)
+        .bind(cost as f64)
+        .bind(now)
+        .bind(&first.lease.layer)
+        .bind(first.lease.period_start)
+        .bind(first.quota)
+        .bind(tokens);
+    for a in group {
+        query = query
+            .bind(&a.lease.id)
+            .bind(&a.customer_id)
+            .bind(&a.model)
+            .bind(a.lease.tokens)
+            .bind(a.now)
+            .bind(a.lease.expires_at);
+    }
+    Ok(query.fetch_one(pool).await?)
+}
+
 /// The rate bucket taken by `$3` tokens (`$1` license, `$2` tokens per minute, `$4` now): one
 /// upsert that writes only when the bucket, refilled since its last use, holds enough.
-pub(crate) fn rate_upsert(backend: Backend) -> String {
+fn rate_upsert(backend: Backend) -> String {
     let (least, greatest) = match backend {
         Backend::Postgres => ("LEAST", "GREATEST"),
         Backend::Sqlite => ("MIN", "MAX"),
@@ -363,7 +415,7 @@ pub(crate) fn rate_upsert(backend: Backend) -> String {
 }
 
 /// The columns of a lease row.
-pub(crate) const LEASE_COLUMNS: &str =
+const LEASE_COLUMNS: &str =
     "id, license_id, customer_id, model, layer, period_start, tokens, reserved_at, expires_at";
 
 /// Creates the key's row or adds to it, only where the quota allows (`$1` license, `$2` layer,
@@ -371,7 +423,7 @@ pub(crate) const LEASE_COLUMNS: &str =
 const ADMIT_INSERT: &str =
     "INSERT INTO quota_usage (license_id, layer, period_start, quota_tokens, reserved) \
      SELECT $1, $2, $3, $4, $5 WHERE $5 <= $4";
-pub(crate) const ADMIT_CONFLICT: &str = "ON CONFLICT (license_id, layer, period_start) DO UPDATE \
+const ADMIT_CONFLICT: &str = "ON CONFLICT (license_id, layer, period_start) DO UPDATE \
      SET quota_tokens = excluded.quota_tokens, reserved = quota_usage.reserved + excluded.reserved \
      WHERE quota_usage.used + quota_usage.reserved + excluded.reserved <= excluded.quota_tokens";
 
