@@ -11,22 +11,13 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use sqlx::AnyPool;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::quota::Lease;
 use crate::settle::{
-    bind_usage, rollup_conflict, rollup_insert, settle_late_alone, Settlement, UsageEvent,
-    USAGE_COLUMNS,
+    bind_usage, rollup_conflict, rollup_insert, settle_late_alone, Job, Settlement, USAGE_COLUMNS,
 };
 use crate::time::{day_start, hour_start};
 use crate::LedgerError;
-
-/// One settlement waiting for its batch.
-pub(crate) struct Job {
-    pub lease: Lease,
-    pub event: UsageEvent,
-    pub reply: oneshot::Sender<Result<Settlement, LedgerError>>,
-}
 
 /// The parameters of one row of the batch's `input` list.
 const PARAMS_PER_ROW: usize = 18;

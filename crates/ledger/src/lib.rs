@@ -118,7 +118,7 @@ pub struct Ledger {
     /// Months whose usage partition exists (Postgres).
     partitions: Mutex<HashSet<i64>>,
     /// Where single-layer settlements go to be settled in groups, once started.
-    group_commit: OnceLock<tokio::sync::mpsc::Sender<group_commit::Job>>,
+    group_commit: OnceLock<tokio::sync::mpsc::Sender<settle::Job>>,
     /// Where single-layer admissions go to be admitted in groups, once started.
     group_admission: OnceLock<tokio::sync::mpsc::Sender<quota::Waiting>>,
 }

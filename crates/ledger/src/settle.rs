@@ -89,6 +89,14 @@ pub struct Settlement {
     pub layer_used: i64,
 }
 
+/// One single-layer settlement waiting for its group ([`crate::group_commit`] settles it and
+/// answers on `reply`).
+pub(crate) struct Job {
+    pub lease: Lease,
+    pub event: UsageEvent,
+    pub reply: oneshot::Sender<Result<Settlement, LedgerError>>,
+}
+
 #[derive(sqlx::FromRow)]
 struct QuotaRow {
     used: i64,
@@ -122,7 +130,7 @@ impl Reservation<'_> {
         if let ([lease], [e], Backend::Postgres) = (&self.leases[..], events, backend) {
             if let Some(group) = ledger.group_commit.get() {
                 let (reply, settled) = oneshot::channel();
-                let job = crate::group_commit::Job {
+                let job = Job {
                     lease: lease.clone(),
                     event: e.clone(),
                     reply,
