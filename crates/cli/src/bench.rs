@@ -122,6 +122,60 @@ fn plain_f32_ms(shape: LayerShape, tokens: usize, x: &[i8], w: &[i8], runs: usiz
     Ok(ms)
 }
 
+/// numpy's f32 product on the same data (see `scripts/blas_matmul.py`), with `threads` BLAS
+/// threads: the fastest plain product on most machines. `Err` says why there is none (no
+/// Python, no numpy), which the report prints instead.
+///
+/// numpy rather than a BLAS linked into `hybrid`: its PyPI wheels carry an OpenBLAS built for
+/// every x86-64 kernel family and pick one at run time (AVX2, AVX-512), where a Debian package
+/// linked behind a cargo feature would add a C dependency to the build for a baseline only.
+fn blas_f32_ms(
+    shape: LayerShape,
+    tokens: usize,
+    x: &[i8],
+    w: &[i8],
+    runs: usize,
+    threads: usize,
+) -> std::result::Result<(f64, String), String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    const SCRIPT: &str = include_str!("../scripts/blas_matmul.py");
+    let python = std::env::var("HYBRID_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut child = Command::new(&python)
+        .arg("-c")
+        .arg(SCRIPT)
+        .args([tokens, shape.d_in, shape.d_out, runs].map(|v| v.to_string()))
+        .env("OPENBLAS_NUM_THREADS", threads.to_string())
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{python}: {e}"))?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let bytes = |v: &[i8]| v.iter().map(|b| *b as u8).collect::<Vec<u8>>();
+    let written = stdin
+        .write_all(&bytes(x))
+        .and_then(|_| stdin.write_all(&bytes(w)));
+    drop(stdin);
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let reason = err.lines().last().unwrap_or("failed").to_string();
+        return Err(format!("{python}: {reason}"));
+    }
+    written.map_err(|e| e.to_string())?;
+    let report: serde_json::Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or("no JSON from the BLAS script")?;
+    match (report["ms"].as_f64(), report["library"].as_str()) {
+        (Some(ms), Some(library)) if ms > 0.0 => Ok((ms, library.to_string())),
+        _ => Err(format!("unexpected BLAS report {report}")),
+    }
+}
+
 fn plain_int8_ms(shape: LayerShape, x: &[i8], w: &[i8], runs: usize) -> f64 {
     let d_in = shape.d_in;
     time_median(runs, || {
@@ -262,7 +316,13 @@ fn fhe(args: FheArgs) -> Result<()> {
     let model = spec.noise_budget();
     let estimate = planner.cost_of(spec, tokens);
 
-    let plain_f32 = plain_f32_ms(shape, tokens, &x, &w, runs.max(5))?;
+    let candle_f32 = plain_f32_ms(shape, tokens, &x, &w, runs.max(5))?;
+    let blas = blas_f32_ms(shape, tokens, &x, &w, runs.max(5), threads);
+    // The ratios use the fastest plain product this machine has.
+    let (plain_f32, plain_f32_source) = match &blas {
+        Ok((ms, _)) if *ms < candle_f32 => (*ms, "blas"),
+        _ => (candle_f32, "candle"),
+    };
     let plain_int8 = plain_int8_ms(shape, &x, &w, runs.max(5));
 
     let report = json!({
@@ -307,6 +367,17 @@ fn fhe(args: FheArgs) -> Result<()> {
         "server_over_f32": server_ms / plain_f32,
         "runs": runs,
     });
+    // The two plain products behind `plain_f32_ms` (the faster of them).
+    let baselines = json!({
+        "plain_f32_source": plain_f32_source,
+        "candle_f32_ms": candle_f32,
+        "blas_f32_ms": blas.as_ref().ok().map(|b| b.0),
+        "blas_library": blas.as_ref().map(|b| b.1.clone()).unwrap_or_else(|e| format!("none: {e}")),
+    });
+    let mut report = report;
+    if let (Some(r), serde_json::Value::Object(b)) = (report.as_object_mut(), baselines) {
+        r.extend(b);
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -110,9 +110,31 @@ fn bench_fhe_reports_an_exact_run() {
         "download_bytes",
         "threads",
         "plain_f32_ms",
+        "candle_f32_ms",
     ] {
         assert!(r[field].as_f64().unwrap() > 0.0, "{field}");
     }
+    // The ratio is against the faster of candle and the BLAS product; the BLAS one is there
+    // wherever numpy is (the test command installs it).
+    let numpy = std::process::Command::new("python3")
+        .args(["-c", "import numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let candle = r["candle_f32_ms"].as_f64().unwrap();
+    let plain = r["plain_f32_ms"].as_f64().unwrap();
+    if numpy {
+        let blas = r["blas_f32_ms"]
+            .as_f64()
+            .expect("a BLAS baseline where numpy is");
+        assert!(blas > 0.0);
+        assert_eq!(plain, blas.min(candle));
+        assert!(r["blas_library"].as_str().unwrap().starts_with("numpy"));
+    } else {
+        assert!(r["blas_f32_ms"].is_null());
+        assert_eq!(plain, candle);
+    }
+    let ratio = r["server_over_f32"].as_f64().unwrap();
+    assert!((ratio - r["server_ms"].as_f64().unwrap() / plain).abs() < 1e-9);
 }
 
 #[test]
