@@ -1,13 +1,13 @@
 //! The client side: the secret key, encryption of activation batches, decryption of results.
 
 use rayon::prelude::*;
-use tfhe::core_crypto::commons::math::random::{RandomGenerator, Seed};
 use tfhe::core_crypto::prelude::*;
 
 use crate::ciphertext::{check_header, EncryptedBatch, EncryptedResult};
 use crate::fourier::Fourier;
 use crate::layout::LayerSpec;
 use crate::params::{ParamSetId, ParameterSet};
+use crate::primitives::{expand_masks, pack_bits, round_to_bits, unpack_bits, NoiseSource};
 use crate::wire::{Header, PayloadKind, ResultEncoding, WireError};
 use crate::FheError;
 
@@ -30,32 +30,6 @@ impl std::fmt::Debug for ClientKey {
             .field("params", &self.params.name)
             .finish_non_exhaustive()
     }
-}
-
-/// Rounds a 64-bit torus value to its top `64 - shift` bits.
-#[inline(always)]
-pub(crate) fn round_to_bits(v: u64, bits: u32) -> u64 {
-    if bits == 64 {
-        return v;
-    }
-    let shift = 64 - bits;
-    ((v >> shift).wrapping_add((v >> (shift - 1)) & 1)) & ((1u64 << bits) - 1)
-}
-
-/// Regenerates the uniform masks of `count` seeded ciphertexts of size `n` from one seed, with
-/// tfhe's CSPRNG (AES-CTR), one disjoint stream per ciphertext. Client and server both call this.
-pub(crate) fn expand_masks(seed: u128, count: usize, n: usize) -> Vec<u64> {
-    let mut master = RandomGenerator::<DefaultRandomGenerator>::new(Seed(seed));
-    let children: Vec<_> = master
-        .try_fork(count, n * std::mem::size_of::<u64>())
-        .expect("the mask generator can always fork")
-        .collect();
-    let mut masks = vec![0u64; count * n];
-    masks
-        .par_chunks_mut(n)
-        .zip(children.into_par_iter())
-        .for_each(|(mask, mut gen)| gen.fill_slice_with_random_uniform(mask));
-    masks
 }
 
 impl ClientKey {
@@ -98,7 +72,7 @@ impl ClientKey {
         out.extend_from_slice(&SECRET_MAGIC);
         out.extend_from_slice(&SECRET_VERSION.to_le_bytes());
         out.extend_from_slice(&self.params.id.0.to_le_bytes());
-        crate::wire::pack_bits(&self.key, 1, &mut out);
+        pack_bits(&self.key, 1, &mut out);
         out
     }
 
@@ -126,7 +100,7 @@ impl ClientKey {
             }
             std::cmp::Ordering::Equal => {}
         }
-        let key = crate::wire::unpack_bits(&bytes[8..], 1, len);
+        let key = unpack_bits(&bytes[8..], 1, len);
         Ok(Self::from_coefficients(params, key))
     }
 
@@ -139,15 +113,12 @@ impl ClientKey {
         finish: impl Fn(usize, &mut [u64]) + Sync,
     ) -> (u128, Vec<u64>) {
         let n = self.params.polynomial_size;
-        let mut seeder = new_seeder();
-        let seed = seeder.seed().0;
+        // The public seed of the masks; the noise generators' secret keys, one per ciphertext.
+        let seed = NoiseSource::fresh_seed();
+        let mut private = NoiseSource::from_entropy();
         let masks = expand_masks(seed, count, n);
-        let mut noise_master = RandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
-        let noise_seeds: Vec<u128> = (0..count)
-            .map(|_| noise_master.random_uniform::<u128>())
-            .collect();
-        let noise =
-            Gaussian::from_dispersion_parameter(StandardDev(self.params.noise_std_relative), 0.0);
+        let noise_keys: Vec<u128> = (0..count).map(|_| private.next_u128()).collect();
+        let std = self.params.noise_std_relative;
         let fourier = Fourier::get(n);
         let mut bodies = vec![0u64; count * n];
         bodies.par_chunks_mut(n).enumerate().for_each_init(
@@ -159,10 +130,7 @@ impl ClientKey {
                     body,
                     scratch,
                 );
-                let mut gen = RandomGenerator::<DefaultRandomGenerator>::new(Seed(noise_seeds[c]));
-                gen.unsigned_integer_slice_wrapping_add_random_from_distribution_assign(
-                    body, noise,
-                );
+                NoiseSource::new(noise_keys[c]).add_gaussian(body, std);
                 finish(c, body);
             },
         );

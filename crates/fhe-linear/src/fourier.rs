@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use dyn_stack::{PodBuffer, PodStack};
 use tfhe_fft::c64;
+
+use crate::primitives::round_i64;
 use tfhe_fft::unordered::{Method, Plan};
 
 /// A negacyclic FFT of one polynomial size, shared process-wide.
@@ -138,8 +140,8 @@ impl Fourier {
         let norm = 1.0 / h as f64;
         for j in 0..h {
             let v = buf[j] * self.twist[j].conj() * norm;
-            sink(j, v.re.round() as i64);
-            sink(j + h, v.im.round() as i64);
+            sink(j, round_i64(v.re));
+            sink(j + h, round_i64(v.im));
         }
     }
 

@@ -82,6 +82,7 @@ pub mod noise;
 pub mod packing;
 pub mod params;
 pub mod plan;
+pub mod primitives;
 pub mod server;
 pub mod simulate;
 pub mod wire;

@@ -41,14 +41,15 @@
 
 use rayon::prelude::*;
 
-use crate::client::{expand_masks, round_to_bits};
 use crate::fourier::{mul_acc, Fourier, Scratch};
 use crate::params::{PackingParams, ParamSetId, ParameterSet};
-use crate::wire::{pack_bits, unpack_bits, WireError};
+use crate::primitives::{expand_masks, pack_bits, round_to_bits, unpack_bits};
+use crate::wire::WireError;
 use crate::{ClientKey, FheError};
 
 const KEY_MAGIC: [u8; 4] = *b"HFPK";
-const KEY_VERSION: u16 = 1;
+/// Format version of serialised packing keys (2: masks from [`crate::primitives`]' stream).
+pub const KEY_VERSION: u16 = 2;
 /// Bytes of a packing key's header.
 pub const KEY_HEADER_LEN: usize = 40;
 
@@ -62,7 +63,7 @@ const SPLIT: u32 = 42;
 /// ```text
 /// offset size field
 ///      0    4 magic "HFPK"
-///      4    2 version (1)
+///      4    2 version (2: masks from the stream of [`crate::primitives`]; 1 is refused)
 ///      6    2 parameter set id
 ///      8    1 base_log
 ///      9    1 levels

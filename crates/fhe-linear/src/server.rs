@@ -3,11 +3,11 @@
 use rayon::prelude::*;
 
 use crate::ciphertext::{check_header, EncryptedBatch, EncryptedResult};
-use crate::client::{expand_masks, round_to_bits};
 use crate::fourier::{join_u64, Fourier};
 use crate::kernel::{chunk_products, load_chunk, store_chunk, Dims, STREAMS, UNIT};
 use crate::layout::LayerSpec;
 use crate::packing::{Glwe, PreparedPackingKey};
+use crate::primitives::{expand_masks, round_to_bits};
 use crate::wire::{Header, PayloadKind, ResultEncoding};
 use crate::FheError;
 

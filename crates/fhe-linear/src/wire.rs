@@ -4,7 +4,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic "HFHE"
-//!      4    2 format version (1)
+//!      4    2 format version (2; version 1 drew masks differently and is refused)
 //!      6    1 kind: 1 = encrypted batch (client -> server), 2 = encrypted result
 //!      7    1 result encoding: 1 = keyless block result, 2 = packed result; a batch names the
 //!             encoding it is prepared for (0 also means keyless)
@@ -36,9 +36,11 @@
 
 use crate::layout::{BlockLayout, LayerShape, LayerSpec};
 use crate::params::{ParamSetId, ParameterSet};
+pub use crate::primitives::{pack_bits, unpack_bits};
 
 pub const MAGIC: [u8; 4] = *b"HFHE";
-pub const FORMAT_VERSION: u16 = 1;
+/// Version 2: masks from the bulk AES-128-CTR stream ([`crate::primitives`]).
+pub const FORMAT_VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 56;
 
 const KIND_BATCH: u8 = 1;
@@ -97,7 +99,11 @@ pub enum WireError {
     TooLarge { size: u64, limit: u64 },
     #[error("not an encrypted payload (bad magic)")]
     BadMagic,
-    #[error("unsupported format version {0} (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "unsupported format version {0}: this build reads version {FORMAT_VERSION} only (client \
+         and server must run releases of the same format; version 1 is refused since version 2 \
+         changed how masks are drawn)"
+    )]
     UnsupportedVersion(u16),
     #[error("expected a {expected}, got another kind of payload")]
     WrongKind { expected: &'static str },
@@ -372,81 +378,4 @@ pub(crate) fn decode(
     let params = ParameterSet::by_id(header.param_set).expect("checked by Header::read");
     let count = header.coefficient_count(params)?;
     Ok((header, unpack_bits(payload, header.bits, count)))
-}
-
-/// Appends `values` (each below 2^bits) as a little-endian bit stream.
-pub fn pack_bits(values: &[u64], bits: u32, out: &mut Vec<u8>) {
-    let mask = if bits == 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
-    let mut acc: u128 = 0;
-    let mut filled = 0u32;
-    for &v in values {
-        acc |= ((v & mask) as u128) << filled;
-        filled += bits;
-        while filled >= 64 {
-            out.extend_from_slice(&(acc as u64).to_le_bytes());
-            acc >>= 64;
-            filled -= 64;
-        }
-    }
-    let tail = filled.div_ceil(8) as usize;
-    out.extend_from_slice(&(acc as u64).to_le_bytes()[..tail]);
-}
-
-/// Reads `count` values of `bits` bits from a little-endian bit stream long enough to hold them.
-pub fn unpack_bits(bytes: &[u8], bits: u32, count: usize) -> Vec<u64> {
-    let mask = if bits == 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
-    let mut out = Vec::with_capacity(count);
-    let mut acc: u128 = 0;
-    let mut filled = 0u32;
-    let mut pos = 0usize;
-    for _ in 0..count {
-        while filled < bits {
-            let take = (bytes.len() - pos).min(8);
-            if take == 0 {
-                // Past the end: the missing bits read as zeros (callers check lengths first).
-                filled += 64;
-                continue;
-            }
-            let mut word = [0u8; 8];
-            word[..take].copy_from_slice(&bytes[pos..pos + take]);
-            acc |= (u64::from_le_bytes(word) as u128) << filled;
-            pos += take;
-            filled += 8 * take as u32;
-        }
-        out.push(acc as u64 & mask);
-        acc >>= bits;
-        filled -= bits;
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bit_packing_roundtrips() {
-        for bits in [1u32, 7, 13, 32, 45, 63, 64] {
-            let mask = if bits == 64 {
-                u64::MAX
-            } else {
-                (1u64 << bits) - 1
-            };
-            let values: Vec<u64> = (0..1001u64)
-                .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) & mask)
-                .collect();
-            let mut bytes = Vec::new();
-            pack_bits(&values, bits, &mut bytes);
-            assert_eq!(bytes.len(), (values.len() * bits as usize).div_ceil(8));
-            assert_eq!(unpack_bits(&bytes, bits, values.len()), values);
-        }
-    }
 }

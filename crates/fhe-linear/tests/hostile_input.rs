@@ -51,10 +51,13 @@ fn malformed_batches_get_typed_errors() {
         b
     };
     assert_eq!(code(&patch(0, b"XFHE")), "ciphertext_bad_magic");
-    assert_eq!(
-        code(&patch(4, &2u16.to_le_bytes())),
-        "ciphertext_unsupported_version"
-    );
+    // Version 1 drew its masks from another generator: refused, saying which version is read.
+    for version in [1u16, 3] {
+        let err = EncryptedBatch::from_bytes(&patch(4, &version.to_le_bytes()), &Limits::default())
+            .unwrap_err();
+        assert_eq!(err.code(), "ciphertext_unsupported_version");
+        assert!(err.to_string().contains("reads version 2"), "{err}");
+    }
     assert_eq!(code(&patch(6, &[2])), "ciphertext_wrong_kind");
     assert_eq!(
         code(&patch(8, &77u16.to_le_bytes())),

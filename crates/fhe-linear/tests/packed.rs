@@ -237,6 +237,10 @@ fn packing_keys_are_validated() {
     let mut magic = bytes.clone();
     magic[0] = b'X';
     assert_eq!(code(&magic), "ciphertext_bad_magic");
+    // A key of format version 1 (masks from the earlier generator) is refused, not misread.
+    let mut old = bytes.clone();
+    old[4..6].copy_from_slice(&1u16.to_le_bytes());
+    assert_eq!(code(&old), "ciphertext_unsupported_version");
     // A batch prepared for packed results cannot claim the keyless set.
     assert!(LayerSpec::packed(
         &HFHE_GLWE_2048_V1,

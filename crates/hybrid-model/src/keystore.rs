@@ -135,7 +135,17 @@ impl KeyStore {
     ) -> Result<(PackedKeys, KeyEntry), ModelError> {
         let dir = self.entry_dir(gateway, license_id);
         if let Some(entry) = read_entry(&dir)? {
-            return Ok((PackedKeys::load(&dir)?, entry));
+            let (keys, renewed) = PackedKeys::load_renewing(&dir)?;
+            if renewed {
+                // The gateway knows the old key only: register the new one.
+                let entry = KeyEntry {
+                    key_id: None,
+                    ..entry
+                };
+                write_entry(&dir, &entry)?;
+                return Ok((keys, entry));
+            }
+            return Ok((keys, entry));
         }
         let keys = PackedKeys::generate()?;
         let entry = KeyEntry {
@@ -248,5 +258,35 @@ mod tests {
         }
         store.remove(&entry).unwrap();
         assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_packing_key_of_an_earlier_format_is_renewed_from_the_same_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KeyStore::at(dir.path().join("keys"));
+        let (keys, entry) = store.load_or_create("https://gw:8080", "lic-1").unwrap();
+        let entry = store.set_key_id(&entry, "registered-v1").unwrap();
+        // What an earlier release left: the same layout under format version 1.
+        let file = entry.dir.join("packing.key");
+        let mut old = std::fs::read(&file).unwrap();
+        old[4..6].copy_from_slice(&1u16.to_le_bytes());
+        std::fs::write(&file, &old).unwrap();
+        assert!(
+            PackedKeys::load(&entry.dir).is_err(),
+            "the strict reader refuses it"
+        );
+
+        let (renewed, stored) = store.load_or_create("https://gw:8080", "lic-1").unwrap();
+        assert_eq!(
+            stored.key_id, None,
+            "the new packing key must be registered again"
+        );
+        assert_eq!(stored.dir, entry.dir);
+        assert_eq!(renewed.secret.export_secret(), keys.secret.export_secret());
+        assert_ne!(renewed.packing.to_bytes(), old);
+        // Saved: the next run reads it as it is, and it packs under the same secret.
+        let (again, _) = store.load_or_create("https://gw:8080", "lic-1").unwrap();
+        assert_eq!(again.packing.to_bytes(), renewed.packing.to_bytes());
+        assert_eq!(std::fs::read(&file).unwrap(), renewed.packing.to_bytes());
     }
 }

@@ -198,6 +198,26 @@ impl PackedKeys {
         Ok(())
     }
 
+    /// Like [`PackedKeys::load`], except that a packing key of an earlier format version (its
+    /// masks drawn by an earlier generator) is generated anew from the stored secret key and
+    /// saved in its place. Returns the keys and whether the packing key was renewed (it then has
+    /// to be registered again).
+    pub fn load_renewing(dir: &std::path::Path) -> Result<(Self, bool), ModelError> {
+        match Self::load(dir) {
+            Err(ModelError::Wire(fhe_linear::WireError::UnsupportedVersion(v)))
+                if v < fhe_linear::packing::KEY_VERSION =>
+            {
+                let secret = ClientKey::import_secret(&std::fs::read(dir.join(SECRET_FILE))?)?;
+                let packing = PackingKey::generate(&secret)?;
+                let partial = dir.join(format!("{PACKING_FILE}.partial"));
+                std::fs::write(&partial, packing.to_bytes())?;
+                std::fs::rename(&partial, dir.join(PACKING_FILE))?;
+                Ok((PackedKeys { secret, packing }, true))
+            }
+            other => other.map(|keys| (keys, false)),
+        }
+    }
+
     /// Reads keys written by [`PackedKeys::save`], checking that they belong together is left to
     /// the service's answers (a mismatched pair decrypts nothing).
     pub fn load(dir: &std::path::Path) -> Result<Self, ModelError> {
