@@ -142,7 +142,7 @@ impl CompiledLayer {
         //    into signed 32-bit halves (four planar spectra per input ciphertext).
         let masks = expand_masks(batch.header.seed, count, n);
         let lift = 64 - spec.input_bits;
-        let mut planar = vec![0.0; count * STREAMS * n];
+        let mut planar = buffers::take(count * STREAMS * n);
         planar
             .par_chunks_mut(STREAMS * n)
             .enumerate()
@@ -162,7 +162,7 @@ impl CompiledLayer {
         // Chunk-major, [chunk][g][b][stream] (see `kernel`).
         let chunks = n / UNIT;
         let in_per_chunk = count * STREAMS * UNIT;
-        let mut inputs = vec![0.0; chunks * in_per_chunk];
+        let mut inputs = buffers::take(chunks * in_per_chunk);
         inputs
             .par_chunks_mut(in_per_chunk)
             .enumerate()
@@ -171,7 +171,7 @@ impl CompiledLayer {
                     load_chunk(&planar[cs * n..][..n], k, unit);
                 }
             });
-        drop(planar);
+        buffers::give(planar);
 
         // 2. For each frequency chunk: every (output block, group) sum over the input blocks.
         let dims = Dims {
@@ -181,7 +181,7 @@ impl CompiledLayer {
         };
         let w_per_chunk = out_blocks * in_blocks * UNIT;
         let sums_per_chunk = groups * out_blocks * STREAMS * UNIT;
-        let mut sums = vec![0.0; chunks * sums_per_chunk];
+        let mut sums = buffers::take(chunks * sums_per_chunk);
         sums.par_chunks_mut(sums_per_chunk)
             .enumerate()
             .for_each(|(k, out)| {
@@ -189,7 +189,7 @@ impl CompiledLayer {
                 let x = &inputs[k * in_per_chunk..][..in_per_chunk];
                 chunk_products(w, x, dims, out);
             });
-        drop(inputs);
+        buffers::give(inputs);
 
         Ok(Sums {
             sums,
@@ -335,6 +335,59 @@ struct Sums {
     groups: usize,
     chunks: usize,
     per_chunk: usize,
+}
+
+impl Drop for Sums {
+    fn drop(&mut self) {
+        buffers::give(std::mem::take(&mut self.sums));
+    }
+}
+
+/// The large per-request buffers of [`CompiledLayer`]'s products (a few MB each), kept for the
+/// next request: a fresh allocation of that size is mapped anew by the allocator, and its first
+/// touch costs a page fault per 4 KiB page (about a tenth of a QKV product's time). Buffers are
+/// handed out with unspecified contents: every caller overwrites all of a buffer before reading
+/// it. At most [`buffers::MAX_BYTES`] are kept.
+mod buffers {
+    use std::sync::Mutex;
+
+    pub(super) const MAX_BYTES: usize = 256 << 20;
+
+    static POOL: Mutex<Vec<Vec<f64>>> = Mutex::new(Vec::new());
+
+    /// A buffer of `len` values, reused when one is free (the smallest that is large enough).
+    pub(super) fn take(len: usize) -> Vec<f64> {
+        let reused = {
+            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            let best = pool
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i);
+            best.map(|i| pool.swap_remove(i))
+        };
+        match reused {
+            Some(mut buffer) => {
+                buffer.resize(len, 0.0);
+                buffer.truncate(len);
+                buffer
+            }
+            None => vec![0.0; len],
+        }
+    }
+
+    /// Returns a buffer for reuse (dropped if the pool is full).
+    pub(super) fn give(buffer: Vec<f64>) {
+        if buffer.capacity() == 0 {
+            return;
+        }
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let held: usize = pool.iter().map(|b| b.capacity() * 8).sum();
+        if held + buffer.capacity() * 8 <= MAX_BYTES {
+            pool.push(buffer);
+        }
+    }
 }
 
 /// Per-thread buffers of the inverse transforms.
