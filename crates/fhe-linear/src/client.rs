@@ -7,7 +7,10 @@ use crate::ciphertext::{check_header, EncryptedBatch, EncryptedResult};
 use crate::fourier::Fourier;
 use crate::layout::LayerSpec;
 use crate::params::{ParamSetId, ParameterSet};
-use crate::primitives::{expand_masks, pack_bits, round_to_bits, unpack_bits, NoiseSource};
+use crate::primitives::{
+    expand_masks, negacyclic_binary_at, pack_bits, reversed_key_masks, round_to_bits, unpack_bits,
+    NoiseSource,
+};
 use crate::wire::{Header, PayloadKind, ResultEncoding, WireError};
 use crate::FheError;
 
@@ -22,7 +25,14 @@ pub struct ClientKey {
     key: Vec<u64>,
     /// The key in the Fourier domain (planar), for exact products mask * key.
     key_fourier: Vec<f64>,
+    /// The key reversed as bit masks, for direct products at a few coefficients.
+    key_reversed: Vec<u64>,
 }
+
+/// Keyless results read at most this many coefficients of a ciphertext's `mask * key` directly
+/// (N masked additions each); more, and one FFT product of the whole polynomial is cheaper. At 64
+/// (a QKV token's n_o) decrypting took 0.6x the time of the FFT path on an AVX-512 machine.
+const DIRECT_PRODUCT_MAX_COEFFICIENTS: usize = 64;
 
 impl std::fmt::Debug for ClientKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -51,6 +61,7 @@ impl ClientKey {
         fourier.forward(|j| key[j] as f64, &mut key_fourier, &mut fourier.scratch());
         ClientKey {
             params,
+            key_reversed: reversed_key_masks(&key),
             key,
             key_fourier,
         }
@@ -225,12 +236,21 @@ impl ClientKey {
                         .iter()
                         .map(|v| v << shift)
                         .collect();
-                    let mut mask_key = vec![0u64; n];
-                    fourier.mul_u64_by_small(&mask, &self.key_fourier, &mut mask_key, scratch);
-                    let bodies = &result.coefficients[at + n..];
                     let rows = spec.rows_in_block(o);
-                    let mut out = Vec::with_capacity(rows * spec.tokens_in_group(tokens, g));
-                    for t in 0..spec.tokens_in_group(tokens, g) {
+                    let used = spec.tokens_in_group(tokens, g);
+                    let mut mask_key = vec![0u64; n];
+                    if used * rows <= DIRECT_PRODUCT_MAX_COEFFICIENTS {
+                        let positions =
+                            (0..used).flat_map(|t| (0..rows).map(move |r| t * stride + r * n_i));
+                        negacyclic_binary_at(&mask, &self.key_reversed, positions, |k, v| {
+                            mask_key[k] = v
+                        });
+                    } else {
+                        fourier.mul_u64_by_small(&mask, &self.key_fourier, &mut mask_key, scratch);
+                    }
+                    let bodies = &result.coefficients[at + n..];
+                    let mut out = Vec::with_capacity(rows * used);
+                    for t in 0..used {
                         for r in 0..rows {
                             let body = bodies[t * rows + r] << shift;
                             let phase = body.wrapping_sub(mask_key[t * stride + r * n_i]);

@@ -138,6 +138,74 @@ impl rand_core::RngCore for NoiseSource {
     }
 }
 
+/// A binary secret key arranged for direct products: `M[j] = 0 - s[N - 1 - j]` (all ones where
+/// the reversed key is 1), so that one coefficient of `a * s` is a contiguous masked sum.
+pub(crate) fn reversed_key_masks(key: &[u64]) -> Vec<u64> {
+    key.iter().rev().map(|s| 0u64.wrapping_sub(*s)).collect()
+}
+
+/// Coefficients `positions` of the negacyclic product `a * s` modulo 2^64 and X^N + 1, for a
+/// binary key given as [`reversed_key_masks`], calling `sink(position, value)`.
+///
+/// With `A[i] = -a[i]` for `i < N` and `A[i] = a[i - N]` for `N <= i < 2N` (the negacyclic
+/// extension: `a[k - j] = A[k - j + N]`, negated where `k - j` wraps below zero), coefficient `k` is
+/// `sum_j M[j] & A[k + 1 + j]`: N masked additions over contiguous memory, exact, and cheaper
+/// than the four transforms of an FFT product when only a few coefficients are needed (a keyless
+/// result of one token reads `n_o` of each ciphertext's N).
+pub(crate) fn negacyclic_binary_at(
+    a: &[u64],
+    reversed_key: &[u64],
+    positions: impl Iterator<Item = usize>,
+    mut sink: impl FnMut(usize, u64),
+) {
+    let n = a.len();
+    assert_eq!(reversed_key.len(), n);
+    let mut extended = Vec::with_capacity(2 * n);
+    extended.extend(a.iter().map(|v| v.wrapping_neg()));
+    extended.extend_from_slice(a);
+    for k in positions {
+        let window = &extended[k + 1..k + 1 + n];
+        sink(k, masked_sum(window, reversed_key));
+    }
+}
+
+#[inline(always)]
+fn masked_sum_generic(values: &[u64], masks: &[u64]) -> u64 {
+    // An integer reduction: the compiler vectorises it (wrapping addition is associative).
+    values
+        .iter()
+        .zip(masks)
+        .fold(0u64, |acc, (v, m)| acc.wrapping_add(v & m))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn masked_sum_avx512(values: &[u64], masks: &[u64]) -> u64 {
+    masked_sum_generic(values, masks)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn masked_sum_avx2(values: &[u64], masks: &[u64]) -> u64 {
+    masked_sum_generic(values, masks)
+}
+
+/// `sum_j values[j] & masks[j]` modulo 2^64, with the widest SIMD available.
+fn masked_sum(values: &[u64], masks: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the feature the function was compiled for.
+            return unsafe { masked_sum_avx512(values, masks) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { masked_sum_avx2(values, masks) };
+        }
+    }
+    masked_sum_generic(values, masks)
+}
+
 /// `x` rounded to the nearest integer, halves away from zero (as `f64::round`), for |x| < 2^63:
 /// a truncating conversion and a comparison, which compile inline where `f64::round` is a call
 /// into the C library on the baseline x86-64 target.
@@ -267,6 +335,34 @@ mod tests {
         // A different seed, different masks; the same seed, the same.
         assert_ne!(expand_masks(key ^ 1, count, n), masks);
         assert_eq!(expand_masks(key, count, n), masks);
+    }
+
+    #[test]
+    fn direct_binary_products_equal_the_schoolbook_product() {
+        let n = 64;
+        let mut state = 3u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state ^ (state >> 29)
+        };
+        for _ in 0..5 {
+            let a: Vec<u64> = (0..n).map(|_| next()).collect();
+            let key: Vec<u64> = (0..n).map(|_| next() & 1).collect();
+            let expected =
+                crate::fourier::schoolbook(&a, &key.iter().map(|v| *v as i64).collect::<Vec<_>>());
+            let mut got = vec![0u64; n];
+            negacyclic_binary_at(&a, &reversed_key_masks(&key), 0..n, |k, v| got[k] = v);
+            assert_eq!(got, expected);
+        }
+        // All-ones key and all-ones masks: the wrap-around signs at their extreme.
+        let a = vec![u64::MAX; n];
+        let key = vec![1u64; n];
+        let expected = crate::fourier::schoolbook(&a, &vec![1i64; n]);
+        let mut got = vec![0u64; n];
+        negacyclic_binary_at(&a, &reversed_key_masks(&key), 0..n, |k, v| got[k] = v);
+        assert_eq!(got, expected);
     }
 
     #[test]
