@@ -4,6 +4,7 @@ use rayon::prelude::*;
 use tfhe::core_crypto::prelude::*;
 
 use crate::ciphertext::{check_header, EncryptedBatch, EncryptedResult};
+use crate::entities::ResultEncoding;
 use crate::fourier::Fourier;
 use crate::layout::LayerSpec;
 use crate::params::{ParamSetId, ParameterSet};
@@ -11,7 +12,7 @@ use crate::primitives::{
     expand_masks, negacyclic_binary_at, pack_bits, reversed_key_masks, round_to_bits, unpack_bits,
     NoiseSource,
 };
-use crate::wire::{Header, PayloadKind, ResultEncoding, WireError};
+use crate::wire::{Header, PayloadKind, WireError};
 use crate::FheError;
 
 const SECRET_MAGIC: [u8; 4] = *b"HFSK";

@@ -11,27 +11,9 @@
 //! - product coefficient `t*S + r*n_i` is then exactly `sum_j w[o*n_o + r][b*n_i + j] * x[..][b*n_i + j]`:
 //!   no other pair of terms lands there, so summing over b gives one output of Y = X W^T.
 
+use crate::entities::{BlockLayout, LayerShape, ResultEncoding};
 use crate::params::ParameterSet;
-use crate::wire::ResultEncoding;
 use crate::FheError;
-
-/// The shape of a protected linear layer: `d_out x d_in` weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct LayerShape {
-    pub d_in: usize,
-    pub d_out: usize,
-}
-
-/// The block split of the encoding (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct BlockLayout {
-    /// Activations per input block.
-    pub n_i: usize,
-    /// Outputs per product polynomial and token.
-    pub n_o: usize,
-    /// Tokens per polynomial.
-    pub t_b: usize,
-}
 
 /// Everything about a protected layer that client and server must agree on, and nothing secret:
 /// parameter set, shape, block layout and the wire precisions that follow from the noise budget.
@@ -47,45 +29,6 @@ pub struct LayerSpec {
     /// How results come back: one ciphertext per output block (keyless), or packed into full
     /// ciphertexts with the client's packing key (see [`crate::packing`]).
     pub encoding: ResultEncoding,
-}
-
-impl LayerShape {
-    pub fn new(d_in: usize, d_out: usize) -> Self {
-        LayerShape { d_in, d_out }
-    }
-}
-
-impl std::fmt::Display for LayerShape {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}", self.d_in, self.d_out)
-    }
-}
-
-impl BlockLayout {
-    /// Checks that the three factors are powers of two multiplying to `n`.
-    pub fn validate(&self, n: usize) -> Result<(), FheError> {
-        let ok = [self.n_i, self.n_o, self.t_b]
-            .iter()
-            .all(|v| *v >= 1 && v.is_power_of_two())
-            && self
-                .n_i
-                .checked_mul(self.n_o)
-                .and_then(|v| v.checked_mul(self.t_b))
-                == Some(n);
-        if ok {
-            Ok(())
-        } else {
-            Err(FheError::InvalidLayout(format!(
-                "n_i={} n_o={} t_b={} must be powers of two with n_i*n_o*t_b = {n}",
-                self.n_i, self.n_o, self.t_b
-            )))
-        }
-    }
-
-    /// Coefficients between two tokens of one polynomial.
-    pub fn token_stride(&self) -> usize {
-        self.n_i * self.n_o
-    }
 }
 
 impl LayerSpec {

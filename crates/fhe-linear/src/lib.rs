@@ -75,6 +75,7 @@
 
 pub mod ciphertext;
 pub mod client;
+pub mod entities;
 pub mod fourier;
 pub mod kernel;
 pub mod layout;
@@ -89,7 +90,8 @@ pub mod wire;
 
 pub use ciphertext::{EncryptedBatch, EncryptedResult};
 pub use client::ClientKey;
-pub use layout::{BlockLayout, LayerShape, LayerSpec};
+pub use entities::{BlockLayout, LayerShape, ResultEncoding};
+pub use layout::LayerSpec;
 pub use noise::NoiseBudget;
 pub use packing::{PackingKey, PreparedPackingKey};
 pub use params::{
@@ -98,7 +100,7 @@ pub use params::{
 pub use plan::{Plan, Planner, Preference};
 pub use server::CompiledLayer;
 pub use simulate::simulate;
-pub use wire::{Limits, PayloadKind, ResultEncoding, WireError};
+pub use wire::{Limits, PayloadKind, WireError};
 
 /// Errors of the encrypted linear layer API.
 #[derive(Debug, thiserror::Error)]

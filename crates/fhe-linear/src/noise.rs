@@ -37,9 +37,8 @@
 //! independent terms), the budget requires `Z * std(E) <= Delta / 2` with `Z = 7.2`, a two-sided
 //! tail of 2^-40.6 per output. Among all `(b_in, b_out)` meeting it, the fewest bytes win.
 
-use crate::layout::{BlockLayout, LayerShape};
+use crate::entities::{BlockLayout, LayerShape, ResultEncoding};
 use crate::params::ParameterSet;
-use crate::wire::ResultEncoding;
 
 /// Standard deviations of the tail bound: P(|N(0,1)| > 7.2) = 2^-40.6.
 pub const TAIL_Z: f64 = 7.2;

@@ -21,10 +21,10 @@
 //! noise leaves room for packing 8-bit products. A packed plan also costs the one-time key upload
 //! ([`PackingKey::serialized_len`]), reported beside it and not amortised here.
 
-use crate::layout::{BlockLayout, LayerShape, LayerSpec};
+use crate::entities::{BlockLayout, LayerShape, ResultEncoding};
+use crate::layout::LayerSpec;
 use crate::packing::PackingKey;
 use crate::params::{ParameterSet, HFHE_GLWE_2048_V1, HFHE_GLWE_4096_V1};
-use crate::wire::ResultEncoding;
 use crate::FheError;
 
 /// What the client optimises for.

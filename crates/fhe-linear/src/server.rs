@@ -3,12 +3,13 @@
 use rayon::prelude::*;
 
 use crate::ciphertext::{check_header, EncryptedBatch, EncryptedResult};
+use crate::entities::ResultEncoding;
 use crate::fourier::{join_u64, Fourier};
 use crate::kernel::{chunk_products, load_chunk, store_chunk, Dims, STREAMS, UNIT};
 use crate::layout::LayerSpec;
 use crate::packing::{Glwe, PreparedPackingKey};
 use crate::primitives::{expand_masks, round_to_bits};
-use crate::wire::{Header, PayloadKind, ResultEncoding};
+use crate::wire::{Header, PayloadKind};
 use crate::FheError;
 
 /// A protected layer ready to serve: the Fourier transforms of its weight polynomials (8 bytes per

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::layout::LayerShape;
+use crate::entities::LayerShape;
 
 /// `Y = X W^T + b` in clear integers: `x` is `tokens x d_in`, `w` is `d_out x d_in`, both
 /// row-major; returns `tokens x d_out`, row-major.

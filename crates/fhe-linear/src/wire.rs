@@ -34,7 +34,8 @@
 //! Decoding never trusts the bytes: every field is checked, the payload length must equal the
 //! one the header implies, and the total size is bounded *before* anything is allocated.
 
-use crate::layout::{BlockLayout, LayerShape, LayerSpec};
+use crate::entities::{BlockLayout, LayerShape, ResultEncoding};
+use crate::layout::LayerSpec;
 use crate::params::{ParamSetId, ParameterSet};
 pub use crate::primitives::{pack_bits, unpack_bits};
 
@@ -45,39 +46,6 @@ pub const HEADER_LEN: usize = 56;
 
 const KIND_BATCH: u8 = 1;
 const KIND_RESULT: u8 = 2;
-
-/// How the server returns results.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum ResultEncoding {
-    /// One ciphertext per (token group, output block): no key needed.
-    Keyless = 1,
-    /// Products packed into full ciphertexts with the client's packing key.
-    Packed = 2,
-}
-
-impl ResultEncoding {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            ResultEncoding::Keyless => "keyless",
-            ResultEncoding::Packed => "packed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "keyless" => Some(ResultEncoding::Keyless),
-            "packed" => Some(ResultEncoding::Packed),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for ResultEncoding {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// What a payload is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
