@@ -239,16 +239,21 @@ pub(crate) fn schoolbook(a: &[u64], w: &[i64]) -> Vec<u64> {
     out
 }
 
+/// Deterministic pseudo-random test inputs (an LCG with an output xor-shift).
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lcg(state: &mut u64) -> u64 {
+pub(crate) mod tests_support {
+    pub(crate) fn lcg(state: &mut u64) -> u64 {
         *state = state
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         *state ^ (*state >> 29)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fourier::tests_support::lcg;
 
     #[test]
     fn split_join_roundtrip() {

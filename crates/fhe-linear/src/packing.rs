@@ -572,12 +572,7 @@ mod tests {
         let (n, p) = (4096, key.packing);
         let levels = p.levels as usize;
         let mut state = 99u64;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            state ^ (state >> 31)
-        };
+        let mut next = || crate::fourier::tests_support::lcg(&mut state);
         let ct: Glwe = (
             (0..n).map(|_| next()).collect(),
             (0..n).map(|_| next()).collect(),

@@ -341,12 +341,7 @@ mod tests {
     fn direct_binary_products_equal_the_schoolbook_product() {
         let n = 64;
         let mut state = 3u64;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            state ^ (state >> 29)
-        };
+        let mut next = || crate::fourier::tests_support::lcg(&mut state);
         for _ in 0..5 {
             let a: Vec<u64> = (0..n).map(|_| next()).collect();
             let key: Vec<u64> = (0..n).map(|_| next() & 1).collect();
