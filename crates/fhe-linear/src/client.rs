@@ -12,11 +12,15 @@ use crate::primitives::{
     expand_masks, negacyclic_binary_at, pack_bits, reversed_key_masks, round_to_bits, unpack_bits,
     NoiseSource,
 };
-use crate::wire::{Header, PayloadKind, WireError};
+use crate::wire::{check_length, Format, Header, PayloadKind, WireError};
 use crate::FheError;
 
-const SECRET_MAGIC: [u8; 4] = *b"HFSK";
-const SECRET_VERSION: u16 = 1;
+/// Exported secret keys: magic "HFSK", version 1, parameter set id (u16), then the key's bits.
+const SECRET_FORMAT: Format = Format {
+    magic: *b"HFSK",
+    version: 1,
+    header_len: 8,
+};
 
 /// A client's binary GLWE secret key. It never leaves the client unless exported explicitly
 /// with [`ClientKey::export_secret`]; `Debug` does not print it.
@@ -81,8 +85,8 @@ impl ClientKey {
     /// everything this key encrypted: store them like a password.
     pub fn export_secret(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 + self.key.len() / 8);
-        out.extend_from_slice(&SECRET_MAGIC);
-        out.extend_from_slice(&SECRET_VERSION.to_le_bytes());
+        out.extend_from_slice(&SECRET_FORMAT.magic);
+        out.extend_from_slice(&SECRET_FORMAT.version.to_le_bytes());
         out.extend_from_slice(&self.params.id.0.to_le_bytes());
         pack_bits(&self.key, 1, &mut out);
         out
@@ -90,28 +94,14 @@ impl ClientKey {
 
     /// Reads a key written by [`ClientKey::export_secret`].
     pub fn import_secret(bytes: &[u8]) -> Result<Self, WireError> {
-        if bytes.len() < 8 {
-            return Err(WireError::Truncated(bytes.len()));
-        }
-        if bytes[0..4] != SECRET_MAGIC {
-            return Err(WireError::BadMagic);
-        }
-        let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-        if version != SECRET_VERSION {
-            return Err(WireError::UnsupportedVersion(version));
-        }
+        // No size limit of its own: the exact length follows from the parameter set, and is
+        // checked before anything is allocated.
+        SECRET_FORMAT.read_preamble(bytes, u64::MAX)?;
         let id = u16::from_le_bytes([bytes[6], bytes[7]]);
         let params =
             ParameterSet::by_id(ParamSetId(id)).ok_or(WireError::UnknownParameterSet(id))?;
         let len = params.glwe_dimension * params.polynomial_size;
-        let expected = 8 + len.div_ceil(8);
-        match bytes.len().cmp(&expected) {
-            std::cmp::Ordering::Less => return Err(WireError::Truncated(bytes.len())),
-            std::cmp::Ordering::Greater => {
-                return Err(WireError::TrailingBytes(bytes.len() - expected))
-            }
-            std::cmp::Ordering::Equal => {}
-        }
+        check_length(bytes.len(), 8 + len.div_ceil(8) as u64)?;
         let key = unpack_bits(&bytes[8..], 1, len);
         Ok(Self::from_coefficients(params, key))
     }

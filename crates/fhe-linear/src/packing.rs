@@ -44,7 +44,7 @@ use rayon::prelude::*;
 use crate::fourier::{mul_acc, Fourier, Scratch};
 use crate::params::{PackingParams, ParamSetId, ParameterSet};
 use crate::primitives::{expand_masks, pack_bits, round_to_bits, unpack_bits};
-use crate::wire::WireError;
+use crate::wire::{check_length, Format, WireError};
 use crate::{ClientKey, FheError};
 
 const KEY_MAGIC: [u8; 4] = *b"HFPK";
@@ -52,6 +52,11 @@ const KEY_MAGIC: [u8; 4] = *b"HFPK";
 pub const KEY_VERSION: u16 = 2;
 /// Bytes of a packing key's header.
 pub const KEY_HEADER_LEN: usize = 40;
+const KEY_FORMAT: Format = Format {
+    magic: KEY_MAGIC,
+    version: KEY_VERSION,
+    header_len: KEY_HEADER_LEN,
+};
 
 /// Where the key's 64-bit coefficients are cut for the FFT: `v = hi * 2^SPLIT + lo`.
 const SPLIT: u32 = 42;
@@ -231,20 +236,9 @@ impl PackingKey {
     /// Parses untrusted bytes: every field must be exactly what the parameter set prescribes and
     /// the length must match, checked before anything is allocated.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
-        if bytes.len() < 4 || bytes[0..4] != KEY_MAGIC {
-            return Err(if bytes.len() < 4 {
-                WireError::Truncated(bytes.len())
-            } else {
-                WireError::BadMagic
-            });
-        }
-        if bytes.len() < KEY_HEADER_LEN {
-            return Err(WireError::Truncated(bytes.len()));
-        }
-        let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-        if version != KEY_VERSION {
-            return Err(WireError::UnsupportedVersion(version));
-        }
+        // No size limit of its own: the exact length follows from the parameter set, and is
+        // checked before anything is allocated (gateways bound the body before parsing).
+        KEY_FORMAT.read_preamble(bytes, u64::MAX)?;
         let id = u16::from_le_bytes([bytes[6], bytes[7]]);
         let params =
             ParameterSet::by_id(ParamSetId(id)).ok_or(WireError::UnknownParameterSet(id))?;
@@ -284,13 +278,7 @@ impl PackingKey {
                 total - KEY_HEADER_LEN
             )));
         }
-        match bytes.len().cmp(&total) {
-            std::cmp::Ordering::Less => return Err(WireError::Truncated(bytes.len())),
-            std::cmp::Ordering::Greater => {
-                return Err(WireError::TrailingBytes(bytes.len() - total))
-            }
-            std::cmp::Ordering::Equal => {}
-        }
+        check_length(bytes.len(), total as u64)?;
         let count = packing.max_depth as usize * packing.levels as usize * params.polynomial_size;
         let bodies = unpack_bits(&bytes[KEY_HEADER_LEN..], packing.key_body_bits, count);
         Ok(PackingKey {

@@ -68,11 +68,10 @@ pub enum WireError {
     #[error("not an encrypted payload (bad magic)")]
     BadMagic,
     #[error(
-        "unsupported format version {0}: this build reads version {FORMAT_VERSION} only (client \
-         and server must run releases of the same format; version 1 is refused since version 2 \
-         changed how masks are drawn)"
+        "unsupported format version {found}: this build reads version {reads} only (client and \
+         server must run releases of the same format)"
     )]
-    UnsupportedVersion(u16),
+    UnsupportedVersion { found: u16, reads: u16 },
     #[error("expected a {expected}, got another kind of payload")]
     WrongKind { expected: &'static str },
     #[error("unknown parameter set id {0}")]
@@ -91,7 +90,7 @@ impl WireError {
             WireError::TrailingBytes(_) => "ciphertext_trailing_bytes",
             WireError::TooLarge { .. } => "ciphertext_too_large",
             WireError::BadMagic => "ciphertext_bad_magic",
-            WireError::UnsupportedVersion(_) => "ciphertext_unsupported_version",
+            WireError::UnsupportedVersion { .. } => "ciphertext_unsupported_version",
             WireError::WrongKind { .. } => "ciphertext_wrong_kind",
             WireError::UnknownParameterSet(_) => "ciphertext_unknown_parameter_set",
             WireError::UnknownResultEncoding(_) => "ciphertext_unknown_result_encoding",
@@ -198,28 +197,9 @@ impl Header {
         expect_result: bool,
         limits: &Limits,
     ) -> Result<(Header, &'a [u8]), WireError> {
-        if bytes.len() as u64 > limits.max_bytes {
-            return Err(WireError::TooLarge {
-                size: bytes.len() as u64,
-                limit: limits.max_bytes,
-            });
-        }
-        if bytes.len() < 4 || bytes[0..4] != MAGIC {
-            return Err(if bytes.len() < 4 {
-                WireError::Truncated(bytes.len())
-            } else {
-                WireError::BadMagic
-            });
-        }
-        if bytes.len() < HEADER_LEN {
-            return Err(WireError::Truncated(bytes.len()));
-        }
+        CIPHERTEXT_FORMAT.read_preamble(bytes, limits.max_bytes)?;
         let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
-        let version = u16_at(4);
-        if version != FORMAT_VERSION {
-            return Err(WireError::UnsupportedVersion(version));
-        }
         let (kind, encoding) = (bytes[6], bytes[7]);
         let (kind, encoding) = match (expect_result, kind, encoding) {
             (false, KIND_BATCH, 0 | 1) => (PayloadKind::Batch, ResultEncoding::Keyless),
@@ -310,14 +290,66 @@ impl Header {
                 "payload length {payload_len} does not match the {expected} bytes its shape needs"
             )));
         }
-        let payload = &bytes[HEADER_LEN..];
-        match (payload.len() as u64).cmp(&payload_len) {
-            std::cmp::Ordering::Less => Err(WireError::Truncated(bytes.len())),
-            std::cmp::Ordering::Greater => Err(WireError::TrailingBytes(
-                payload.len() - payload_len as usize,
-            )),
-            std::cmp::Ordering::Equal => Ok((header, payload)),
+        check_length(bytes.len(), HEADER_LEN as u64 + payload_len)?;
+        Ok((header, &bytes[HEADER_LEN..]))
+    }
+}
+
+/// How one of this crate's byte formats begins: every one (batches and results, packing keys,
+/// exported secret keys) starts with a 4-byte magic and a little-endian u16 version, followed by
+/// a fixed-size header.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Format {
+    pub magic: [u8; 4],
+    pub version: u16,
+    /// Bytes of the fixed header, magic and version included.
+    pub header_len: usize,
+}
+
+/// Batches and results (this module).
+pub(crate) const CIPHERTEXT_FORMAT: Format = Format {
+    magic: MAGIC,
+    version: FORMAT_VERSION,
+    header_len: HEADER_LEN,
+};
+
+impl Format {
+    /// Checks what the formats share, in this order, before anything is read or allocated: the
+    /// size limit, the magic (an input shorter than it is truncated), the header's length, the
+    /// version. The caller reads the rest of its header and then calls [`check_length`].
+    pub(crate) fn read_preamble(&self, bytes: &[u8], max_bytes: u64) -> Result<(), WireError> {
+        if bytes.len() as u64 > max_bytes {
+            return Err(WireError::TooLarge {
+                size: bytes.len() as u64,
+                limit: max_bytes,
+            });
         }
+        if bytes.len() < 4 {
+            return Err(WireError::Truncated(bytes.len()));
+        }
+        if bytes[0..4] != self.magic {
+            return Err(WireError::BadMagic);
+        }
+        if bytes.len() < self.header_len {
+            return Err(WireError::Truncated(bytes.len()));
+        }
+        let found = u16::from_le_bytes([bytes[4], bytes[5]]);
+        if found != self.version {
+            return Err(WireError::UnsupportedVersion {
+                found,
+                reads: self.version,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The input must be exactly `expected` bytes long (as its header implies).
+pub(crate) fn check_length(len: usize, expected: u64) -> Result<(), WireError> {
+    match (len as u64).cmp(&expected) {
+        std::cmp::Ordering::Less => Err(WireError::Truncated(len)),
+        std::cmp::Ordering::Greater => Err(WireError::TrailingBytes(len - expected as usize)),
+        std::cmp::Ordering::Equal => Ok(()),
     }
 }
 

@@ -57,6 +57,16 @@ fn secret_key_export_roundtrips_and_rejects_garbage() {
         ClientKey::import_secret(&bad).unwrap_err().code(),
         "ciphertext_bad_magic"
     );
+    // The shared preamble reader names the version this format reads (1), not the ciphertexts'.
+    let mut newer = bytes.clone();
+    newer[4..6].copy_from_slice(&2u16.to_le_bytes());
+    let err = ClientKey::import_secret(&newer).unwrap_err();
+    assert_eq!(err.code(), "ciphertext_unsupported_version");
+    assert!(err.to_string().contains("reads version 1 only"), "{err}");
+    assert_eq!(
+        ClientKey::import_secret(&bytes[..3]).unwrap_err().code(),
+        "ciphertext_truncated"
+    );
     let mut unknown = bytes;
     unknown[6] = 99;
     assert_eq!(

@@ -203,10 +203,9 @@ impl PackedKeys {
     /// saved in its place. Returns the keys and whether the packing key was renewed (it then has
     /// to be registered again).
     pub fn load_renewing(dir: &std::path::Path) -> Result<(Self, bool), ModelError> {
-        match Self::load(dir) {
-            Err(ModelError::Wire(fhe_linear::WireError::UnsupportedVersion(v)))
-                if v < fhe_linear::packing::KEY_VERSION =>
-            {
+        let packing = std::fs::read(dir.join(PACKING_FILE))?;
+        match PackingKey::from_bytes(&packing) {
+            Err(fhe_linear::WireError::UnsupportedVersion { found, reads }) if found < reads => {
                 let secret = ClientKey::import_secret(&std::fs::read(dir.join(SECRET_FILE))?)?;
                 let packing = PackingKey::generate(&secret)?;
                 let partial = dir.join(format!("{PACKING_FILE}.partial"));
@@ -214,7 +213,7 @@ impl PackedKeys {
                 std::fs::rename(&partial, dir.join(PACKING_FILE))?;
                 Ok((PackedKeys { secret, packing }, true))
             }
-            other => other.map(|keys| (keys, false)),
+            _ => Self::load(dir).map(|keys| (keys, false)),
         }
     }
 
