@@ -118,6 +118,24 @@ fn twenty_packed_runs_register_one_key_and_keys_are_managed() {
     assert_eq!(generate(&store), first);
     assert_eq!(list(&store)["gateway"]["keys"].as_array().unwrap().len(), 1);
 
+    // A stored packing key of an earlier format (1): the next run renews it from the same secret
+    // key, registers the new key and deletes the old one at the gateway (one key slot, not two).
+    let registered = list(&store)["local"][0]["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let file = find_file(&store, "packing.key").expect("a stored packing key");
+    let mut old = std::fs::read(&file).unwrap();
+    old[4..6].copy_from_slice(&1u16.to_le_bytes());
+    std::fs::write(&file, &old).unwrap();
+    assert_eq!(generate(&store), first);
+    let listed = list(&store);
+    let at_gateway = listed["gateway"]["keys"].as_array().unwrap();
+    assert_eq!(at_gateway.len(), 1, "{listed}");
+    let renewed = at_gateway[0]["key_id"].as_str().unwrap();
+    assert_ne!(renewed, registered);
+    assert_eq!(listed["local"][0]["key_id"], renewed);
+
     // Deleted with the store's entry: gone in both places.
     let (ok, out, err) = keys(&store, "delete", &["--json"]);
     assert!(ok, "{err}");
@@ -132,4 +150,19 @@ fn twenty_packed_runs_register_one_key_and_keys_are_managed() {
     // Deleting a key the license does not have is refused, without a panic.
     let (ok, _, err) = keys(&store, "delete", &["--key-id", &key_id]);
     assert!(!ok && err.contains("no packing key"), "{err}");
+}
+
+/// The first file named `name` under `dir`.
+fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = find_file(&path, name) {
+                return Some(found);
+            }
+        } else if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+    }
+    None
 }

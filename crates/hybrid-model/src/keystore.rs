@@ -35,6 +35,10 @@ pub struct KeyEntry {
     pub key_id: Option<String>,
     /// When the keys were generated (ms since the epoch).
     pub created_ms: u64,
+    /// The id of the packing key this entry's key renewed (an earlier format), still registered
+    /// at the gateway until the new key is registered; then it is deleted there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
     /// The entry's directory.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -140,6 +144,7 @@ impl KeyStore {
                 // The gateway knows the old key only: register the new one.
                 let entry = KeyEntry {
                     key_id: None,
+                    replaces: entry.key_id.clone().or(entry.replaces.clone()),
                     ..entry
                 };
                 write_entry(&dir, &entry)?;
@@ -153,6 +158,7 @@ impl KeyStore {
             license_id: license_id.to_string(),
             key_id: None,
             created_ms: now_ms(),
+            replaces: None,
             dir: dir.clone(),
         };
         // Written under a temporary name and renamed: a run killed halfway leaves no half entry.
@@ -171,6 +177,8 @@ impl KeyStore {
     pub fn set_key_id(&self, entry: &KeyEntry, key_id: &str) -> Result<KeyEntry, ModelError> {
         let mut entry = entry.clone();
         entry.key_id = Some(key_id.to_string());
+        // The key it replaced, if any, is forgotten: the caller deleted it at the gateway.
+        entry.replaces = None;
         write_entry(&entry.dir, &entry)?;
         Ok(entry)
     }
@@ -281,6 +289,7 @@ mod tests {
             stored.key_id, None,
             "the new packing key must be registered again"
         );
+        assert_eq!(stored.replaces.as_deref(), Some("registered-v1"));
         assert_eq!(stored.dir, entry.dir);
         assert_eq!(renewed.secret.export_secret(), keys.secret.export_secret());
         assert_ne!(renewed.packing.to_bytes(), old);

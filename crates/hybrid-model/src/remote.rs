@@ -381,6 +381,28 @@ fn register_key(
     serde_json::from_slice(&body).map_err(transport)
 }
 
+/// Deletes a packing key of the license at the service; false when it has no such key.
+fn delete_key(
+    agent: &ureq::Agent,
+    config: &RemoteConfig,
+    key_id: &str,
+) -> Result<bool, ModelError> {
+    let url = format!(
+        "{}{}",
+        config.url.trim_end_matches('/'),
+        protocol::key_path(key_id)
+    );
+    let mut answer = with_license(agent.delete(&url), &config.license)
+        .call()
+        .map_err(call_error)?;
+    let (status, body) = read_answer(&mut answer, 1 << 20)?;
+    match status {
+        204 | 200 => Ok(true),
+        404 => Ok(false),
+        _ => Err(answer_error(status, &body)),
+    }
+}
+
 /// The packing keys of a license at the service: list, register, delete (what `hybrid keys`
 /// does).
 pub struct KeyService {
@@ -419,16 +441,7 @@ impl KeyService {
 
     /// Deletes a key of the license; false when the service has no such key for it.
     pub fn delete(&self, key_id: &str) -> Result<bool, ModelError> {
-        let request = self.agent.delete(&self.url(&protocol::key_path(key_id)));
-        let mut answer = with_license(request, &self.config.license)
-            .call()
-            .map_err(call_error)?;
-        let (status, body) = read_answer(&mut answer, 1 << 20)?;
-        match status {
-            204 | 200 => Ok(true),
-            404 => Ok(false),
-            _ => Err(answer_error(status, &body)),
-        }
+        delete_key(&self.agent, &self.config, key_id)
     }
 }
 
@@ -737,6 +750,13 @@ impl RemoteBackend {
         }
         let entry = match entry {
             Some((store, entry)) => {
+                if let Some(old) = entry.replaces.as_deref() {
+                    // The key this one renewed holds one of the license's key slots until it is
+                    // deleted. Best effort: a failure leaves it to `hybrid keys delete`.
+                    if old != registered.key_id {
+                        let _ = delete_key(&self.agent, &self.config, old);
+                    }
+                }
                 let entry = store.set_key_id(&entry, &registered.key_id)?;
                 Some((store, entry))
             }
