@@ -325,7 +325,7 @@ fn fhe(args: FheArgs) -> Result<()> {
     };
     let plain_int8 = plain_int8_ms(shape, &x, &w, runs.max(5));
 
-    let report = json!({
+    let mut report = json!({
         "bench": "fhe",
         "shape": format!("{}x{}", shape.d_in, shape.d_out),
         "d_in": shape.d_in,
@@ -374,7 +374,6 @@ fn fhe(args: FheArgs) -> Result<()> {
         "blas_f32_ms": blas.as_ref().ok().map(|b| b.0),
         "blas_library": blas.as_ref().map(|b| b.1.clone()).unwrap_or_else(|e| format!("none: {e}")),
     });
-    let mut report = report;
     if let (Some(r), serde_json::Value::Object(b)) = (report.as_object_mut(), baselines) {
         r.extend(b);
     }

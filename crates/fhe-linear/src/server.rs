@@ -371,7 +371,6 @@ mod buffers {
         match reused {
             Some(mut buffer) => {
                 buffer.resize(len, 0.0);
-                buffer.truncate(len);
                 buffer
             }
             None => vec![0.0; len],

@@ -140,16 +140,16 @@ impl KeyStore {
         let dir = self.entry_dir(gateway, license_id);
         if let Some(entry) = read_entry(&dir)? {
             let (keys, renewed) = PackedKeys::load_renewing(&dir)?;
-            if renewed {
-                // The gateway knows the old key only: register the new one.
-                let entry = KeyEntry {
-                    key_id: None,
-                    replaces: entry.key_id.clone().or(entry.replaces.clone()),
-                    ..entry
-                };
-                write_entry(&dir, &entry)?;
+            if !renewed {
                 return Ok((keys, entry));
             }
+            // The gateway knows the old key only: register the new one.
+            let entry = KeyEntry {
+                key_id: None,
+                replaces: entry.key_id.clone().or(entry.replaces.clone()),
+                ..entry
+            };
+            write_entry(&dir, &entry)?;
             return Ok((keys, entry));
         }
         let keys = PackedKeys::generate()?;

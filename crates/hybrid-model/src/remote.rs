@@ -203,17 +203,16 @@ impl PackedKeys {
     /// saved in its place. Returns the keys and whether the packing key was renewed (it then has
     /// to be registered again).
     pub fn load_renewing(dir: &std::path::Path) -> Result<(Self, bool), ModelError> {
-        let packing = std::fs::read(dir.join(PACKING_FILE))?;
-        match PackingKey::from_bytes(&packing) {
+        let secret = ClientKey::import_secret(&std::fs::read(dir.join(SECRET_FILE))?)?;
+        match PackingKey::from_bytes(&std::fs::read(dir.join(PACKING_FILE))?) {
             Err(fhe_linear::WireError::UnsupportedVersion { found, reads }) if found < reads => {
-                let secret = ClientKey::import_secret(&std::fs::read(dir.join(SECRET_FILE))?)?;
                 let packing = PackingKey::generate(&secret)?;
                 let partial = dir.join(format!("{PACKING_FILE}.partial"));
                 std::fs::write(&partial, packing.to_bytes())?;
                 std::fs::rename(&partial, dir.join(PACKING_FILE))?;
                 Ok((PackedKeys { secret, packing }, true))
             }
-            _ => Self::load(dir).map(|keys| (keys, false)),
+            packing => Ok((Self::pair(secret, packing?)?, false)),
         }
     }
 
@@ -222,6 +221,11 @@ impl PackedKeys {
     pub fn load(dir: &std::path::Path) -> Result<Self, ModelError> {
         let secret = ClientKey::import_secret(&std::fs::read(dir.join(SECRET_FILE))?)?;
         let packing = PackingKey::from_bytes(&std::fs::read(dir.join(PACKING_FILE))?)?;
+        Self::pair(secret, packing)
+    }
+
+    /// The two keys read from one directory, if they are of one parameter set.
+    fn pair(secret: ClientKey, packing: PackingKey) -> Result<Self, ModelError> {
         if secret.params().id != packing.params().id {
             return Err(ModelError::Bundle(
                 "secret and packing keys of different parameter sets".into(),
