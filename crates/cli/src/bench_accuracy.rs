@@ -6,15 +6,12 @@
 //! agreement under teacher forcing on the float model's continuation, and that continuation's
 //! perplexity under both.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use hybrid_model::{
-    build, build_with, compile, generate, names, Checkpoint, GenerateOptions, Mode,
-};
+use hybrid_model::{build, compile, generate, names, GenerateOptions, Mode};
 
 use crate::model_cmd::load_source;
 use serde_json::json;
@@ -45,7 +42,8 @@ const PROMPTS: &[&str] = &[
     "The human heart has four chambers:",
 ];
 
-/// Calibration texts (distinct from the evaluation prompts) for `--smoothing calibrated`.
+/// Calibration texts (distinct from the evaluation prompts): what a vendor passes to
+/// `hybrid compile --calibration`.
 const CALIBRATION: &[&str] = &[
     "The weather today is sunny with a light breeze from the west, and the forecast for the weekend looks pleasant.",
     "In 1969, astronauts landed on the Moon for the first time, an event watched by millions around the world.",
@@ -80,10 +78,14 @@ pub struct AccuracyArgs {
     /// Use only the first N prompts.
     #[arg(long)]
     limit: Option<usize>,
-    /// Activation smoothing: none, norm-gain (fold the input norm's gain into the weights), or
-    /// calibrated[:ALPHA] (divide channels by their calibrated maximum^ALPHA, default 0.5).
-    #[arg(long, default_value = "none")]
-    smoothing: String,
+    /// How protected layers encode their inputs, as `hybrid compile --activations` takes it:
+    /// auto (what compile ships: every choice measured on calibration texts distinct from the
+    /// prompts, the best kept), dynamic, static, smoothed, outliers or smoothed-outliers.
+    #[arg(long, default_value = "auto")]
+    activations: String,
+    /// Extra product columns an outlier split may add, as a share of a layer's inputs.
+    #[arg(long, default_value_t = compile::DEFAULT_OUTLIER_COLUMNS)]
+    outlier_columns: f32,
     #[arg(long)]
     json: bool,
 }
@@ -123,64 +125,6 @@ fn argmaxes(log_probs: &candle_core::Tensor) -> Result<Vec<u32>> {
     Ok(log_probs.argmax(1)?.to_vec1::<u32>()?)
 }
 
-/// How activations are prepared before quantization.
-enum Smoothing {
-    None,
-    NormGain,
-    Calibrated { alpha: f32, prompts: Vec<Vec<u32>> },
-}
-
-impl Smoothing {
-    /// The per-input-channel factors of the layers `patterns` protects.
-    fn factors(
-        &self,
-        src: &Checkpoint,
-        patterns: &[String],
-    ) -> Result<Option<HashMap<String, Vec<f32>>>> {
-        let cfg = &src.config;
-        let protected = names::resolve(patterns, cfg.naming(), cfg.num_hidden_layers())?;
-        Ok(match self {
-            Smoothing::None => None,
-            Smoothing::NormGain => {
-                let mut out = HashMap::new();
-                for layer in &protected {
-                    let norm = layer
-                        .parts
-                        .first()
-                        .and_then(|m| cfg.naming().input_norm(*m));
-                    if let Some(norm) = norm {
-                        let gain = src
-                            .tensors
-                            .get(&format!("{norm}.weight"))
-                            .with_context(|| format!("no tensor {norm}.weight"))?
-                            .to_vec1::<f32>()?;
-                        let gain = gain
-                            .into_iter()
-                            .map(|g| if g.abs() > 1e-6 { g } else { 1.0 })
-                            .collect();
-                        out.insert(layer.name.clone(), gain);
-                    }
-                }
-                // Layers without an input norm keep their activations as they are.
-                for layer in &protected {
-                    let d_in = layer
-                        .parts
-                        .first()
-                        .and_then(|m| src.tensors.get(&format!("{}.weight", m.hf_name())))
-                        .map_or(Ok(0), |w| w.dim(1))?;
-                    out.entry(layer.name.clone())
-                        .or_insert_with(|| vec![1.0; d_in]);
-                }
-                Some(out)
-            }
-            Smoothing::Calibrated { alpha, prompts } => {
-                let max = compile::calibrate(cfg, &src.tensors, &protected, prompts)?;
-                Some(compile::smoothing_factors(&max, &protected, *alpha))
-            }
-        })
-    }
-}
-
 pub fn run(args: AccuracyArgs) -> Result<()> {
     let src = load_source(&args.model)?;
     let (cfg, tensors) = (&src.config, &src.tensors);
@@ -195,29 +139,11 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
             .get_ids()
             .to_vec())
     };
-    let smoothing = match args
-        .smoothing
-        .split_once(':')
-        .unwrap_or((&args.smoothing, ""))
-    {
-        ("none", _) => Smoothing::None,
-        ("norm-gain", _) => Smoothing::NormGain,
-        ("calibrated", alpha) => Smoothing::Calibrated {
-            alpha: if alpha.is_empty() {
-                0.5
-            } else {
-                alpha.parse()?
-            },
-            prompts: CALIBRATION
-                .iter()
-                .map(|t| encode(t))
-                .collect::<Result<Vec<_>>>()?,
-        },
-        _ => anyhow::bail!(
-            "--smoothing: none, norm-gain or calibrated[:ALPHA], not `{}`",
-            args.smoothing
-        ),
-    };
+    let activations: compile::Activations = args.activations.parse()?;
+    let calibration = CALIBRATION
+        .iter()
+        .map(|t| encode(t))
+        .collect::<Result<Vec<_>>>()?;
     let texts: Vec<String> = match &args.prompts {
         Some(path) => read_prompts(path)?,
         None => PROMPTS.iter().map(|p| p.to_string()).collect(),
@@ -261,15 +187,27 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
         for &bits in &args.bits {
             let started = Instant::now();
             let patterns = set_patterns(set);
-            let factors = smoothing.factors(&src, &patterns)?;
-            let mut model = build_with(
+            let protected = names::resolve(&patterns, cfg.naming(), cfg.num_hidden_layers())?;
+            // What `hybrid compile` would ship for these layers and calibration texts.
+            let compile_options = compile::CompileOptions {
+                model_name: src.default_name(),
+                protect: patterns.clone(),
+                n_bits: bits,
+                calibration: calibration.clone(),
+                activations,
+                group_inputs: false,
+                outlier_columns: args.outlier_columns,
+            };
+            let chosen = compile::choose_encoding(
                 cfg,
                 tensors,
-                &patterns,
-                Mode::Simulate,
-                bits,
-                factors.as_ref(),
+                &protected,
+                &compile_options,
+                &mut |_, _, _| {},
             )?;
+            let inputs: usize = chosen.split.iter().map(|s| s.client.d_in).sum();
+            let columns: usize = chosen.split.iter().map(|s| s.client.product_width()).sum();
+            let mut model = compile::simulated(cfg, tensors, &protected, &chosen.split)?;
             let (mut prefix, mut agree, mut predictions, mut nll_sum) =
                 (0usize, 0usize, 0usize, 0.0);
             // How far apart the float model put its choice and the protected model's, where
@@ -303,6 +241,9 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
             let row = json!({
                 "set": set,
                 "bits": bits,
+                "activations": chosen.activations.name(),
+                "product_columns_over_inputs": columns as f64 / inputs as f64,
+                "calibration": chosen.reports,
                 "greedy_prefix_mean": prefix as f64 / prompts.len() as f64,
                 "next_token_agreement": agree as f64 / predictions as f64,
                 "perplexity": ppl,
@@ -314,7 +255,9 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
             });
             if !args.json {
                 eprintln!(
-                    "{set:>10} {bits} bits: greedy prefix {:.1}/{}, next-token agreement {:.2}%, perplexity {:.3} ({:+.2}% vs float), float gap at disagreements median {:.3} max {:.3} nats",
+                    "{set:>10} {bits} bits {:>17} (x{:.3} columns): greedy prefix {:.1}/{}, next-token agreement {:.2}%, perplexity {:.3} ({:+.2}% vs float), float gap at disagreements median {:.3} max {:.3} nats",
+                    chosen.activations.name(),
+                    columns as f64 / inputs as f64,
                     prefix as f64 / prompts.len() as f64,
                     args.tokens,
                     100.0 * agree as f64 / predictions as f64,
@@ -335,7 +278,8 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
         "tokens": args.tokens,
         "float_perplexity": float_ppl,
         "float_seconds": float_s,
-        "smoothing": args.smoothing,
+        "activations": args.activations,
+        "outlier_columns": args.outlier_columns,
         "rows": rows,
     });
     println!("{}", serde_json::to_string(&report)?);

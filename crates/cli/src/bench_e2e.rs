@@ -240,6 +240,7 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
                 calibration: vec![],
                 activations: Activations::Dynamic,
                 group_inputs: !args.no_groups,
+                outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
             },
             &out.join("client"),
             &out.join(SERVER_BUNDLE_FILE),

@@ -64,6 +64,7 @@ pub(crate) fn stand_in_bundle(
         calibration: vec![],
         activations: Activations::Dynamic,
         group_inputs: true,
+        outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
     };
     let mut tiny = hybrid_model::tiny::tiny_config();
     anyhow::ensure!(

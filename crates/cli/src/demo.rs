@@ -134,6 +134,7 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         calibration: tokenize_all(Some(&tokenizer), &prompts)?,
         activations: args.activations.parse()?,
         group_inputs: true,
+        outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
     };
     let client_dir = dir.join("client");
     let server_path = dir.join(SERVER_BUNDLE_FILE);

@@ -120,8 +120,9 @@ pub struct CompileArgs {
     #[arg(long, default_value_t = 8)]
     n_bits: u32,
     /// Activation quantization: dynamic (per token), static (calibrated per layer), smoothed
-    /// (per token, input channels divided by calibrated factors), or auto (measure each on the
-    /// calibration prompts, keep the most accurate).
+    /// (per token, input channels divided by calibrated factors), outliers (per token, outlier
+    /// channels over extra product columns), smoothed-outliers (both), or auto (measure each on
+    /// the calibration prompts, keep the most accurate).
     #[arg(long, default_value = "auto")]
     activations: String,
     /// Output directory: `client/` (for the customer) and `server.safetensors` (for the workers).
@@ -159,6 +160,7 @@ pub fn compile_cmd(args: CompileArgs) -> Result<()> {
         calibration,
         activations: args.activations.parse()?,
         group_inputs: !args.no_groups,
+        outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
     };
     let client_dir = args.out.join("client");
     let server_path = args.out.join(SERVER_BUNDLE_FILE);

@@ -46,7 +46,7 @@ pub const CLIENT_GGUF_FILE: &str = "model.gguf";
 /// (teacher-forced, every position).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationReport {
-    /// The activation quantization measured: `dynamic` or `static`.
+    /// The activation encoding measured ([`crate::compile::Activations`]'s names).
     #[serde(default)]
     pub activations: String,
     pub prompts: usize,
@@ -54,6 +54,13 @@ pub struct CalibrationReport {
     /// Share of positions whose most likely next token is the float model's.
     pub top1_agreement: f64,
     pub max_logit_error: f32,
+    /// Mean KL divergence of the protected model's next-token distribution from the float
+    /// model's (nats per position).
+    #[serde(default)]
+    pub kl_divergence: f64,
+    /// Product columns added by outlier splits, over all protected layers (their cost).
+    #[serde(default)]
+    pub extra_columns: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -240,6 +247,13 @@ pub fn load_client_bundle(dir: &Path) -> Result<ClientBundle, ModelError> {
             "client bundle format {} (expected {BUNDLE_FORMAT_VERSION})",
             manifest.format_version
         )));
+    }
+    for layer in &manifest.layers {
+        if let Some(split) = &layer.outliers {
+            split
+                .validate(layer.d_in)
+                .map_err(|e| bundle_err(format!("layer {}: {e}", layer.name)))?;
+        }
     }
     let config = ModelConfig::from_json(&read(&dir.join("config.json"))?)?;
     if config.architecture().name() != manifest.architecture {

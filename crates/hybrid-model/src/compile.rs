@@ -35,25 +35,79 @@ pub enum Activations {
     /// calibrated magnitude (the weight columns multiplied by the same): outlier channels no
     /// longer set every token's step. The factors come from activations only.
     Smoothed,
-    /// Measure every choice on the calibration prompts and keep the most accurate (dynamic on
-    /// a tie).
+    /// One scale per token, the calibrated outlier channels spread over extra columns of the
+    /// product ([`quant::ChannelSplit`]): the step is set by the other channels.
+    Outliers,
+    /// Smoothed, then the remaining outlier channels spread over extra columns.
+    SmoothedOutliers,
+    /// Measure every choice on the calibration prompts and keep the most accurate (the
+    /// cheapest on a tie).
     Auto,
+}
+
+impl Activations {
+    /// Every concrete choice, cheapest first (the order that breaks ties).
+    pub const ALL: [Activations; 5] = [
+        Activations::Dynamic,
+        Activations::Static,
+        Activations::Smoothed,
+        Activations::Outliers,
+        Activations::SmoothedOutliers,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::Dynamic => "dynamic",
+            Activations::Static => "static",
+            Activations::Smoothed => "smoothed",
+            Activations::Outliers => "outliers",
+            Activations::SmoothedOutliers => "smoothed-outliers",
+            Activations::Auto => "auto",
+        }
+    }
+
+    /// What the client bundle's manifest says of the choice.
+    fn describe(self) -> &'static str {
+        match self {
+            Activations::Static => {
+                "per-layer symmetric, static (calibrated); bias folded into the server's product"
+            }
+            Activations::Smoothed => "per-token symmetric, dynamic, channels smoothed (calibrated)",
+            Activations::Outliers => {
+                "per-token symmetric, dynamic, outlier channels over extra columns (calibrated)"
+            }
+            Activations::SmoothedOutliers => {
+                "per-token symmetric, dynamic, channels smoothed and outlier channels over extra \
+                 columns (calibrated)"
+            }
+            Activations::Dynamic | Activations::Auto => "per-token symmetric, dynamic",
+        }
+    }
+
+    fn needs_calibration(self) -> bool {
+        !matches!(self, Activations::Dynamic | Activations::Auto)
+    }
 }
 
 impl std::str::FromStr for Activations {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self, ModelError> {
-        match s {
-            "dynamic" => Ok(Activations::Dynamic),
-            "static" => Ok(Activations::Static),
-            "smoothed" => Ok(Activations::Smoothed),
-            "auto" => Ok(Activations::Auto),
-            other => Err(ModelError::Bundle(format!(
-                "activations `{other}`: dynamic, static, smoothed or auto"
-            ))),
-        }
+        Activations::ALL
+            .into_iter()
+            .chain([Activations::Auto])
+            .find(|a| a.name() == s)
+            .ok_or_else(|| {
+                ModelError::Bundle(format!(
+                    "activations `{s}`: dynamic, static, smoothed, outliers, smoothed-outliers \
+                     or auto"
+                ))
+            })
     }
 }
+
+/// Extra product columns an outlier split may add, as a share of the layer's inputs (the
+/// cost in upload bytes and server time grows about as much).
+pub const DEFAULT_OUTLIER_COLUMNS: f32 = 1.0 / 16.0;
 
 /// How to compile.
 #[derive(Debug, Clone)]
@@ -69,6 +123,9 @@ pub struct CompileOptions {
     /// Serve protected layers that read the same input (q, k, v; gate, up) as one product:
     /// one encryption and one request for them.
     pub group_inputs: bool,
+    /// Extra product columns an outlier split may add per layer, as a share of its inputs
+    /// ([`DEFAULT_OUTLIER_COLUMNS`]).
+    pub outlier_columns: f32,
 }
 
 /// The float model, with the inputs of protected layers recorded.
@@ -177,7 +234,7 @@ pub fn smoothing_factors(
 }
 
 /// A simulate-mode model from split layers (the client part built without protected tensors).
-fn simulated(
+pub fn simulated(
     cfg: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
     protected: &[names::ProtectedLayer],
@@ -208,7 +265,7 @@ pub fn compare(
     b: &mut dyn CausalLm,
     prompts: &[Vec<u32>],
 ) -> Result<CalibrationReport, ModelError> {
-    let (mut same, mut positions, mut max_err) = (0usize, 0usize, 0f32);
+    let (mut same, mut positions, mut max_err, mut kl) = (0usize, 0usize, 0f32, 0f64);
     for p in prompts.iter().filter(|p| !p.is_empty()) {
         a.clear_kv_cache();
         b.clear_kv_cache();
@@ -218,6 +275,7 @@ pub fn compare(
             let argmax = |v: &Vec<f32>| (0..v.len()).max_by(|i, j| v[*i].total_cmp(&v[*j]));
             same += usize::from(argmax(x) == argmax(y));
             positions += 1;
+            kl += kl_divergence(x, y);
             max_err = x
                 .iter()
                 .zip(y)
@@ -235,6 +293,177 @@ pub fn compare(
             same as f64 / positions as f64
         },
         max_logit_error: max_err,
+        kl_divergence: kl / positions.max(1) as f64,
+        extra_columns: 0,
+    })
+}
+
+/// KL(softmax(p) || softmax(q)) in nats, from logits.
+fn kl_divergence(p: &[f32], q: &[f32]) -> f64 {
+    let log_softmax = |v: &[f32]| -> Vec<f64> {
+        let max = v.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x)) as f64;
+        let sum: f64 = v.iter().map(|x| (*x as f64 - max).exp()).sum();
+        let log_z = max + sum.ln();
+        v.iter().map(|x| *x as f64 - log_z).collect()
+    };
+    let (lp, lq) = (log_softmax(p), log_softmax(q));
+    lp.iter()
+        .zip(&lq)
+        .map(|(a, b)| a.exp() * (a - b))
+        .sum::<f64>()
+        .max(0.0)
+}
+
+/// Outlier splits per protected layer from its calibrated channel maxima (divided by the
+/// smoothing factors when the channels are smoothed), at most `share` extra columns per input.
+fn outlier_splits(
+    channel_max: &HashMap<String, Vec<f32>>,
+    factors: Option<&HashMap<String, Vec<f32>>>,
+    share: f32,
+) -> HashMap<String, quant::ChannelSplit> {
+    channel_max
+        .iter()
+        .filter_map(|(name, max)| {
+            let max: Vec<f32> = match factors.and_then(|f| f.get(name)) {
+                Some(f) => max.iter().zip(f).map(|(m, f)| m / f).collect(),
+                None => max.clone(),
+            };
+            let budget = (max.len() as f32 * share.max(0.0)).floor() as usize;
+            Some((name.clone(), quant::ChannelSplit::calibrate(&max, budget)?))
+        })
+        .collect()
+}
+
+/// The input encoding of one concrete choice.
+fn input_encoding(
+    choice: Activations,
+    channel_max: Option<&HashMap<String, Vec<f32>>>,
+    protected: &[names::ProtectedLayer],
+    options: &CompileOptions,
+) -> Result<vendor::InputEncoding, ModelError> {
+    let mut encoding = vendor::InputEncoding::default();
+    let Some(max) = channel_max.filter(|_| choice.needs_calibration()) else {
+        return Ok(encoding);
+    };
+    match choice {
+        Activations::Static => {
+            encoding.static_scales = Some(static_scales(max, protected, options.n_bits)?)
+        }
+        Activations::Smoothed => {
+            encoding.input_scales = Some(smoothing_factors(max, protected, 0.5))
+        }
+        Activations::Outliers => {
+            encoding.outliers = Some(outlier_splits(max, None, options.outlier_columns))
+        }
+        Activations::SmoothedOutliers => {
+            let factors = smoothing_factors(max, protected, 0.5);
+            encoding.outliers = Some(outlier_splits(max, Some(&factors), options.outlier_columns));
+            encoding.input_scales = Some(factors);
+        }
+        Activations::Dynamic | Activations::Auto => {}
+    }
+    Ok(encoding)
+}
+
+/// The input encoding compile ships: its layers and what was measured.
+pub struct ChosenEncoding {
+    pub activations: Activations,
+    pub split: Vec<vendor::SplitLayer>,
+    /// The chosen encoding's measurement on the calibration prompts first, then the other
+    /// candidates', best first (empty without calibration prompts).
+    pub reports: Vec<CalibrationReport>,
+}
+
+/// Quantizes the protected layers with `options.activations`; with `Auto`, every choice is
+/// measured on the calibration prompts (teacher-forced next-token agreement with the float
+/// model, then the mean KL divergence from it) and the best kept, the cheapest on a tie.
+/// Without calibration prompts `Auto` is `Dynamic`.
+pub fn choose_encoding(
+    cfg: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    protected: &[names::ProtectedLayer],
+    options: &CompileOptions,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<ChosenEncoding, ModelError> {
+    let prompts: Vec<Vec<u32>> = options
+        .calibration
+        .iter()
+        .filter(|p| !p.is_empty())
+        .cloned()
+        .collect();
+    let wanted: Vec<Activations> = match options.activations {
+        Activations::Auto if prompts.is_empty() => vec![Activations::Dynamic],
+        Activations::Auto => Activations::ALL.to_vec(),
+        choice if choice.needs_calibration() && prompts.is_empty() => {
+            return Err(ModelError::Bundle(format!(
+                "{} activations need calibration prompts",
+                choice.name()
+            )))
+        }
+        choice => vec![choice],
+    };
+    progress("quantize", 0, wanted.len());
+    let channel_max = match wanted.iter().any(|a| a.needs_calibration()) {
+        true => Some(calibrate(cfg, tensors, protected, &prompts)?),
+        false => None,
+    };
+    let mut candidates = Vec::new();
+    for (i, choice) in wanted.iter().enumerate() {
+        // A static split can fail when a folded bias leaves the plaintext window; auto then
+        // keeps the others.
+        let split = input_encoding(*choice, channel_max.as_ref(), protected, options)
+            .and_then(|e| vendor::split_layers(tensors, protected, options.n_bits, &e));
+        match split {
+            Ok(split) => candidates.push((*choice, split)),
+            Err(e) if options.activations == Activations::Auto => {
+                eprintln!(
+                    "{} activations not applicable ({e}); not a candidate",
+                    choice.name()
+                )
+            }
+            Err(e) => return Err(e),
+        }
+        progress("quantize", i + 1, wanted.len());
+    }
+    let mut reports = Vec::new();
+    if !prompts.is_empty() {
+        let mut float = build(cfg, tensors, &[], Mode::Disable, options.n_bits)?;
+        let count = candidates.len();
+        for (i, (choice, split)) in candidates.iter().enumerate() {
+            progress("calibrate", i, count);
+            let mut model = simulated(cfg, tensors, protected, split)?;
+            let mut report = compare(float.as_mut(), model.as_mut(), &prompts)?;
+            report.activations = choice.name().to_string();
+            report.extra_columns = split
+                .iter()
+                .map(|s| s.client.product_width() - s.client.d_in)
+                .sum();
+            reports.push(report);
+        }
+        progress("calibrate", count, count);
+    }
+    // Better agreement first, then lower divergence, then the cheaper (earlier) choice.
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    if reports.len() == candidates.len() {
+        order.sort_by(|a, b| {
+            let (ra, rb) = (&reports[*a], &reports[*b]);
+            rb.top1_agreement
+                .total_cmp(&ra.top1_agreement)
+                .then(ra.kl_divergence.total_cmp(&rb.kl_divergence))
+                .then(a.cmp(b))
+        });
+    }
+    let best = order[0];
+    let mut reports: Vec<Option<CalibrationReport>> = reports.into_iter().map(Some).collect();
+    let reports = order
+        .iter()
+        .filter_map(|i| reports.get_mut(*i).and_then(Option::take))
+        .collect();
+    let (activations, split) = candidates.swap_remove(best);
+    Ok(ChosenEncoding {
+        activations,
+        split,
+        reports,
     })
 }
 
@@ -253,97 +482,9 @@ pub fn compile(
     if protected.is_empty() {
         return Err(ModelError::Bundle("no layer to protect".into()));
     }
-    let prompts: Vec<Vec<u32>> = options
-        .calibration
-        .iter()
-        .filter(|p| !p.is_empty())
-        .cloned()
-        .collect();
-    let choice = match (options.activations, prompts.is_empty()) {
-        (Activations::Static | Activations::Smoothed, true) => {
-            return Err(ModelError::Bundle(
-                "static and smoothed activations need calibration prompts".into(),
-            ))
-        }
-        (Activations::Auto, true) => Activations::Dynamic,
-        (choice, _) => choice,
-    };
-    progress("quantize", 0, 2);
-    let dynamic = vendor::split_layers(tensors, &protected, options.n_bits, None, None)?;
-    let channel_max = match choice {
-        Activations::Dynamic => None,
-        _ => Some(calibrate(cfg, tensors, &protected, &prompts)?),
-    };
-    // A static split can fail when a folded bias leaves the plaintext window; auto then keeps
-    // the others.
-    let static_split = match (&channel_max, choice) {
-        (Some(max), Activations::Static | Activations::Auto) => {
-            let scales = static_scales(max, &protected, options.n_bits)?;
-            match vendor::split_layers(tensors, &protected, options.n_bits, Some(&scales), None) {
-                Ok(split) => Some(split),
-                Err(e) if choice == Activations::Auto => {
-                    eprintln!("static activations not applicable ({e}); not a candidate");
-                    None
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        _ => None,
-    };
-    let smoothed_split = match (&channel_max, choice) {
-        (Some(max), Activations::Smoothed | Activations::Auto) => {
-            let factors = smoothing_factors(max, &protected, 0.5);
-            Some(vendor::split_layers(
-                tensors,
-                &protected,
-                options.n_bits,
-                None,
-                Some(&factors),
-            )?)
-        }
-        _ => None,
-    };
-    progress("quantize", 2, 2);
-
-    let mut candidates: Vec<(&str, Vec<vendor::SplitLayer>)> = Vec::new();
-    if matches!(choice, Activations::Dynamic | Activations::Auto) {
-        candidates.push(("dynamic", dynamic));
-    }
-    if let Some(split) = smoothed_split {
-        candidates.push(("smoothed", split));
-    }
-    if let Some(split) = static_split {
-        candidates.push(("static", split));
-    }
-    let mut reports = Vec::new();
-    if !prompts.is_empty() {
-        let mut float = build(cfg, tensors, &[], Mode::Disable, options.n_bits)?;
-        let count = candidates.len();
-        for (i, (name, split)) in candidates.iter().enumerate() {
-            progress("calibrate", i, count);
-            let mut model = simulated(cfg, tensors, &protected, split)?;
-            let mut report = compare(float.as_mut(), model.as_mut(), &prompts)?;
-            report.activations = name.to_string();
-            reports.push(report);
-        }
-        progress("calibrate", count, count);
-    }
-    // The chosen report first; on a tie, dynamic (it clips nothing and needs no statistics).
-    reports.sort_by(|a, b| {
-        b.top1_agreement
-            .total_cmp(&a.top1_agreement)
-            .then(a.activations.cmp(&b.activations))
-    });
-    let chosen = reports
-        .first()
-        .map(|r| r.activations.clone())
-        .unwrap_or_else(|| candidates[0].0.to_string());
-    let split = candidates
-        .into_iter()
-        .find(|(name, _)| *name == chosen)
-        .map(|(_, split)| split)
-        .expect("the chosen candidate was measured");
-    let mut reports = reports.into_iter();
+    let chosen = choose_encoding(cfg, tensors, &protected, options, progress)?;
+    let split = chosen.split;
+    let mut reports = chosen.reports.into_iter();
     let calibration = reports.next();
     let alternative = reports.next();
 
@@ -362,7 +503,7 @@ pub fn compile(
             .map(|s| ServerLayerInfo {
                 name: s.client.name.clone(),
                 parts: s.client.parts.clone(),
-                d_in: s.client.d_in,
+                d_in: s.client.product_width(),
                 d_out: s.client.d_out,
             })
             .collect(),
@@ -379,14 +520,7 @@ pub fn compile(
         model: options.model_name.clone(),
         parameter_set,
         n_bits: options.n_bits,
-        activation_quantization: match chosen.as_str() {
-            "static" => {
-                "per-layer symmetric, static (calibrated); bias folded into the server's product"
-                    .into()
-            }
-            "smoothed" => "per-token symmetric, dynamic, channels smoothed (calibrated)".into(),
-            _ => "per-token symmetric, dynamic".into(),
-        },
+        activation_quantization: chosen.activations.describe().into(),
         layers: split.into_iter().map(|s| s.client).collect(),
         server_bundle_sha256: server_sha,
         client_weights_sha256: String::new(),

@@ -234,18 +234,25 @@ pub fn build(
     mode: Mode,
     n_bits: u32,
 ) -> Result<Model, ModelError> {
-    build_with(cfg, tensors, protect, mode, n_bits, None)
+    build_with(
+        cfg,
+        tensors,
+        protect,
+        mode,
+        n_bits,
+        &vendor::InputEncoding::default(),
+    )
 }
 
-/// [`build`] with per-input-channel smoothing factors for the protected layers (by layer name;
-/// see [`vendor::split_layers`]).
+/// [`build`] with the protected layers' inputs encoded as `encoding` says (smoothing factors,
+/// static scales, outlier splits by layer name; see [`vendor::split_layers`]).
 pub fn build_with(
     cfg: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
     protect: &[String],
     mode: Mode,
     n_bits: u32,
-    input_scales: Option<&HashMap<String, Vec<f32>>>,
+    encoding: &vendor::InputEncoding,
 ) -> Result<Model, ModelError> {
     let dev = Device::Cpu;
     if mode == Mode::Disable {
@@ -253,7 +260,7 @@ pub fn build_with(
         return load_model(cfg, vb, &linear::LocalProvider);
     }
     let protected = names::resolve(protect, cfg.naming(), cfg.num_hidden_layers())?;
-    let split = vendor::split_layers(tensors, &protected, n_bits, None, input_scales)?;
+    let split = vendor::split_layers(tensors, &protected, n_bits, encoding)?;
     let groups = vendor::layer_groups(cfg.naming(), cfg.num_hidden_layers(), &split);
     let backend = backend_for(mode, split.iter().map(|s| s.server.clone()).collect())?;
     let provider = linear::HybridProvider::new(

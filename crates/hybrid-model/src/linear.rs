@@ -152,6 +152,20 @@ pub struct ClientLayer {
     /// activation outliers into the weights, which are quantized per output channel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_scale: Option<Vec<f32>>,
+    /// Outlier channels spread over several columns of the product (the server's weight
+    /// columns repeated), so they no longer set every token's step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outliers: Option<quant::ChannelSplit>,
+}
+
+impl ClientLayer {
+    /// Width of the integer product the server computes: `d_in`, plus the columns of split
+    /// outlier channels.
+    pub fn product_width(&self) -> usize {
+        self.outliers
+            .as_ref()
+            .map_or(self.d_in, |s| s.width(self.d_in))
+    }
 }
 
 /// A protected linear: quantize the input per token, have the backend compute the integer
@@ -189,9 +203,12 @@ fn protected_forward(
     if let Some(factors) = &layer.input_scale {
         quant::divide_channels(&mut flat, factors);
     }
-    let q = match layer.activation_scale {
-        None => quant::quantize_activations(&flat, tokens, d_in, layer.n_bits),
-        Some(scale) => quant::quantize_activations_static(&flat, tokens, d_in, layer.n_bits, scale),
+    let q = match (&layer.outliers, layer.activation_scale) {
+        (Some(split), scale) => split.quantize(&flat, tokens, d_in, layer.n_bits, scale),
+        (None, None) => quant::quantize_activations(&flat, tokens, d_in, layer.n_bits),
+        (None, Some(scale)) => {
+            quant::quantize_activations_static(&flat, tokens, d_in, layer.n_bits, scale)
+        }
     }
     .map_err(candle_core::Error::wrap)?;
     let y_int = product(&q.values, tokens).map_err(crate::ModelError::into_candle)?;

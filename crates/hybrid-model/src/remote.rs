@@ -611,7 +611,7 @@ impl RemoteBackend {
                 let d_out = members.iter().map(|l| l.d_out).sum();
                 wanted.push((
                     group.name.clone(),
-                    members[0].d_in,
+                    members[0].product_width(),
                     d_out,
                     group.layers.clone(),
                 ));
@@ -619,7 +619,12 @@ impl RemoteBackend {
             }
         }
         for layer in layers.iter().filter(|l| !in_groups.contains(&l.name)) {
-            wanted.push((layer.name.clone(), layer.d_in, layer.d_out, vec![]));
+            wanted.push((
+                layer.name.clone(),
+                layer.product_width(),
+                layer.d_out,
+                vec![],
+            ));
         }
         for (name, d_in, d_out, parts) in wanted {
             let info = served

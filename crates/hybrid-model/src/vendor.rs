@@ -24,20 +24,29 @@ pub(crate) fn tensor(tensors: &HashMap<String, Tensor>, name: &str) -> Result<Te
         .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
 }
 
-/// Quantizes each protected layer (its modules' rows stacked) per output channel.
-///
-/// With `static_scales` (a calibrated activation scale per layer name), the bias is folded into
-/// the server's integer product (`round(b_r / (s_x s_w[r]))`) and the client keeps no bias;
-/// otherwise activations are quantized per token and the client adds the float bias.
-///
-/// With `input_scales` (per layer, one divisor per input channel), the client divides its
-/// activations by them before quantizing and the weight columns are multiplied by them.
+/// How the protected layers' inputs are encoded, per layer name (all empty: per-token
+/// quantization of the raw inputs).
+#[derive(Debug, Clone, Default)]
+pub struct InputEncoding {
+    /// One calibrated activation scale per layer: the bias is folded into the server's integer
+    /// product (`round(b_r / (s_x s_w[r]))`) and the client keeps no bias; otherwise
+    /// activations are quantized per token and the client adds the float bias.
+    pub static_scales: Option<HashMap<String, f32>>,
+    /// One divisor per input channel: the client divides its activations by them before
+    /// quantizing and the weight columns are multiplied by them (smoothing).
+    pub input_scales: Option<HashMap<String, Vec<f32>>>,
+    /// Outlier channels spread over several columns of the product ([`quant::ChannelSplit`]);
+    /// layers without an entry are not split.
+    pub outliers: Option<HashMap<String, quant::ChannelSplit>>,
+}
+
+/// Quantizes each protected layer (its modules' rows stacked) per output channel, its inputs
+/// encoded as `encoding` says.
 pub fn split_layers(
     tensors: &HashMap<String, Tensor>,
     protected: &[ProtectedLayer],
     n_bits: u32,
-    static_scales: Option<&HashMap<String, f32>>,
-    input_scales: Option<&HashMap<String, Vec<f32>>>,
+    encoding: &InputEncoding,
 ) -> Result<Vec<SplitLayer>, ModelError> {
     let mut out = Vec::with_capacity(protected.len());
     for layer in protected {
@@ -65,7 +74,7 @@ pub fn split_layers(
         }
         let d_in = d_in.unwrap_or(0);
         let d_out = bias.len();
-        let input_scale = match input_scales {
+        let input_scale = match &encoding.input_scales {
             None => None,
             Some(all) => {
                 let s = all.get(&layer.name).ok_or_else(|| {
@@ -83,7 +92,16 @@ pub fn split_layers(
             }
         };
         let q = quant::quantize_weights(&weights, d_out, d_in, n_bits)?;
-        let activation_scale = match static_scales {
+        let outliers = match &encoding.outliers {
+            Some(all) => all.get(&layer.name).cloned(),
+            None => None,
+        };
+        // The server's weights: the split channels' columns repeated.
+        let q = match &outliers {
+            Some(split) => split.expand_weights(&q)?,
+            None => q,
+        };
+        let activation_scale = match &encoding.static_scales {
             None => None,
             Some(scales) => Some(*scales.get(&layer.name).ok_or_else(|| {
                 ModelError::Bundle(format!("no calibrated activation scale for {}", layer.name))
@@ -99,7 +117,7 @@ pub fn split_layers(
                     .collect();
                 fhe_linear::server::check_window(
                     &fhe_linear::HFHE_GLWE_2048_V1,
-                    d_in,
+                    q.d_in,
                     &q.values,
                     &folded,
                 )?;
@@ -118,6 +136,7 @@ pub fn split_layers(
                 bias: client_bias,
                 activation_scale,
                 input_scale,
+                outliers,
             },
             server: ServerLayer {
                 name: layer.name.clone(),
@@ -183,6 +202,7 @@ pub fn layer_groups(
                         a.n_bits == b.n_bits
                             && a.activation_scale == b.activation_scale
                             && a.input_scale == b.input_scale
+                            && a.outliers == b.outliers
                     });
                     if !same {
                         close(&mut run);

@@ -162,6 +162,7 @@ fn a_bundle_of_one_architecture_is_not_read_as_another() {
         calibration: vec![],
         activations: compile::Activations::Dynamic,
         group_inputs: true,
+        outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
     };
     let manifest = compile::compile(
         &tiny::tiny_llama_checkpoint().unwrap(),

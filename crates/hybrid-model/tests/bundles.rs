@@ -18,8 +18,9 @@ fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
         protect: protect.iter().map(|s| s.to_string()).collect(),
         n_bits: 8,
         calibration,
-        activations: hybrid_model::compile::Activations::Auto,
+        activations: hybrid_model::compile::Activations::Dynamic,
         group_inputs: true,
+        outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
     };
     let mut stages = Vec::new();
     let manifest = compile(
@@ -160,6 +161,7 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
         calibration: vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]],
         activations: hybrid_model::compile::Activations::Static,
         group_inputs: true,
+        outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
     };
     let manifest = compile(
         &hybrid_model::tiny::tiny_checkpoint().unwrap(),
@@ -188,6 +190,7 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
     let auto = CompileOptions {
         activations: hybrid_model::compile::Activations::Auto,
         group_inputs: true,
+        outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
         ..options
     };
     let manifest = compile(
@@ -220,6 +223,7 @@ fn smoothed_activations_are_exact_under_encryption() {
         calibration: vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]],
         activations: hybrid_model::compile::Activations::Smoothed,
         group_inputs: true,
+        outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
     };
     let manifest = compile(
         &Checkpoint::new(tiny_config(), tiny_weights().unwrap()),
@@ -236,6 +240,57 @@ fn smoothed_activations_are_exact_under_encryption() {
         assert!(factors.iter().all(|f| *f > 0.0));
     }
     assert_exact_and_close(&client_dir, &server_path, "smoothed");
+}
+
+/// Outlier channels over extra columns: the server's weights carry the repeated columns, the
+/// client spreads each split channel's value over them; encryption stays bit-exact with the
+/// simulation, and a manifest whose split does not fit its layer is refused.
+#[test]
+fn outlier_columns_are_exact_under_encryption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client_dir, server_path) = (
+        dir.path().join("client"),
+        dir.path().join("server.safetensors"),
+    );
+    let options = CompileOptions {
+        model_name: "tiny".into(),
+        protect: vec!["layers.1.mixer.Wqkv".into(), "layers.2.mlp.fc1".into()],
+        n_bits: 8,
+        calibration: vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]],
+        activations: hybrid_model::compile::Activations::SmoothedOutliers,
+        group_inputs: true,
+        outlier_columns: 0.25,
+    };
+    let manifest = compile(
+        &Checkpoint::new(tiny_config(), tiny_weights().unwrap()),
+        &options,
+        &client_dir,
+        &server_path,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert!(manifest.activation_quantization.contains("outlier"));
+    let server = load_server_bundle(&server_path).unwrap();
+    for layer in &manifest.layers {
+        let split = layer.outliers.as_ref().expect("an outlier split");
+        assert!(
+            split.extra() >= 1 && split.extra() <= layer.d_in / 4,
+            "{split:?}"
+        );
+        let served = server.layers.iter().find(|l| l.name == layer.name).unwrap();
+        assert_eq!(served.weights.d_in, layer.product_width());
+        assert!(manifest.calibration.as_ref().unwrap().extra_columns > 0);
+    }
+    assert_exact_and_close(&client_dir, &server_path, "outliers");
+
+    // A split naming a channel the layer does not have is a corrupt bundle.
+    let path = client_dir.join(MANIFEST_FILE);
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    json["layers"][0]["outliers"]["channels"][0] = serde_json::json!(100_000);
+    std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+    let err = load_client_bundle(&client_dir).err().expect("refused");
+    assert!(err.to_string().contains("outlier"), "{err}");
 }
 
 /// The bundles' encrypted run equals their simulation, which stays close to the float model.

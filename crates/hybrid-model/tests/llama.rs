@@ -131,7 +131,10 @@ fn encrypted_layers_equal_the_simulation_and_generation_stays_coherent() {
         &attention,
         Mode::Simulate,
         8,
-        Some(&factors),
+        &hybrid_model::vendor::InputEncoding {
+            input_scales: Some(factors),
+            ..Default::default()
+        },
     )
     .unwrap();
     let options = GenerateOptions {

@@ -17,6 +17,9 @@
 //! and the client needs only `s_x * s_w[r]`, at the cost of clipping tokens outside the
 //! calibrated range.
 
+mod outliers;
+pub use outliers::{ChannelSplit, MAX_PARTS};
+
 /// Errors of quantization.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum QuantError {
@@ -31,6 +34,8 @@ pub enum QuantError {
     },
     #[error("{0} contains a value that is not finite")]
     NotFinite(&'static str),
+    #[error("outlier channel split: {0}")]
+    Split(String),
 }
 
 /// Largest quantized magnitude for a bit width.

@@ -17,6 +17,7 @@ pub fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
         calibration: vec![],
         activations: Activations::Dynamic,
         group_inputs: true,
+        outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
     };
     compile(
         &hybrid_model::tiny::tiny_checkpoint().unwrap(),
