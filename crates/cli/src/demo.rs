@@ -51,8 +51,8 @@ pub struct DemoArgs {
     /// Also generate with every layer in the clear (`disable` mode) and report token agreement.
     #[arg(long)]
     compare: bool,
-    /// Activation quantization: dynamic, static, smoothed or auto (measured on calibration
-    /// prompts).
+    /// Activation quantization: dynamic, static, smoothed, outliers, smoothed-outliers or auto
+    /// (measured on calibration prompts).
     #[arg(long, default_value = "auto")]
     activations: String,
     #[command(flatten)]

@@ -415,7 +415,10 @@ pub fn choose_encoding(
             .and_then(|e| vendor::split_layers(tensors, protected, options.n_bits, &e));
         match split {
             Ok(split) => candidates.push((*choice, split)),
-            Err(e) if options.activations == Activations::Auto => {
+            // Dynamic activations need nothing calibrated: their failure is the compile's.
+            Err(e)
+                if options.activations == Activations::Auto && *choice != Activations::Dynamic =>
+            {
                 eprintln!(
                     "{} activations not applicable ({e}); not a candidate",
                     choice.name()
@@ -425,41 +428,54 @@ pub fn choose_encoding(
         }
         progress("quantize", i + 1, wanted.len());
     }
-    let mut reports = Vec::new();
-    if !prompts.is_empty() {
-        let mut float = build(cfg, tensors, &[], Mode::Disable, options.n_bits)?;
-        let count = candidates.len();
-        for (i, (choice, split)) in candidates.iter().enumerate() {
-            progress("calibrate", i, count);
-            let mut model = simulated(cfg, tensors, protected, split)?;
-            let mut report = compare(float.as_mut(), model.as_mut(), &prompts)?;
-            report.activations = choice.name().to_string();
-            report.extra_columns = split
-                .iter()
-                .map(|s| s.client.product_width() - s.client.d_in)
-                .sum();
-            reports.push(report);
-        }
+    // Each candidate with its measurement (none without calibration prompts).
+    let mut measured: Vec<(
+        Activations,
+        Vec<vendor::SplitLayer>,
+        Option<CalibrationReport>,
+    )> = Vec::with_capacity(candidates.len());
+    let mut float = match prompts.is_empty() {
+        true => None,
+        false => Some(build(cfg, tensors, &[], Mode::Disable, options.n_bits)?),
+    };
+    let count = candidates.len();
+    for (i, (choice, split)) in candidates.into_iter().enumerate() {
+        let report = match float.as_mut() {
+            None => None,
+            Some(float) => {
+                progress("calibrate", i, count);
+                let mut model = simulated(cfg, tensors, protected, &split)?;
+                let mut report = compare(float.as_mut(), model.as_mut(), &prompts)?;
+                report.activations = choice.name().to_string();
+                report.extra_columns = split
+                    .iter()
+                    .map(|s| s.client.product_width() - s.client.d_in)
+                    .sum();
+                Some(report)
+            }
+        };
+        measured.push((choice, split, report));
+    }
+    if float.is_some() {
         progress("calibrate", count, count);
     }
-    // Better agreement first, then lower divergence, then the cheaper (earlier) choice.
-    let mut order: Vec<usize> = (0..candidates.len()).collect();
-    if reports.len() == candidates.len() {
-        order.sort_by(|a, b| {
-            let (ra, rb) = (&reports[*a], &reports[*b]);
-            rb.top1_agreement
-                .total_cmp(&ra.top1_agreement)
-                .then(ra.kl_divergence.total_cmp(&rb.kl_divergence))
-                .then(a.cmp(b))
-        });
-    }
-    let best = order[0];
-    let mut reports: Vec<Option<CalibrationReport>> = reports.into_iter().map(Some).collect();
-    let reports = order
-        .iter()
-        .filter_map(|i| reports.get_mut(*i).and_then(Option::take))
+    // Better agreement first, then lower divergence; the sort is stable, so a tie keeps the
+    // cheaper (earlier) choice.
+    measured.sort_by(|(_, _, a), (_, _, b)| match (a, b) {
+        (Some(a), Some(b)) => b
+            .top1_agreement
+            .total_cmp(&a.top1_agreement)
+            .then(a.kl_divergence.total_cmp(&b.kl_divergence)),
+        _ => std::cmp::Ordering::Equal,
+    });
+    let mut measured = measured.into_iter();
+    let (activations, split, first) = measured
+        .next()
+        .expect("dynamic activations are always a candidate");
+    let reports = first
+        .into_iter()
+        .chain(measured.filter_map(|(_, _, report)| report))
         .collect();
-    let (activations, split) = candidates.swap_remove(best);
     Ok(ChosenEncoding {
         activations,
         split,

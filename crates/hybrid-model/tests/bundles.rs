@@ -212,27 +212,11 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
 #[test]
 fn smoothed_activations_are_exact_under_encryption() {
     let dir = tempfile::tempdir().unwrap();
-    let (client_dir, server_path) = (
-        dir.path().join("client"),
-        dir.path().join("server.safetensors"),
+    let (client_dir, server_path, manifest) = compile_calibrated(
+        dir.path(),
+        hybrid_model::compile::Activations::Smoothed,
+        hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
     );
-    let options = CompileOptions {
-        model_name: "tiny".into(),
-        protect: vec!["layers.1.mixer.Wqkv".into(), "layers.2.mlp.fc1".into()],
-        n_bits: 8,
-        calibration: vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]],
-        activations: hybrid_model::compile::Activations::Smoothed,
-        group_inputs: true,
-        outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
-    };
-    let manifest = compile(
-        &Checkpoint::new(tiny_config(), tiny_weights().unwrap()),
-        &options,
-        &client_dir,
-        &server_path,
-        &mut |_, _, _| {},
-    )
-    .unwrap();
     assert!(manifest.activation_quantization.contains("smoothed"));
     for layer in &manifest.layers {
         let factors = layer.input_scale.as_ref().expect("smoothing factors");
@@ -248,27 +232,11 @@ fn smoothed_activations_are_exact_under_encryption() {
 #[test]
 fn outlier_columns_are_exact_under_encryption() {
     let dir = tempfile::tempdir().unwrap();
-    let (client_dir, server_path) = (
-        dir.path().join("client"),
-        dir.path().join("server.safetensors"),
+    let (client_dir, server_path, manifest) = compile_calibrated(
+        dir.path(),
+        hybrid_model::compile::Activations::SmoothedOutliers,
+        0.25,
     );
-    let options = CompileOptions {
-        model_name: "tiny".into(),
-        protect: vec!["layers.1.mixer.Wqkv".into(), "layers.2.mlp.fc1".into()],
-        n_bits: 8,
-        calibration: vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]],
-        activations: hybrid_model::compile::Activations::SmoothedOutliers,
-        group_inputs: true,
-        outlier_columns: 0.25,
-    };
-    let manifest = compile(
-        &Checkpoint::new(tiny_config(), tiny_weights().unwrap()),
-        &options,
-        &client_dir,
-        &server_path,
-        &mut |_, _, _| {},
-    )
-    .unwrap();
     assert!(manifest.activation_quantization.contains("outlier"));
     let server = load_server_bundle(&server_path).unwrap();
     for layer in &manifest.layers {
@@ -279,8 +247,8 @@ fn outlier_columns_are_exact_under_encryption() {
         );
         let served = server.layers.iter().find(|l| l.name == layer.name).unwrap();
         assert_eq!(served.weights.d_in, layer.product_width());
-        assert!(manifest.calibration.as_ref().unwrap().extra_columns > 0);
     }
+    assert!(manifest.calibration.as_ref().unwrap().extra_columns > 0);
     assert_exact_and_close(&client_dir, &server_path, "outliers");
 
     // A split naming a channel the layer does not have is a corrupt bundle.
@@ -291,6 +259,35 @@ fn outlier_columns_are_exact_under_encryption() {
     std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
     let err = load_client_bundle(&client_dir).err().expect("refused");
     assert!(err.to_string().contains("outlier"), "{err}");
+}
+
+/// Compiles the tiny model's Wqkv of block 1 and fc1 of block 2 (grouped) with `activations`
+/// calibrated on two short prompts into `dir`: the client directory, the server bundle and
+/// the client manifest.
+fn compile_calibrated(
+    dir: &Path,
+    activations: hybrid_model::compile::Activations,
+    outlier_columns: f32,
+) -> (PathBuf, PathBuf, hybrid_model::bundle::ClientManifest) {
+    let (client_dir, server_path) = (dir.join("client"), dir.join("server.safetensors"));
+    let options = CompileOptions {
+        model_name: "tiny".into(),
+        protect: vec!["layers.1.mixer.Wqkv".into(), "layers.2.mlp.fc1".into()],
+        n_bits: 8,
+        calibration: vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]],
+        activations,
+        group_inputs: true,
+        outlier_columns,
+    };
+    let manifest = compile(
+        &Checkpoint::new(tiny_config(), tiny_weights().unwrap()),
+        &options,
+        &client_dir,
+        &server_path,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    (client_dir, server_path, manifest)
 }
 
 /// The bundles' encrypted run equals their simulation, which stays close to the float model.

@@ -61,13 +61,21 @@ fn check(what: &'static str, v: &[f32], rows: usize, cols: usize) -> Result<(), 
     Ok(())
 }
 
+/// The symmetric step that maps `max` to `q_max` (1 for an all-zero row).
+fn step(max: f32, q_max: i32) -> f32 {
+    if max > 0.0 {
+        max / q_max as f32
+    } else {
+        1.0
+    }
+}
+
 /// Symmetric quantization of each row of a `rows x cols` matrix: values and one scale per row.
 fn quantize_rows(v: &[f32], cols: usize, q_max: i32) -> (Vec<i8>, Vec<f32>) {
     let mut q = Vec::with_capacity(v.len());
     let mut scales = Vec::with_capacity(v.len() / cols);
     for row in v.chunks_exact(cols) {
-        let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let scale = if max > 0.0 { max / q_max as f32 } else { 1.0 };
+        let scale = step(row.iter().fold(0f32, |m, x| m.max(x.abs())), q_max);
         scales.push(scale);
         q.extend(
             row.iter()

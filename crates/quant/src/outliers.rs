@@ -19,7 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{check, q_max, QuantError, QuantizedActivations, QuantizedWeights};
+use crate::{check, q_max, step, QuantError, QuantizedActivations, QuantizedWeights};
 
 /// Outlier channels and how many columns each spans (see the module documentation).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,11 +170,7 @@ impl ChannelSplit {
                     .iter()
                     .zip(&parts)
                     .fold(0f32, |m, (v, p)| m.max(v.abs() / *p as f32));
-                if max > 0.0 {
-                    max / q as f32
-                } else {
-                    1.0
-                }
+                step(max, q)
             });
             scales.push(s);
             let start = values.len();
