@@ -86,8 +86,6 @@ pub trait Naming: Sync {
     fn layers(&self, blocks: usize) -> Vec<ProtectedLayer>;
     /// A compact description of the valid names (for errors).
     fn describe(&self, blocks: usize) -> String;
-    /// The norm (Hugging Face prefix) whose output is this module's input, if any.
-    fn input_norm(&self, module: Module) -> Option<String>;
     /// The modules the model builds together because they read the same input (in the order
     /// their outputs are concatenated): protected ones among them can share one request.
     fn input_groups(&self, blocks: usize) -> Vec<Vec<Module>>;
@@ -136,15 +134,6 @@ impl Naming for PhiNames {
              layers.{}.linear; `*` matches any part of a name",
             blocks + 1
         )
-    }
-
-    fn input_norm(&self, module: Module) -> Option<String> {
-        match module {
-            Module::Block(i, Proj::Q | Proj::K | Proj::V | Proj::Fc1) => {
-                Some(format!("model.layers.{i}.input_layernorm"))
-            }
-            _ => None,
-        }
     }
 
     fn input_groups(&self, blocks: usize) -> Vec<Vec<Module>> {
@@ -197,18 +186,6 @@ impl Naming for LlamaNames {
              blk.{{0..{last}}}.{{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down}}; \
              `*` matches any part of a name"
         )
-    }
-
-    fn input_norm(&self, module: Module) -> Option<String> {
-        match module {
-            Module::Block(i, Proj::Q | Proj::K | Proj::V) => {
-                Some(format!("model.layers.{i}.input_layernorm"))
-            }
-            Module::Block(i, Proj::Gate | Proj::Up) => {
-                Some(format!("model.layers.{i}.post_attention_layernorm"))
-            }
-            _ => None,
-        }
     }
 
     fn input_groups(&self, blocks: usize) -> Vec<Vec<Module>> {
