@@ -198,3 +198,45 @@ fn chosen_layouts_respect_the_budget() {
     };
     assert!(LayerSpec::new(params, LayerShape::new(8192, 4), too_wide).is_err());
 }
+
+/// A layer widened by extra product columns (outlier channels spread over several columns) is
+/// budgeted at its widened width: the result noise grows with the number of columns and the
+/// plaintext needs one more bit past each power of two, so a layout that holds `d_in` columns
+/// can be refused at `d_in + extra`, never accepted with a margin that would not decode.
+#[test]
+fn a_layer_widened_past_its_budget_is_refused() {
+    let params = &HFHE_GLWE_2048_V1;
+    let (d_in, extra, d_out) = (8192, 512, 64);
+    // The layout with the most outputs per polynomial that d_in columns still allow.
+    let widest = (0..=11)
+        .rev()
+        .map(|log_n_o| BlockLayout {
+            n_i: 2048 >> log_n_o,
+            n_o: 1 << log_n_o,
+            t_b: 1,
+        })
+        .find(|layout| LayerSpec::new(params, LayerShape::new(d_in, d_out), *layout).is_ok())
+        .expect("some layout holds d_in = 8192");
+    let spec = LayerSpec::new(params, LayerShape::new(d_in, d_out), widest).unwrap();
+    assert!(spec.noise_budget().margin_bits() >= MODEL_SLACK_BITS);
+    // The same layout at the widened width: even at full wire precision the model leaves less
+    // than the slack, and the spec is refused with the reason.
+    let wide = LayerShape::new(d_in + extra, d_out);
+    let full = fhe_linear::noise::budget(params, wide, widest, ResultEncoding::Keyless, 64, 64);
+    assert!(full.margin_bits() < MODEL_SLACK_BITS, "{full:?}");
+    let err = LayerSpec::new(params, wide, widest).unwrap_err();
+    assert!(err.to_string().contains("noise budget"), "{err}");
+    // A smaller layout holds the widened layer, and decrypts it exactly with the worst weights.
+    let spec = LayerSpec::choose(params, wide, 1).unwrap();
+    assert!(spec.layout.n_o < widest.n_o);
+    let key = ClientKey::generate(params);
+    let case = Case {
+        spec,
+        w: extreme_random_sign_weights(wide.d_in * d_out, 7),
+        b: vec![0; d_out],
+        x: vec![-128; wide.d_in],
+        tokens: 1,
+    };
+    let (got, _) = case.round_trip(&key, &case.compile());
+    assert_eq!(got, case.expected());
+}
