@@ -37,9 +37,10 @@ impl ChannelSplit {
     /// The split that makes the per-token step of the calibration data smallest with at most
     /// `max_extra` added columns: every channel whose calibrated largest magnitude
     /// (`channel_max`) exceeds a threshold `tau` spans `ceil(max_j / tau)` columns, with the
-    /// smallest `tau` that fits the budget, but no lower than the 95th percentile of the channel
-    /// maxima (splitting the ordinary channels too gains nothing) nor the largest maximum over
-    /// [`MAX_PARTS`]. `None` when no channel would be split.
+    /// smallest `tau` that fits the budget, but no lower than the largest maximum over
+    /// [`MAX_PARTS`]. A budget above the outliers' needs splits the ordinary channels too: a
+    /// finer step for every channel (two columns each is one more bit of activation).
+    /// `None` when no channel would be split.
     pub fn calibrate(channel_max: &[f32], max_extra: usize) -> Option<ChannelSplit> {
         let extra = |tau: f64| -> usize {
             channel_max
@@ -52,10 +53,7 @@ impl ChannelSplit {
             return None;
         }
         // extra(tau) is non-increasing in tau: bisect for the smallest tau within the budget.
-        let mut sorted = channel_max.to_vec();
-        sorted.sort_by(f32::total_cmp);
-        let floor = sorted[(sorted.len() - 1) * 95 / 100] as f64;
-        let (mut lo, mut hi) = ((top / MAX_PARTS as f64).max(floor), top);
+        let (mut lo, mut hi) = (top / MAX_PARTS as f64, top);
         if extra(lo) <= max_extra {
             hi = lo;
         }
@@ -252,11 +250,15 @@ mod tests {
         // A large budget stops at MAX_PARTS columns for the largest channel...
         let all = ChannelSplit::calibrate(&max, 10_000).unwrap();
         assert_eq!(all.parts, vec![52, 256]);
-        // ... or at the ordinary channels' maxima.
+        // ... and a budget above the outliers' needs splits the ordinary channels too.
         let mut max = vec![1.0f32; 64];
         max[5] = 4.0;
-        let all = ChannelSplit::calibrate(&max, 10_000).unwrap();
-        assert_eq!((all.channels, all.parts), (vec![5], vec![4]));
+        let all = ChannelSplit::calibrate(&max, 70).unwrap();
+        assert_eq!(all.channels.len(), 64);
+        assert_eq!(all.extra(), 70);
+        for (c, p) in all.channels.iter().zip(&all.parts) {
+            assert_eq!(*p, if *c == 5 { 8 } else { 2 }, "{all:?}");
+        }
     }
 
     #[test]
