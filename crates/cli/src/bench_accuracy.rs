@@ -86,6 +86,10 @@ pub struct AccuracyArgs {
     /// Extra product columns an outlier split may add, as a share of a layer's inputs.
     #[arg(long, default_value_t = compile::DEFAULT_OUTLIER_COLUMNS)]
     outlier_columns: f32,
+    /// How weights are rounded, as `hybrid compile --weights` takes it: compensated (GPTQ on
+    /// the calibration texts) or nearest.
+    #[arg(long, default_value = "compensated")]
+    weights: String,
     #[arg(long)]
     json: bool,
 }
@@ -197,6 +201,7 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
                 activations,
                 group_inputs: false,
                 outlier_columns: args.outlier_columns,
+                weight_rounding: args.weights.parse()?,
             };
             let chosen = compile::choose_encoding(
                 cfg,
@@ -242,6 +247,7 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
                 "set": set,
                 "bits": bits,
                 "activations": chosen.activations.name(),
+                "weight_rounding": chosen.weight_rounding.name(),
                 "product_columns_over_inputs": columns as f64 / inputs as f64,
                 "calibration": chosen.reports,
                 "greedy_prefix_mean": prefix as f64 / prompts.len() as f64,
@@ -255,8 +261,9 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
             });
             if !args.json {
                 eprintln!(
-                    "{set:>10} {bits} bits {:>17} (x{:.3} columns): greedy prefix {:.1}/{}, next-token agreement {:.2}%, perplexity {:.3} ({:+.2}% vs float), float gap at disagreements median {:.3} max {:.3} nats",
+                    "{set:>10} {bits} bits {:>17}, {} weights (x{:.3} columns): greedy prefix {:.1}/{}, next-token agreement {:.2}%, perplexity {:.3} ({:+.2}% vs float), float gap at disagreements median {:.3} max {:.3} nats",
                     chosen.activations.name(),
+                    chosen.weight_rounding.name(),
                     columns as f64 / inputs as f64,
                     prefix as f64 / prompts.len() as f64,
                     args.tokens,
@@ -280,6 +287,7 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
         "float_seconds": float_s,
         "activations": args.activations,
         "outlier_columns": args.outlier_columns,
+        "weights": args.weights,
         "rows": rows,
     });
     println!("{}", serde_json::to_string(&report)?);

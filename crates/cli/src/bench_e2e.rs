@@ -241,6 +241,7 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
                 activations: Activations::Dynamic,
                 group_inputs: !args.no_groups,
                 outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
+                weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
             },
             &out.join("client"),
             &out.join(SERVER_BUNDLE_FILE),

@@ -65,6 +65,7 @@ pub(crate) fn stand_in_bundle(
         activations: Activations::Dynamic,
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
+        weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
     };
     let mut tiny = hybrid_model::tiny::tiny_config();
     anyhow::ensure!(

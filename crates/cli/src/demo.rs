@@ -135,6 +135,7 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         activations: args.activations.parse()?,
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
+        weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
     };
     let client_dir = dir.join("client");
     let server_path = dir.join(SERVER_BUNDLE_FILE);

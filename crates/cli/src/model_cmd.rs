@@ -125,6 +125,15 @@ pub struct CompileArgs {
     /// the calibration prompts, keep the most accurate).
     #[arg(long, default_value = "auto")]
     activations: String,
+    /// Extra product columns an outlier split may add per layer, as a share of its inputs
+    /// (upload bytes and server time grow about as much).
+    #[arg(long, default_value_t = hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS)]
+    outlier_columns: f32,
+    /// How weights are rounded to their 8-bit grid: compensated (GPTQ: each row's rounding
+    /// errors spread over its later columns as the calibration prompts' inputs correlate; needs
+    /// calibration prompts) or nearest.
+    #[arg(long, default_value = "compensated")]
+    weights: String,
     /// Output directory: `client/` (for the customer) and `server.safetensors` (for the workers).
     #[arg(long)]
     out: PathBuf,
@@ -145,11 +154,7 @@ pub(crate) const DEFAULT_CALIBRATION: &[&str] = &[
 pub fn compile_cmd(args: CompileArgs) -> Result<()> {
     let src = load_source(&args.model)?;
     let prompts: Vec<String> = match &args.calibration {
-        Some(p) => std::fs::read_to_string(p)?
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(String::from)
-            .collect(),
+        Some(p) => crate::bench_accuracy::read_prompts(p)?,
         None => DEFAULT_CALIBRATION.iter().map(|s| s.to_string()).collect(),
     };
     let calibration = tokenize_all(src.tokenizer.as_ref(), &prompts)?;
@@ -160,8 +165,13 @@ pub fn compile_cmd(args: CompileArgs) -> Result<()> {
         calibration,
         activations: args.activations.parse()?,
         group_inputs: !args.no_groups,
-        outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
+        outlier_columns: args.outlier_columns,
+        weight_rounding: args.weights.parse()?,
     };
+    anyhow::ensure!(
+        options.outlier_columns.is_finite() && options.outlier_columns >= 0.0,
+        "--outlier-columns must be a share of a layer's inputs (0 or more)"
+    );
     let client_dir = args.out.join("client");
     let server_path = args.out.join(SERVER_BUNDLE_FILE);
     let started = Instant::now();
@@ -175,6 +185,7 @@ pub fn compile_cmd(args: CompileArgs) -> Result<()> {
         "protected": manifest.layers.iter().map(|l| json!({"name": l.name, "d_in": l.d_in, "d_out": l.d_out})).collect::<Vec<_>>(),
         "n_bits": manifest.n_bits,
         "activation_quantization": manifest.activation_quantization,
+        "weight_rounding": manifest.weight_rounding,
         "calibration": manifest.calibration,
         "alternative": manifest.alternative,
         "server_bundle_sha256": manifest.server_bundle_sha256,

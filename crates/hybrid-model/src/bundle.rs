@@ -72,6 +72,9 @@ pub struct ClientManifest {
     pub n_bits: u32,
     /// How the client quantizes a protected layer's input.
     pub activation_quantization: String,
+    /// How the protected layers' weights were rounded (`nearest`, `compensated`).
+    #[serde(default = "default_weight_rounding")]
+    pub weight_rounding: String,
     pub layers: Vec<ClientLayer>,
     /// SHA-256 of the server bundle this client bundle pairs with.
     pub server_bundle_sha256: String,
@@ -97,6 +100,10 @@ pub struct ClientManifest {
     /// one request); the server bundle has the same groups.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<LayerGroup>,
+}
+
+fn default_weight_rounding() -> String {
+    "nearest".into()
 }
 
 fn default_architecture() -> String {

@@ -19,8 +19,8 @@ use candle_nn::VarBuilder;
 
 use crate::backend::SimulateBackend;
 use crate::linear::{
-    per_module, ChannelMax, HybridProvider, Linear, LinearProvider, LocalLinear, LocalProvider,
-    Recording,
+    per_module, ChannelMax, HybridProvider, InputMoments, Linear, LinearProvider, LocalLinear,
+    LocalProvider, Recording,
 };
 use crate::{build, load_model, names, vendor, Mode, ModelError};
 
@@ -105,9 +105,45 @@ impl std::str::FromStr for Activations {
     }
 }
 
+/// How protected layers' weights are rounded to their 8-bit grid (one step per output row
+/// either way: the encrypted product and its noise budget do not change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightRounding {
+    /// Each weight to its nearest step.
+    Nearest,
+    /// Error-compensating (GPTQ, [`quant::quantize_weights_compensated`]) on the second moments
+    /// of the layer's inputs over the calibration prompts; to nearest without calibration
+    /// prompts.
+    Compensated,
+}
+
+impl WeightRounding {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightRounding::Nearest => "nearest",
+            WeightRounding::Compensated => "compensated",
+        }
+    }
+}
+
+impl std::str::FromStr for WeightRounding {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        match s {
+            "nearest" => Ok(WeightRounding::Nearest),
+            "compensated" => Ok(WeightRounding::Compensated),
+            _ => Err(ModelError::Bundle(format!(
+                "weight rounding `{s}`: nearest or compensated"
+            ))),
+        }
+    }
+}
+
 /// Extra product columns an outlier split may add, as a share of the layer's inputs (the
-/// cost in upload bytes and server time grows about as much).
-pub const DEFAULT_OUTLIER_COLUMNS: f32 = 1.0 / 16.0;
+/// cost in upload bytes and server time grows about as much). A quarter: on SmolLM2's
+/// attention projections next-token agreement rises with the budget up to about this share and
+/// no further (BENCHMARKS.md), within the 1.5x cost a protected layer may add.
+pub const DEFAULT_OUTLIER_COLUMNS: f32 = 0.25;
 
 /// How to compile.
 #[derive(Debug, Clone)]
@@ -126,12 +162,14 @@ pub struct CompileOptions {
     /// Extra product columns an outlier split may add per layer, as a share of its inputs
     /// ([`DEFAULT_OUTLIER_COLUMNS`]).
     pub outlier_columns: f32,
+    pub weight_rounding: WeightRounding,
 }
 
 /// The float model, with the inputs of protected layers recorded.
 struct RecordingProvider {
     protected: Vec<names::ProtectedLayer>,
     stats: ChannelMax,
+    moments: Option<InputMoments>,
 }
 
 impl RecordingProvider {
@@ -141,6 +179,7 @@ impl RecordingProvider {
                 inner,
                 name: l.name.clone(),
                 stats: self.stats.clone(),
+                moments: self.moments.clone(),
             }),
             None => inner,
         }
@@ -176,10 +215,31 @@ pub fn calibrate(
     protected: &[names::ProtectedLayer],
     prompts: &[Vec<u32>],
 ) -> Result<HashMap<String, Vec<f32>>, ModelError> {
+    Ok(calibrate_inputs(cfg, tensors, protected, prompts, false)?.channel_max)
+}
+
+/// Calibration statistics of the protected layers' inputs.
+pub struct InputStats {
+    /// The largest magnitude of each input channel.
+    pub channel_max: HashMap<String, Vec<f32>>,
+    /// The inputs' second moments `sum_t x_t x_t^T` (`d_in x d_in`), when asked for.
+    pub moments: Option<HashMap<String, Arc<Vec<f64>>>>,
+}
+
+/// [`calibrate`], and with `moments` the second moments of the inputs as well.
+pub fn calibrate_inputs(
+    cfg: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    protected: &[names::ProtectedLayer],
+    prompts: &[Vec<u32>],
+    moments: bool,
+) -> Result<InputStats, ModelError> {
     let stats = Arc::new(Mutex::new(HashMap::new()));
+    let recorded = moments.then(|| Arc::new(Mutex::new(HashMap::new())));
     let provider = RecordingProvider {
         protected: protected.to_vec(),
         stats: stats.clone(),
+        moments: recorded.clone(),
     };
     let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
     let mut model = load_model(cfg, vb, &provider)?;
@@ -189,7 +249,16 @@ pub fn calibrate(
     }
     drop(model);
     let stats = stats.lock().expect("calibration stats").clone();
-    Ok(stats)
+    let moments = recorded.map(|m| {
+        std::mem::take(&mut *m.lock().expect("calibration moments"))
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect()
+    });
+    Ok(InputStats {
+        channel_max: stats,
+        moments,
+    })
 }
 
 /// Static activation scales (largest magnitude seen / q_max) per protected layer.
@@ -368,6 +437,8 @@ fn input_encoding(
 /// The input encoding compile ships: its layers and what was measured.
 pub struct ChosenEncoding {
     pub activations: Activations,
+    /// How the weights were rounded (nearest when there were no calibration prompts).
+    pub weight_rounding: WeightRounding,
     pub split: Vec<vendor::SplitLayer>,
     /// The chosen encoding's measurement on the calibration prompts first, then the other
     /// candidates', best first (empty without calibration prompts).
@@ -403,16 +474,23 @@ pub fn choose_encoding(
         choice => vec![choice],
     };
     progress("quantize", 0, wanted.len());
-    let channel_max = match wanted.iter().any(|a| a.needs_calibration()) {
-        true => Some(calibrate(cfg, tensors, protected, &prompts)?),
-        false => None,
+    let compensate = options.weight_rounding == WeightRounding::Compensated && !prompts.is_empty();
+    let (channel_max, moments) = match wanted.iter().any(|a| a.needs_calibration()) || compensate {
+        true => {
+            let stats = calibrate_inputs(cfg, tensors, protected, &prompts, compensate)?;
+            (Some(stats.channel_max), stats.moments)
+        }
+        false => (None, None),
     };
     let mut candidates = Vec::new();
     for (i, choice) in wanted.iter().enumerate() {
         // A static split can fail when a folded bias leaves the plaintext window; auto then
         // keeps the others.
-        let split = input_encoding(*choice, channel_max.as_ref(), protected, options)
-            .and_then(|e| vendor::split_layers(tensors, protected, options.n_bits, &e));
+        let split =
+            input_encoding(*choice, channel_max.as_ref(), protected, options).and_then(|mut e| {
+                e.moments = moments.clone();
+                vendor::split_layers(tensors, protected, options.n_bits, &e)
+            });
         match split {
             Ok(split) => candidates.push((*choice, split)),
             // Dynamic activations need nothing calibrated: their failure is the compile's.
@@ -478,6 +556,10 @@ pub fn choose_encoding(
         .collect();
     Ok(ChosenEncoding {
         activations,
+        weight_rounding: match compensate {
+            true => WeightRounding::Compensated,
+            false => WeightRounding::Nearest,
+        },
         split,
         reports,
     })
@@ -537,6 +619,7 @@ pub fn compile(
         parameter_set,
         n_bits: options.n_bits,
         activation_quantization: chosen.activations.describe().into(),
+        weight_rounding: chosen.weight_rounding.name().into(),
         layers: split.into_iter().map(|s| s.client).collect(),
         server_bundle_sha256: server_sha,
         client_weights_sha256: String::new(),

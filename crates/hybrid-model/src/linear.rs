@@ -93,18 +93,25 @@ pub(crate) fn per_module(
 /// Largest magnitude of each input channel, per layer name (calibration statistics).
 pub(crate) type ChannelMax = Arc<std::sync::Mutex<HashMap<String, Vec<f32>>>>;
 
+/// Second moments of each layer's inputs, `sum_t x_t x_t^T` (`d_in x d_in`, row-major), per
+/// layer name (calibration statistics for error-compensating weight rounding).
+pub(crate) type InputMoments = Arc<std::sync::Mutex<HashMap<String, Vec<f64>>>>;
+
 /// A linear that records the largest magnitude of each input channel it sees into `stats`
-/// under `name`, then computes as `inner` does.
+/// (and, with `moments`, the inputs' second moments) under `name`, then computes as `inner`
+/// does.
 pub(crate) struct Recording {
     pub inner: Box<dyn Linear>,
     pub name: String,
     pub stats: ChannelMax,
+    pub moments: Option<InputMoments>,
 }
 
 impl Linear for Recording {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let d_in = x.dim(candle_core::D::Minus1)?;
-        let rows = x.abs()?.reshape(((), d_in))?.max(0)?.to_vec1::<f32>()?;
+        let flat = x.reshape(((), d_in))?;
+        let rows = flat.abs()?.max(0)?.to_vec1::<f32>()?;
         let mut stats = self.stats.lock().expect("calibration stats");
         let e = stats
             .entry(self.name.clone())
@@ -113,6 +120,17 @@ impl Linear for Recording {
             *m = m.max(v);
         }
         drop(stats);
+        if let Some(moments) = &self.moments {
+            let x64 = flat.to_dtype(candle_core::DType::F64)?;
+            let gram = x64.t()?.matmul(&x64)?.flatten_all()?.to_vec1::<f64>()?;
+            let mut all = moments.lock().expect("calibration moments");
+            let e = all
+                .entry(self.name.clone())
+                .or_insert_with(|| vec![0.0; d_in * d_in]);
+            for (m, v) in e.iter_mut().zip(gram) {
+                *m += v;
+            }
+        }
         self.inner.forward(x)
     }
 }

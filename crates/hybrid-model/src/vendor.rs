@@ -38,6 +38,10 @@ pub struct InputEncoding {
     /// Outlier channels spread over several columns of the product ([`quant::ChannelSplit`]);
     /// layers without an entry are not split.
     pub outliers: Option<HashMap<String, quant::ChannelSplit>>,
+    /// Second moments of each layer's calibrated inputs (`d_in x d_in`): weights are rounded
+    /// with error compensation ([`quant::quantize_weights_compensated`]); layers without an
+    /// entry are rounded to nearest.
+    pub moments: Option<HashMap<String, std::sync::Arc<Vec<f64>>>>,
 }
 
 /// Quantizes each protected layer (its modules' rows stacked) per output channel, its inputs
@@ -91,7 +95,20 @@ pub fn split_layers(
                 Some(s.clone())
             }
         };
-        let q = quant::quantize_weights(&weights, d_out, d_in, n_bits)?;
+        let moments = encoding.moments.as_ref().and_then(|m| m.get(&layer.name));
+        let q = match moments {
+            Some(gram) => {
+                // The inputs the weights meet are the smoothed ones: x_j / f_j.
+                let gram: std::borrow::Cow<[f64]> = match &input_scale {
+                    Some(f) => (0..d_in * d_in)
+                        .map(|i| gram[i] / (f[i / d_in] as f64 * f[i % d_in] as f64))
+                        .collect(),
+                    None => gram.as_slice().into(),
+                };
+                quant::quantize_weights_compensated(&weights, d_out, d_in, n_bits, &gram)?
+            }
+            None => quant::quantize_weights(&weights, d_out, d_in, n_bits)?,
+        };
         let outliers = match &encoding.outliers {
             Some(all) => all.get(&layer.name).cloned(),
             None => None,

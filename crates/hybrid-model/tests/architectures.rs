@@ -163,6 +163,7 @@ fn a_bundle_of_one_architecture_is_not_read_as_another() {
         activations: compile::Activations::Dynamic,
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
+        weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
     };
     let manifest = compile::compile(
         &tiny::tiny_llama_checkpoint().unwrap(),

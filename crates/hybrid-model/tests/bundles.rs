@@ -21,6 +21,8 @@ fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
         activations: hybrid_model::compile::Activations::Dynamic,
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
+        // What `build(.., Mode::Simulate, 8)` does in process, which the bundles must match.
+        weight_rounding: hybrid_model::compile::WeightRounding::Nearest,
     };
     let mut stages = Vec::new();
     let manifest = compile(
@@ -162,6 +164,7 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
         activations: hybrid_model::compile::Activations::Static,
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
+        weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
     };
     let manifest = compile(
         &hybrid_model::tiny::tiny_checkpoint().unwrap(),
@@ -191,6 +194,7 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
         activations: hybrid_model::compile::Activations::Auto,
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
+        weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
         ..options
     };
     let manifest = compile(
@@ -278,6 +282,7 @@ fn compile_calibrated(
         activations,
         group_inputs: true,
         outlier_columns,
+        weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
     };
     let manifest = compile(
         &Checkpoint::new(tiny_config(), tiny_weights().unwrap()),
@@ -311,4 +316,63 @@ fn assert_exact_and_close(client_dir: &std::path::Path, server_path: &std::path:
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(diff < 0.2, "{what} quantization moved logits by {diff}");
+}
+
+/// Error-compensating weight rounding (GPTQ on the calibration prompts' inputs): the same grid
+/// as nearest rounding (the same step per row), other points on it, recorded in the manifest,
+/// and exact under encryption like any other weights.
+#[test]
+fn compensated_weights_stay_on_the_grid_and_exact_under_encryption() {
+    use hybrid_model::compile::{Activations, WeightRounding};
+    let dir = tempfile::tempdir().unwrap();
+    let compile_with = |sub: &str, rounding: WeightRounding, calibration: Vec<Vec<u32>>| {
+        let (client_dir, server_path) = (
+            dir.path().join(sub).join("client"),
+            dir.path().join(sub).join("server.safetensors"),
+        );
+        let options = CompileOptions {
+            model_name: "tiny".into(),
+            protect: vec!["layers.1.mixer.Wqkv".into(), "layers.2.mlp.fc2".into()],
+            n_bits: 8,
+            calibration,
+            activations: Activations::Dynamic,
+            group_inputs: true,
+            outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
+            weight_rounding: rounding,
+        };
+        let manifest = compile(
+            &Checkpoint::new(tiny_config(), tiny_weights().unwrap()),
+            &options,
+            &client_dir,
+            &server_path,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        (client_dir, server_path, manifest)
+    };
+    let prompts = vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]];
+    let (client_dir, server_path, compensated) =
+        compile_with("gptq", WeightRounding::Compensated, prompts.clone());
+    let (_, nearest_path, nearest) = compile_with("nearest", WeightRounding::Nearest, prompts);
+    assert_eq!(compensated.weight_rounding, "compensated");
+    assert_eq!(nearest.weight_rounding, "nearest");
+    let (a, b) = (
+        load_server_bundle(&server_path).unwrap(),
+        load_server_bundle(&nearest_path).unwrap(),
+    );
+    for (x, y) in a.layers.iter().zip(&b.layers) {
+        assert_eq!(x.name, y.name);
+        assert_eq!(x.weights.scales, y.weights.scales, "the same grid");
+    }
+    assert!(
+        a.layers
+            .iter()
+            .zip(&b.layers)
+            .any(|(x, y)| x.weights.values != y.weights.values),
+        "compensation moved some weights to another grid point"
+    );
+    assert_exact_and_close(&client_dir, &server_path, "compensated");
+    // Without calibration prompts there is nothing to compensate for: nearest, and so recorded.
+    let (_, _, uncalibrated) = compile_with("none", WeightRounding::Compensated, vec![]);
+    assert_eq!(uncalibrated.weight_rounding, "nearest");
 }

@@ -18,7 +18,9 @@
 //! calibrated range.
 
 mod outliers;
+mod rounding;
 pub use outliers::{ChannelSplit, MAX_PARTS};
+pub use rounding::quantize_weights_compensated;
 
 /// Errors of quantization.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -36,6 +38,8 @@ pub enum QuantError {
     NotFinite(&'static str),
     #[error("outlier channel split: {0}")]
     Split(String),
+    #[error("input second moments: {0}")]
+    Moments(String),
 }
 
 /// Largest quantized magnitude for a bit width.

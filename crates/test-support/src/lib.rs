@@ -18,6 +18,7 @@ pub fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
         activations: Activations::Dynamic,
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
+        weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
     };
     compile(
         &hybrid_model::tiny::tiny_checkpoint().unwrap(),
