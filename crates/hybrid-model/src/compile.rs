@@ -448,7 +448,9 @@ pub struct ChosenEncoding {
 /// Quantizes the protected layers with `options.activations`; with `Auto`, every choice is
 /// measured on the calibration prompts (teacher-forced next-token agreement with the float
 /// model, then the mean KL divergence from it) and the best kept, the cheapest on a tie.
-/// Without calibration prompts `Auto` is `Dynamic`.
+/// Without calibration prompts `Auto` is `Dynamic`. With compensated weights and several
+/// candidates, they are compared with weights rounded to nearest; the chosen one is then
+/// compensated and measured again (the other reports stay those of nearest rounding).
 pub fn choose_encoding(
     cfg: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
@@ -482,15 +484,20 @@ pub fn choose_encoding(
         }
         false => (None, None),
     };
+    // Compensated rounding costs a few d_in^3 per layer: with several candidates they are
+    // compared with weights rounded to nearest, and only the chosen one is compensated.
+    let encode = |choice: Activations, moments: Option<&HashMap<String, Arc<Vec<f64>>>>| {
+        input_encoding(choice, channel_max.as_ref(), protected, options).and_then(|mut e| {
+            e.moments = moments.cloned();
+            vendor::split_layers(tensors, protected, options.n_bits, &e)
+        })
+    };
+    let compensate_each = wanted.len() == 1;
     let mut candidates = Vec::new();
     for (i, choice) in wanted.iter().enumerate() {
         // A static split can fail when a folded bias leaves the plaintext window; auto then
         // keeps the others.
-        let split =
-            input_encoding(*choice, channel_max.as_ref(), protected, options).and_then(|mut e| {
-                e.moments = moments.clone();
-                vendor::split_layers(tensors, protected, options.n_bits, &e)
-            });
+        let split = encode(*choice, moments.as_ref().filter(|_| compensate_each));
         match split {
             Ok(split) => candidates.push((*choice, split)),
             // Dynamic activations need nothing calibrated: their failure is the compile's.
@@ -547,16 +554,35 @@ pub fn choose_encoding(
         _ => std::cmp::Ordering::Equal,
     });
     let mut measured = measured.into_iter();
-    let (activations, split, first) = measured
+    let (activations, mut split, mut first) = measured
         .next()
         .expect("dynamic activations are always a candidate");
+    let mut compensated = compensate && compensate_each;
+    if let (Some(m), false) = (moments.as_ref().filter(|_| compensate), compensate_each) {
+        // The chosen encoding with compensated weights, measured again; should its folded bias
+        // no longer fit the plaintext window, it ships rounded to nearest.
+        match encode(activations, Some(m)) {
+            Ok(better) => {
+                if let Some(float) = float.as_mut() {
+                    let mut model = simulated(cfg, tensors, protected, &better)?;
+                    let mut report = compare(float.as_mut(), model.as_mut(), &prompts)?;
+                    report.activations = activations.name().to_string();
+                    report.extra_columns = first.as_ref().map_or(0, |r| r.extra_columns);
+                    first = Some(report);
+                }
+                split = better;
+                compensated = true;
+            }
+            Err(e) => eprintln!("weights rounded to nearest: compensated rounding failed ({e})"),
+        }
+    }
     let reports = first
         .into_iter()
         .chain(measured.filter_map(|(_, _, report)| report))
         .collect();
     Ok(ChosenEncoding {
         activations,
-        weight_rounding: match compensate {
+        weight_rounding: match compensated {
             true => WeightRounding::Compensated,
             false => WeightRounding::Nearest,
         },
