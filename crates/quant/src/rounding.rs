@@ -8,6 +8,8 @@
 //! symmetric step per output row, values within `[-q_max, q_max]`): the encrypted product and
 //! its noise budget are unchanged, only which grid point each weight takes.
 
+use rayon::prelude::*;
+
 use crate::{check, q_max, step, QuantError, QuantizedWeights};
 
 /// Share of the mean diagonal of `H` added to it. `H` from a few hundred calibration tokens is
@@ -35,24 +37,31 @@ pub fn quantize_weights_compensated(
     }
     let u = inverse_cholesky_upper(gram, d_in);
     let mut values = vec![0i8; d_out * d_in];
-    let mut scales = Vec::with_capacity(d_out);
-    let mut row = vec![0f64; d_in];
-    for (r, out) in values.chunks_exact_mut(d_in).enumerate() {
-        let src = &w[r * d_in..][..d_in];
-        let scale = step(src.iter().fold(0f32, |m, x| m.max(x.abs())), q_max);
-        scales.push(scale);
-        let s = scale as f64;
-        row.iter_mut().zip(src).for_each(|(d, v)| *d = *v as f64);
-        for i in 0..d_in {
-            let q = (row[i] / s).round().clamp(-q_max as f64, q_max as f64);
-            out[i] = q as i8;
-            let err = (row[i] - q * s) / u[i * d_in + i];
-            let u_row = &u[i * d_in..][..d_in];
-            for k in i + 1..d_in {
-                row[k] -= err * u_row[k];
-            }
-        }
-    }
+    let scales: Vec<f32> = w
+        .chunks_exact(d_in)
+        .map(|src| step(src.iter().fold(0f32, |m, x| m.max(x.abs())), q_max))
+        .collect();
+    // Rows are independent: each one's errors go to its own later columns.
+    values
+        .par_chunks_exact_mut(d_in)
+        .zip(w.par_chunks_exact(d_in))
+        .zip(scales.par_iter())
+        .for_each_init(
+            || vec![0f64; d_in],
+            |row, ((out, src), scale)| {
+                let s = *scale as f64;
+                row.iter_mut().zip(src).for_each(|(d, v)| *d = *v as f64);
+                for i in 0..d_in {
+                    let q = (row[i] / s).round().clamp(-q_max as f64, q_max as f64);
+                    out[i] = q as i8;
+                    let err = (row[i] - q * s) / u[i * d_in + i];
+                    let u_row = &u[i * d_in..][..d_in];
+                    for k in i + 1..d_in {
+                        row[k] -= err * u_row[k];
+                    }
+                }
+            },
+        );
     Ok(QuantizedWeights {
         n_bits,
         d_out,
@@ -79,16 +88,17 @@ fn inverse_cholesky_upper(gram: &[f64], d: usize) -> Vec<f64> {
     let l_inv = invert_lower(&l, d);
     // H^-1 = L^-T L^-1.
     let mut h_inv = vec![0f64; d * d];
-    for i in 0..d {
-        for j in 0..=i {
-            let mut acc = 0.0;
-            for k in i..d {
-                acc += l_inv[k * d + i] * l_inv[k * d + j];
+    h_inv
+        .par_chunks_exact_mut(d)
+        .enumerate()
+        .for_each(|(i, out)| {
+            for (j, v) in out.iter_mut().enumerate() {
+                // L^-1 is lower triangular: the terms below max(i, j) vanish.
+                *v = (i.max(j)..d)
+                    .map(|k| l_inv[k * d + i] * l_inv[k * d + j])
+                    .sum();
             }
-            h_inv[i * d + j] = acc;
-            h_inv[j * d + i] = acc;
-        }
-    }
+        });
     let lower = cholesky_lower(&h_inv, d);
     // U = lower^T.
     let mut u = vec![0f64; d * d];
