@@ -273,8 +273,15 @@ fn compile_calibrated(
     activations: hybrid_model::compile::Activations,
     outlier_columns: f32,
 ) -> (PathBuf, PathBuf, hybrid_model::bundle::ClientManifest) {
-    let (client_dir, server_path) = (dir.join("client"), dir.join("server.safetensors"));
-    let options = CompileOptions {
+    compile_into(dir, &calibrated_options(activations, outlier_columns))
+}
+
+/// The options of [`compile_calibrated`].
+fn calibrated_options(
+    activations: hybrid_model::compile::Activations,
+    outlier_columns: f32,
+) -> CompileOptions {
+    CompileOptions {
         model_name: "tiny".into(),
         protect: vec!["layers.1.mixer.Wqkv".into(), "layers.2.mlp.fc1".into()],
         n_bits: 8,
@@ -283,10 +290,19 @@ fn compile_calibrated(
         group_inputs: true,
         outlier_columns,
         weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
-    };
+    }
+}
+
+/// Compiles the tiny model with `options` into `dir`: the client directory, the server bundle
+/// and the client manifest.
+fn compile_into(
+    dir: &Path,
+    options: &CompileOptions,
+) -> (PathBuf, PathBuf, hybrid_model::bundle::ClientManifest) {
+    let (client_dir, server_path) = (dir.join("client"), dir.join("server.safetensors"));
     let manifest = compile(
         &Checkpoint::new(tiny_config(), tiny_weights().unwrap()),
-        &options,
+        options,
         &client_dir,
         &server_path,
         &mut |_, _, _| {},
@@ -325,35 +341,18 @@ fn assert_exact_and_close(client_dir: &std::path::Path, server_path: &std::path:
 fn compensated_weights_stay_on_the_grid_and_exact_under_encryption() {
     use hybrid_model::compile::{Activations, WeightRounding};
     let dir = tempfile::tempdir().unwrap();
-    let compile_with = |sub: &str, rounding: WeightRounding, calibration: Vec<Vec<u32>>| {
-        let (client_dir, server_path) = (
-            dir.path().join(sub).join("client"),
-            dir.path().join(sub).join("server.safetensors"),
-        );
-        let options = CompileOptions {
-            model_name: "tiny".into(),
-            protect: vec!["layers.1.mixer.Wqkv".into(), "layers.2.mlp.fc2".into()],
-            n_bits: 8,
-            calibration,
-            activations: Activations::Dynamic,
-            group_inputs: true,
-            outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
-            weight_rounding: rounding,
-        };
-        let manifest = compile(
-            &Checkpoint::new(tiny_config(), tiny_weights().unwrap()),
-            &options,
-            &client_dir,
-            &server_path,
-            &mut |_, _, _| {},
-        )
-        .unwrap();
-        (client_dir, server_path, manifest)
-    };
-    let prompts = vec![vec![6, 60, 19, 40], vec![7, 8, 9, 10, 11, 12]];
-    let (client_dir, server_path, compensated) =
-        compile_with("gptq", WeightRounding::Compensated, prompts.clone());
-    let (_, nearest_path, nearest) = compile_with("nearest", WeightRounding::Nearest, prompts);
+    let base = calibrated_options(
+        Activations::Dynamic,
+        hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
+    );
+    let (client_dir, server_path, compensated) = compile_into(&dir.path().join("gptq"), &base);
+    let (_, nearest_path, nearest) = compile_into(
+        &dir.path().join("nearest"),
+        &CompileOptions {
+            weight_rounding: WeightRounding::Nearest,
+            ..base.clone()
+        },
+    );
     assert_eq!(compensated.weight_rounding, "compensated");
     assert_eq!(nearest.weight_rounding, "nearest");
     let (a, b) = (
@@ -373,6 +372,12 @@ fn compensated_weights_stay_on_the_grid_and_exact_under_encryption() {
     );
     assert_exact_and_close(&client_dir, &server_path, "compensated");
     // Without calibration prompts there is nothing to compensate for: nearest, and so recorded.
-    let (_, _, uncalibrated) = compile_with("none", WeightRounding::Compensated, vec![]);
+    let (_, _, uncalibrated) = compile_into(
+        &dir.path().join("none"),
+        &CompileOptions {
+            calibration: vec![],
+            ..base
+        },
+    );
     assert_eq!(uncalibrated.weight_rounding, "nearest");
 }

@@ -74,12 +74,17 @@ fn step(max: f32, q_max: i32) -> f32 {
     }
 }
 
+/// The symmetric step of one row: its largest magnitude maps to `q_max`.
+fn row_step(row: &[f32], q_max: i32) -> f32 {
+    step(row.iter().fold(0f32, |m, x| m.max(x.abs())), q_max)
+}
+
 /// Symmetric quantization of each row of a `rows x cols` matrix: values and one scale per row.
 fn quantize_rows(v: &[f32], cols: usize, q_max: i32) -> (Vec<i8>, Vec<f32>) {
     let mut q = Vec::with_capacity(v.len());
     let mut scales = Vec::with_capacity(v.len() / cols);
     for row in v.chunks_exact(cols) {
-        let scale = step(row.iter().fold(0f32, |m, x| m.max(x.abs())), q_max);
+        let scale = row_step(row, q_max);
         scales.push(scale);
         q.extend(
             row.iter()

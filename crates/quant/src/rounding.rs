@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::{check, q_max, step, QuantError, QuantizedWeights};
+use crate::{check, q_max, row_step, QuantError, QuantizedWeights};
 
 /// Share of the mean diagonal of `H` added to it. `H` from a few hundred calibration tokens is
 /// singular for wide layers and overfits them: on SmolLM2-135M's attention projections (8
@@ -39,7 +39,7 @@ pub fn quantize_weights_compensated(
     let mut values = vec![0i8; d_out * d_in];
     let scales: Vec<f32> = w
         .chunks_exact(d_in)
-        .map(|src| step(src.iter().fold(0f32, |m, x| m.max(x.abs())), q_max))
+        .map(|row| row_step(row, q_max))
         .collect();
     // Rows are independent: each one's errors go to its own later columns.
     values
