@@ -85,6 +85,18 @@ impl LayerSpec {
                 )));
             }
         }
+        // The f64 transforms stay exact only up to so many terms per product coefficient.
+        let terms = shape.d_in.div_ceil(layout.n_i) * params.polynomial_size;
+        if terms > 1 << crate::fourier::MAX_PRODUCT_TERMS_LOG2 {
+            return Err(FheError::InvalidLayout(format!(
+                "n_i={} is too small for d_in={} with N={}: each product coefficient would sum \
+                 {terms} terms, more than the 2^{} that the f64 transforms keep exact",
+                layout.n_i,
+                shape.d_in,
+                params.polynomial_size,
+                crate::fourier::MAX_PRODUCT_TERMS_LOG2
+            )));
+        }
         let (input_bits, output_bits) =
             crate::noise::choose_wire_bits(params, shape, layout, encoding).ok_or_else(|| {
                 FheError::InvalidLayout(format!(

@@ -122,6 +122,48 @@ fn worst_case_weights_and_inputs_decode_exactly() {
     }
 }
 
+/// The f64 transforms' limit: the largest sum of terms per product coefficient that layouts may
+/// reach (2^19: input blocks x N) decodes exactly with the worst weights (whose spectra are the
+/// largest, and which decoded wrongly at 2^20 on an 8192x512 layer before the limit); one input
+/// block more per coefficient's worth (n_i halved) is refused, for either parameter set.
+#[test]
+fn the_largest_product_sum_decodes_exactly_and_a_larger_one_is_refused() {
+    let (key, packing) = keys();
+    let limit = 1usize << fhe_linear::fourier::MAX_PRODUCT_TERMS_LOG2;
+    for (d_in, n_i) in [(8192, 64), (1024, 8)] {
+        let d_out = 256;
+        let layout = |n_i: usize| BlockLayout {
+            n_i,
+            n_o: 4096 / n_i,
+            t_b: 1,
+        };
+        let mut case = packed_case(d_in, d_out, 1, layout(n_i), 21);
+        assert_eq!(d_in / n_i * 4096, limit);
+        case.w = vec![-128; d_in * d_out];
+        case.b = vec![0; d_out];
+        let (got, _) = packed_round_trip(&case, &key, &packing);
+        assert_eq!(got, case.expected(), "{d_in}x{d_out} n_i={n_i}");
+        let shape = LayerShape::new(d_in, d_out);
+        let refused = LayerSpec::packed(&HFHE_GLWE_4096_V1, shape, layout(n_i / 2)).unwrap_err();
+        assert_eq!(refused.code(), "invalid_layout");
+        assert!(refused.to_string().contains("f64 transforms"), "{refused}");
+    }
+    // Keyless (N = 2048): 2^19 terms is n_i = 32 for d_in = 8192; n_i = 16 is refused.
+    let keyless = |n_i: usize| {
+        LayerSpec::new(
+            &HFHE_GLWE_2048_V1,
+            LayerShape::new(8192, 64),
+            BlockLayout {
+                n_i,
+                n_o: 2048 / n_i,
+                t_b: 1,
+            },
+        )
+    };
+    let err = keyless(16).unwrap_err();
+    assert!(err.to_string().contains("f64 transforms"), "{err}");
+}
+
 #[test]
 fn packed_and_keyless_results_decode_to_the_same_y() {
     let (key4096, packing) = keys();
