@@ -73,6 +73,7 @@
 //! of `W` (no noise flooding): a small leak about `W` per query, on top of the fact that a client
 //! choosing its inputs can solve for `W` from about `d_in` queries.
 
+pub mod calibrate;
 pub mod ciphertext;
 pub mod client;
 pub mod entities;
@@ -88,6 +89,7 @@ pub mod server;
 pub mod simulate;
 pub mod wire;
 
+pub use calibrate::{calibrate, Calibration};
 pub use ciphertext::{EncryptedBatch, EncryptedResult};
 pub use client::ClientKey;
 pub use entities::{BlockLayout, LayerShape, ResultEncoding};
@@ -117,6 +119,8 @@ pub enum FheError {
     BiasOutOfRange { row: usize, bias: i64 },
     #[error("packed results need the client's packing key")]
     KeyRequired,
+    #[error("measuring this machine's unit costs failed: {0}")]
+    Calibration(String),
     #[error(transparent)]
     Wire(#[from] WireError),
 }
@@ -131,6 +135,7 @@ impl FheError {
             FheError::SpecMismatch(_) => "layer_mismatch",
             FheError::BiasOutOfRange { .. } => "bias_out_of_range",
             FheError::KeyRequired => "key_required",
+            FheError::Calibration(_) => "calibration_failed",
             FheError::Wire(e) => e.code(),
         }
     }

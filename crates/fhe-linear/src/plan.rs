@@ -2,13 +2,16 @@
 //! and what the client cares about.
 //!
 //! Every candidate layout that the noise budget allows is costed with a small model of the work
-//! and of the bytes on the wire ([`Cost`]): the server's time is dominated by three things,
-//! each priced per unit by a constant calibrated with `hybrid bench fhe --threads 1`
-//! (BENCHMARKS.md lists the runs):
+//! and of the bytes on the wire ([`Cost`]): the server's time is dominated by four things, each
+//! priced per unit by a constant ([`Planner`]):
 //!
 //! - each uploaded coefficient: its mask regenerated from the seed, four forward transforms;
 //! - each complex multiply-accumulate of the products (streaming the weight spectra: memory-bound);
+//! - each coefficient of a product polynomial: four backward transforms, joined to 64 bits;
 //! - each coefficient of a packing key switch (`levels + 4` transforms).
+//!
+//! The constants differ between machines (AVX2 or AVX-512, memory bandwidth), so a server measures
+//! them at start ([`crate::calibrate`]); [`Planner::default`] holds one machine's measurement.
 //!
 //! The planner then picks:
 //!
@@ -53,7 +56,9 @@ pub struct Cost {
     pub input_coefficients: f64,
     /// Complex multiply-accumulates of the products (four streams per input ciphertext).
     pub macs: f64,
-    /// Key switches in the packing tree.
+    /// Coefficients of the product polynomials transformed back (one per group and output block).
+    pub output_coefficients: f64,
+    /// Key switches in the packing tree ([`tree_keyswitches`]).
     pub keyswitches: usize,
 }
 
@@ -82,6 +87,8 @@ pub struct Planner {
     pub ns_per_input_coefficient: f64,
     /// Nanoseconds per complex multiply-accumulate (one core).
     pub ns_per_mac: f64,
+    /// Nanoseconds per coefficient of a product polynomial (one core).
+    pub ns_per_output_coefficient: f64,
     /// Nanoseconds per key-switched coefficient (one core).
     pub ns_per_keyswitch_coefficient: f64,
     /// Link speed assumed by [`Preference::Latency`].
@@ -93,11 +100,13 @@ pub struct Planner {
 }
 
 impl Default for Planner {
-    /// Calibrated on a 2-core AMD EPYC (AVX-512) with `hybrid bench fhe`; see BENCHMARKS.md.
+    /// Measured by [`crate::calibrate`] on a 2-core AMD EPYC (AVX2) on 2026-12-03 (`hybrid bench
+    /// planner`, BENCHMARKS.md); a worker measures its own machine at start.
     fn default() -> Self {
         Planner {
-            ns_per_input_coefficient: 88.0,
-            ns_per_mac: 0.9,
+            ns_per_input_coefficient: 17.0,
+            ns_per_mac: 0.55,
+            ns_per_output_coefficient: 22.0,
             ns_per_keyswitch_coefficient: 50.0,
             link_mbit_s: 100.0,
             max_slowdown: 4.0,
@@ -114,6 +123,19 @@ fn fastest_ms(plans: &[Plan]) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// Key switches of the packing tree for `products` merged `n_i` at a time: each level merges
+/// the pairs that hold at least one ciphertext, and the products fill a prefix of the slots, so
+/// level by level `ceil(present / 2)` (a partial pack costs less than a full one).
+pub fn tree_keyswitches(products: usize, n_i: usize) -> usize {
+    let mut present = products;
+    let mut switches = 0;
+    for _ in 0..n_i.trailing_zeros() {
+        present = present.div_ceil(2);
+        switches += present;
+    }
+    switches
+}
+
 /// The work and bytes of `spec` for `tokens` tokens.
 pub fn cost(spec: &LayerSpec, tokens: usize) -> Cost {
     let n = spec.polynomial_size() as f64;
@@ -121,12 +143,16 @@ pub fn cost(spec: &LayerSpec, tokens: usize) -> Cost {
     let (ib, ob) = (spec.input_blocks() as f64, spec.output_blocks() as f64);
     let keyswitches = match spec.encoding {
         ResultEncoding::Keyless => 0,
-        ResultEncoding::Packed => spec.packs(tokens) * (spec.layout.n_i - 1),
+        ResultEncoding::Packed => tree_keyswitches(
+            spec.token_groups(tokens) * spec.output_blocks(),
+            spec.layout.n_i,
+        ),
     };
     Cost {
         bytes: spec.upload_bytes(tokens) + spec.download_bytes(tokens),
         input_coefficients: groups * ib * n,
         macs: 4.0 * groups * ib * ob * n / 2.0,
+        output_coefficients: groups * ob * n,
         keyswitches,
     }
 }
@@ -137,6 +163,7 @@ impl Planner {
         let n = spec.polynomial_size() as f64;
         let server_ms = (cost.input_coefficients * self.ns_per_input_coefficient
             + cost.macs * self.ns_per_mac
+            + cost.output_coefficients * self.ns_per_output_coefficient
             + cost.keyswitches as f64 * n * self.ns_per_keyswitch_coefficient)
             / 1e6;
         let key_bytes = match spec.encoding {
@@ -290,6 +317,39 @@ mod tests {
         assert_eq!(offer.spec.encoding, ResultEncoding::Packed);
         assert!(offer.bytes_per_token() < 500_000.0, "{offer:?}");
         assert!(offer.server_ms <= planner.max_slowdown * fast.server_ms.min(keyless.server_ms));
+    }
+}
+
+#[cfg(test)]
+mod tree {
+    use super::tree_keyswitches;
+
+    /// The count against the tree itself: levels of optional ciphertexts, a merge wherever a
+    /// pair holds one.
+    #[test]
+    fn key_switches_are_counted_as_the_tree_merges() {
+        for (products, n_i) in [
+            (1usize, 1usize),
+            (16, 64),
+            (384, 256),
+            (12, 8),
+            (768, 512),
+            (5, 2),
+        ] {
+            let mut level: Vec<bool> = (0..products.div_ceil(n_i) * n_i)
+                .map(|i| i < products)
+                .collect();
+            let mut merges = 0;
+            while level.len() > products.div_ceil(n_i) {
+                level = level.chunks(2).map(|p| p[0] || p[1]).collect();
+                merges += level.iter().filter(|p| **p).count();
+            }
+            assert_eq!(
+                tree_keyswitches(products, n_i),
+                merges,
+                "{products} / {n_i}"
+            );
+        }
     }
 }
 
