@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::WorkerConfig;
+use crate::{PlannerCosts, WorkerConfig};
 
 /// Every setting, each optional: the shape of the config file and of the flag/environment
 /// layer alike.
@@ -27,6 +27,9 @@ pub struct Settings {
     pub packed_results: Option<bool>,
     /// Prepared packing keys kept in memory (default 64, about 6 MB each).
     pub key_cache_entries: Option<usize>,
+    /// The planner's unit costs for packed layouts: `measure` (default: measured on this
+    /// machine at start, about a second) or `builtin` (the same layouts on every machine).
+    pub planner_costs: Option<String>,
     /// Serve the API over TLS with this certificate chain (PEM) and `tls_key`.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -40,6 +43,8 @@ pub enum ConfigError {
     File(#[from] service_kit::ConfigFileError),
     #[error("setting `{0}` is required (flag, environment variable or config file)")]
     Missing(&'static str),
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
 }
@@ -61,6 +66,7 @@ impl Settings {
             queue_timeout_ms: self.queue_timeout_ms.or(base.queue_timeout_ms),
             packed_results: self.packed_results.or(base.packed_results),
             key_cache_entries: self.key_cache_entries.or(base.key_cache_entries),
+            planner_costs: self.planner_costs.or(base.planner_costs),
             tls_cert: self.tls_cert.or(base.tls_cert),
             tls_key: self.tls_key.or(base.tls_key),
             tls_client_ca: self.tls_client_ca.or(base.tls_client_ca),
@@ -91,6 +97,14 @@ impl Settings {
         if let Some(v) = self.key_cache_entries {
             config.key_cache_entries = v;
         }
+        config.planner_costs = match self.planner_costs.as_deref() {
+            None => PlannerCosts::Measure,
+            Some(s) => PlannerCosts::parse(s).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "planner_costs must be `measure` or `builtin`, not `{s}`"
+                ))
+            })?,
+        };
         config.tls = tls::ServerTls::from_parts(self.tls_cert, self.tls_key, self.tls_client_ca)?;
         Ok(config)
     }

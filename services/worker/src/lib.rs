@@ -40,6 +40,8 @@ pub struct WorkerConfig {
     pub packed_results: bool,
     /// Prepared packing keys kept (least recently used out first).
     pub key_cache_entries: usize,
+    /// Where the planner's unit costs come from when choosing the packed layout of each layer.
+    pub planner_costs: PlannerCosts,
     /// TLS of the API (none: plain HTTP); with a client CA, gateways must present a
     /// certificate it signed.
     pub tls: Option<tls::ServerTls>,
@@ -57,7 +59,56 @@ impl WorkerConfig {
             queue_timeout: Duration::from_secs(2),
             packed_results: true,
             key_cache_entries: 64,
+            planner_costs: PlannerCosts::Builtin,
             tls: None,
+        }
+    }
+}
+
+/// The unit costs with which a worker plans its packed layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlannerCosts {
+    /// Measured on this machine before the bundles are compiled (`fhe_linear::calibrate`,
+    /// about a second of one core): the default of a deployed worker.
+    Measure,
+    /// The planner's built-in constants (one machine's measurement): the same layouts on every
+    /// machine, without the measurement.
+    Builtin,
+}
+
+impl PlannerCosts {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "measure" => Some(PlannerCosts::Measure),
+            "builtin" => Some(PlannerCosts::Builtin),
+            _ => None,
+        }
+    }
+
+    /// The planner to use: measured (falling back to the built-in constants, logged, when the
+    /// measurement fails) or built in.
+    pub fn planner(self) -> fhe_linear::Planner {
+        let builtin = fhe_linear::Planner::default();
+        match self {
+            PlannerCosts::Builtin => builtin,
+            PlannerCosts::Measure => match fhe_linear::calibrate(builtin) {
+                Ok(c) => {
+                    let p = c.planner;
+                    tracing::info!(
+                        ns_per_input_coefficient = p.ns_per_input_coefficient,
+                        ns_per_mac = p.ns_per_mac,
+                        ns_per_output_coefficient = p.ns_per_output_coefficient,
+                        ns_per_keyswitch_coefficient = p.ns_per_keyswitch_coefficient,
+                        took_ms = c.took_ms,
+                        "planner unit costs measured"
+                    );
+                    p
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "measuring the planner's unit costs failed; using the built-in ones");
+                    builtin
+                }
+            },
         }
     }
 }
@@ -103,20 +154,27 @@ pub struct AppState {
     pub keys: keys::KeyCache,
 }
 
-/// The packed-result spec a worker offers for a layer: the planner's offer for one token per
+/// The packed-result spec a worker offers for a layer: `planner`'s offer for one token per
 /// request (the fewest bytes within reach of the keyless server time).
-pub fn packed_spec(shape: fhe_linear::LayerShape) -> Result<LayerSpec, fhe_linear::FheError> {
+pub fn packed_spec(
+    planner: &fhe_linear::Planner,
+    shape: fhe_linear::LayerShape,
+) -> Result<LayerSpec, fhe_linear::FheError> {
     let planner = fhe_linear::Planner {
         max_t_b: 1,
-        ..fhe_linear::Planner::default()
+        ..*planner
     };
     Ok(planner
         .offer(shape, 1, fhe_linear::ResultEncoding::Packed)?
         .spec)
 }
 
-/// Loads and compiles every layer of every bundle (twice with `packed`: keyless and packed).
-pub fn load_bundles(paths: &[PathBuf], packed: bool) -> Result<Loaded, WorkerError> {
+/// Loads and compiles every layer of every bundle (twice with `packed`: keyless, and packed in
+/// the layout `packed` plans).
+pub fn load_bundles(
+    paths: &[PathBuf],
+    packed: Option<&fhe_linear::Planner>,
+) -> Result<Loaded, WorkerError> {
     let mut loaded = Loaded::default();
     for path in paths {
         let bundle =
@@ -144,8 +202,9 @@ pub fn load_bundles(paths: &[PathBuf], packed: bool) -> Result<Loaded, WorkerErr
                 .map_err(|e| invalid(e.to_string()))?;
             let mut info = LayerInfo::from_spec(name.clone(), &spec);
             info.parts = parts.clone();
-            let packed = if packed {
-                let spec = packed_spec(layer.shape()).map_err(|e| invalid(e.to_string()))?;
+            let packed = if let Some(planner) = packed {
+                let spec =
+                    packed_spec(planner, layer.shape()).map_err(|e| invalid(e.to_string()))?;
                 info = info.with_packed(&spec);
                 Some(
                     CompiledLayer::compile(spec, &layer.weights.values, &layer.bias)
@@ -200,7 +259,15 @@ impl Application {
         });
         let loader = state.clone();
         tokio::task::spawn_blocking(move || {
-            match load_bundles(&loader.config.bundles, loader.config.packed_results) {
+            // Measured before the bundles compile, so that nothing else shares the core.
+            let planner = loader
+                .config
+                .packed_results
+                .then(|| loader.config.planner_costs.planner());
+            if let Some(p) = &planner {
+                loader.metrics.record_planner(p);
+            }
+            match load_bundles(&loader.config.bundles, planner.as_ref()) {
                 Ok(loaded) => {
                     let n = loaded.layers.len();
                     loader.metrics.layers_loaded.set(n as i64);

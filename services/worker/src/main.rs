@@ -49,6 +49,10 @@ struct Args {
     /// Prepared packing keys kept in memory [default: 64].
     #[arg(long, env = "WORKER_KEY_CACHE_ENTRIES")]
     key_cache_entries: Option<usize>,
+    /// The planner's unit costs for packed layouts: `measure` (on this machine, at start) or
+    /// `builtin` [default: measure].
+    #[arg(long, env = "WORKER_PLANNER_COSTS")]
+    planner_costs: Option<String>,
     /// Serve over TLS with this certificate chain (PEM) [default: plain HTTP].
     #[arg(long, env = "WORKER_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -88,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         queue_timeout_ms: args.queue_timeout_ms,
         packed_results: args.packed_results,
         key_cache_entries: args.key_cache_entries,
+        planner_costs: args.planner_costs,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_client_ca: args.tls_client_ca,

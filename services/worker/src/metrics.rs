@@ -1,7 +1,9 @@
 //! The worker's Prometheus metrics, served on their own port. Labels are bounded: route and
 //! outcome only (never a model input, a license or a customer).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -19,6 +21,8 @@ pub struct Metrics {
     pub layers_loaded: IntGauge,
     pub keys_cached: IntGauge,
     pub key_loads: IntCounter,
+    /// The planner's unit costs this worker plans its packed layouts with, by unit.
+    pub planner_unit_cost: GaugeVec,
 }
 
 impl Metrics {
@@ -60,6 +64,14 @@ impl Metrics {
             "Packing keys received and prepared",
         )
         .expect("metric");
+        let planner_unit_cost = GaugeVec::new(
+            Opts::new(
+                "worker_planner_unit_cost_nanoseconds",
+                "One-core cost of each unit of the packed-layout planner (input, mac, output, keyswitch), measured at start or built in",
+            ),
+            &["unit"],
+        )
+        .expect("metric");
         let described = service_kit::register_metrics(
             &registry,
             vec![
@@ -71,6 +83,7 @@ impl Metrics {
                 Box::new(layers_loaded.clone()),
                 Box::new(keys_cached.clone()),
                 Box::new(key_loads.clone()),
+                Box::new(planner_unit_cost.clone()),
             ],
         );
         let names = described.iter().map(|m| m.name.clone()).collect();
@@ -86,6 +99,19 @@ impl Metrics {
             layers_loaded,
             keys_cached,
             key_loads,
+            planner_unit_cost,
+        }
+    }
+
+    /// Publishes the unit costs the packed layouts are planned with.
+    pub fn record_planner(&self, p: &fhe_linear::Planner) {
+        for (unit, ns) in [
+            ("input", p.ns_per_input_coefficient),
+            ("mac", p.ns_per_mac),
+            ("output", p.ns_per_output_coefficient),
+            ("keyswitch", p.ns_per_keyswitch_coefficient),
+        ] {
+            self.planner_unit_cost.with_label_values(&[unit]).set(ns);
         }
     }
 }

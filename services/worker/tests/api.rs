@@ -7,7 +7,7 @@ use std::time::Duration;
 use hybrid_model::bundle::{load_client_bundle, load_server_bundle};
 use hybrid_model::remote::RemoteConfig;
 use hybrid_model::{build_from_bundles, build_remote, generate, GenerateOptions, Mode};
-use worker::{Application, WorkerConfig};
+use worker::{Application, PlannerCosts, WorkerConfig};
 
 fn compile_tiny(dir: &Path) -> (PathBuf, PathBuf) {
     test_support::compile_tiny(dir, &["layers.1.mixer.Wqkv", "layers.2.mlp.fc2"])
@@ -22,6 +22,10 @@ struct Worker {
 async fn spawn_worker(bundle: PathBuf, max_body_bytes: usize) -> Worker {
     let mut config = WorkerConfig::local(vec![bundle]);
     config.max_body_bytes = max_body_bytes;
+    spawn_worker_with(config).await
+}
+
+async fn spawn_worker_with(config: WorkerConfig) -> Worker {
     let app = Application::build(config).await.unwrap();
     let url = format!("http://127.0.0.1:{}", app.port());
     let metrics_url = format!("http://127.0.0.1:{}/metrics", app.metrics_port());
@@ -126,6 +130,56 @@ async fn remote_generation_through_a_worker_equals_the_simulation() {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
     assert!(metrics.contains("outcome=\"ok\""));
+}
+
+/// A deployed worker measures the planner's unit costs before it compiles its bundles, publishes
+/// them, and offers the packed layouts that these costs plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_plans_its_packed_layouts_with_unit_costs_it_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, server_path) = compile_tiny(dir.path());
+    let mut config = WorkerConfig::local(vec![server_path]);
+    config.planner_costs = PlannerCosts::Measure;
+    let worker = spawn_worker_with(config).await;
+    let (url, metrics_url) = (worker.url.clone(), worker.metrics_url.clone());
+    tokio::task::spawn_blocking(move || {
+        let read = |url: &str| {
+            agent()
+                .get(url)
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_vec()
+                .unwrap()
+        };
+        let metrics = String::from_utf8(read(&metrics_url)).unwrap();
+        let cost = |unit: &str| -> f64 {
+            let label = format!("worker_planner_unit_cost_nanoseconds{{unit=\"{unit}\"}} ");
+            let line = metrics
+                .lines()
+                .find(|l| l.starts_with(&label))
+                .unwrap_or_else(|| panic!("{label} missing from /metrics"));
+            let v: f64 = line[label.len()..].parse().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{line}");
+            v
+        };
+        let planner = fhe_linear::Planner {
+            ns_per_input_coefficient: cost("input"),
+            ns_per_mac: cost("mac"),
+            ns_per_output_coefficient: cost("output"),
+            ns_per_keyswitch_coefficient: cost("keyswitch"),
+            ..fhe_linear::Planner::default()
+        };
+        let layers: protocol::ModelLayers =
+            serde_json::from_slice(&read(&format!("{url}/v1/models/tiny/layers"))).unwrap();
+        for layer in &layers.layers {
+            let offered = layer.packed_spec().unwrap().unwrap();
+            let planned = worker::packed_spec(&planner, offered.shape).unwrap();
+            assert_eq!(offered, planned, "{}", layer.name);
+        }
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
