@@ -23,6 +23,9 @@ pub enum BenchCommand {
     /// A soak under faults: gateways and workers killed and restarted while clients retry;
     /// checks that every answer is billed exactly once and nothing else is.
     Chaos(crate::bench_chaos::ChaosArgs),
+    /// The planner against this machine: its unit costs measured, then every layout of a layer
+    /// timed on one core beside the time the planner predicts for it.
+    Planner(crate::bench_planner::PlannerArgs),
 }
 
 #[derive(Args)]
@@ -56,9 +59,67 @@ pub struct FheArgs {
     /// only (such keys are not accepted on the wire).
     #[arg(long, num_args = 2, value_names = ["BASE_LOG", "LEVELS"])]
     decomposition: Option<Vec<u32>>,
+    /// The planner's unit costs: `measure` (on this machine, before the run, as a worker does)
+    /// or `builtin`.
+    #[arg(long, default_value = "measure")]
+    planner_costs: String,
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
+}
+
+/// The planner with `costs` (`measure` or `builtin`), and the calibration's report when measured.
+pub(crate) fn planner_for(costs: &str) -> Result<(Planner, serde_json::Value)> {
+    match costs {
+        "builtin" => Ok((Planner::default(), json!({"costs": "builtin"}))),
+        "measure" => {
+            let c = calibrate(Planner::default())?;
+            let samples: Vec<_> = c
+                .samples
+                .iter()
+                .map(|s| json!({"sample": s.name, "ms": s.measured_ms, "pack_ms": s.pack_ms}))
+                .collect();
+            Ok((
+                c.planner,
+                json!({"costs": "measured", "took_ms": c.took_ms, "samples": samples}),
+            ))
+        }
+        other => bail!("--planner-costs must be measure or builtin, not {other}"),
+    }
+}
+
+/// The planner's unit costs as JSON.
+pub(crate) fn unit_costs(p: &Planner) -> serde_json::Value {
+    json!({
+        "ns_per_input_coefficient": p.ns_per_input_coefficient,
+        "ns_per_mac": p.ns_per_mac,
+        "ns_per_output_coefficient": p.ns_per_output_coefficient,
+        "ns_per_keyswitch_coefficient": p.ns_per_keyswitch_coefficient,
+    })
+}
+
+/// The widest x86 vector extension the kernels use on this machine, and the CPU's name.
+pub(crate) fn machine() -> serde_json::Value {
+    #[cfg(target_arch = "x86_64")]
+    let simd = if std::arch::is_x86_feature_detected!("avx512f") {
+        "avx512"
+    } else if std::arch::is_x86_feature_detected!("avx2") {
+        "avx2"
+    } else {
+        "none"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = "none";
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    json!({"simd": simd, "cpu": cpu})
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -68,10 +129,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::E2e(args) => crate::bench_e2e::e2e(args),
         BenchCommand::Accuracy(args) => crate::bench_accuracy::run(args),
         BenchCommand::Chaos(args) => crate::bench_chaos::run(args),
+        BenchCommand::Planner(args) => crate::bench_planner::run(args),
     }
 }
 
-fn parse_shape(s: &str) -> Result<LayerShape> {
+pub(crate) fn parse_shape(s: &str) -> Result<LayerShape> {
     let (a, b) = s
         .split_once('x')
         .context("shape must look like 2048x6144")?;
@@ -79,7 +141,7 @@ fn parse_shape(s: &str) -> Result<LayerShape> {
 }
 
 /// Median wall time in milliseconds of `runs` calls after one warm-up; returns the last output.
-fn time_median<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+pub(crate) fn time_median<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
     let mut out = f();
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {
@@ -92,7 +154,7 @@ fn time_median<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
 }
 
 /// Deterministic pseudo-random bytes for weights and activations (SplitMix64).
-fn pseudo_random_i8(len: usize, mut state: u64) -> Vec<i8> {
+pub(crate) fn pseudo_random_i8(len: usize, mut state: u64) -> Vec<i8> {
     (0..len)
         .map(|_| {
             state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -216,9 +278,10 @@ fn fhe(args: FheArgs) -> Result<()> {
     });
     let preference =
         Preference::parse(&args.preference).context("--preference must be latency or bandwidth")?;
+    let (measured, calibration) = planner_for(&args.planner_costs)?;
     let planner = Planner {
         max_t_b: t_b,
-        ..Planner::default()
+        ..measured
     };
     let encodings: &[ResultEncoding] = match args.results.as_str() {
         "keyless" => &[ResultEncoding::Keyless],
@@ -369,6 +432,9 @@ fn fhe(args: FheArgs) -> Result<()> {
     });
     // The two plain products behind `plain_f32_ms` (the faster of them).
     let baselines = json!({
+        "planner": calibration,
+        "unit_costs": unit_costs(&planner),
+        "machine": machine(),
         "plain_f32_source": plain_f32_source,
         "candle_f32_ms": candle_f32,
         "blas_f32_ms": blas.as_ref().ok().map(|b| b.0),

@@ -9,6 +9,7 @@ mod bench_accuracy;
 mod bench_chaos;
 mod bench_e2e;
 mod bench_gateway;
+mod bench_planner;
 mod client;
 mod demo;
 mod keys_cmd;
