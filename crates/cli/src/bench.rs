@@ -45,11 +45,11 @@ pub struct FheArgs {
     /// Worker threads for the server, the client and the plain baseline (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Result encoding: keyless (no key), packed (the client's packing key), or auto (the
-    /// planner's choice for --preference).
+    /// Result encoding: keyless (no key), packed (the client's packing key; without --n-i, the
+    /// layout a worker on this machine offers), or auto (the planner's choice for --preference).
     #[arg(long, default_value = "keyless")]
     results: String,
-    /// What the planner optimises for with --results auto or packed: latency or bandwidth.
+    /// What the planner optimises for with --results auto: latency or bandwidth.
     #[arg(long, default_value = "bandwidth")]
     preference: String,
     /// Activations per input block (overrides the planner; n_o follows from N).
@@ -305,6 +305,10 @@ fn fhe(args: FheArgs) -> Result<()> {
         }
         (Some(_), _) => bail!("--n-i needs --results keyless or packed"),
         (None, [ResultEncoding::Keyless]) => LayerSpec::choose(&HFHE_GLWE_2048_V1, shape, t_b)?,
+        // The packed layout a worker on this machine offers.
+        (None, [ResultEncoding::Packed]) => {
+            planner.offer(shape, tokens, ResultEncoding::Packed)?.spec
+        }
         (None, _) => planner.plan(shape, tokens, preference, encodings)?.spec,
     };
     if let Some(d) = &args.decomposition {
