@@ -28,7 +28,8 @@ pub struct Settings {
     /// Prepared packing keys kept in memory (default 64, about 6 MB each).
     pub key_cache_entries: Option<usize>,
     /// The planner's unit costs for packed layouts: `measure` (default: measured on this
-    /// machine at start, about a second) or `builtin` (the same layouts on every machine).
+    /// machine at start, under a second), `builtin`, or four numbers `input,mac,output,keyswitch`
+    /// in ns (a fleet given the same numbers offers the same layouts).
     pub planner_costs: Option<String>,
     /// Serve the API over TLS with this certificate chain (PEM) and `tls_key`.
     pub tls_cert: Option<PathBuf>,
@@ -101,7 +102,8 @@ impl Settings {
             None => PlannerCosts::Measure,
             Some(s) => PlannerCosts::parse(s).ok_or_else(|| {
                 ConfigError::Invalid(format!(
-                    "planner_costs must be `measure` or `builtin`, not `{s}`"
+                    "planner_costs must be `measure`, `builtin` or four positive numbers \
+                     `input,mac,output,keyswitch` (ns), not `{s}`"
                 ))
             })?,
         };
@@ -141,5 +143,29 @@ mod tests {
             Settings::default().resolve(),
             Err(ConfigError::Missing("bundles"))
         ));
+    }
+
+    #[test]
+    fn planner_costs_are_measured_unless_built_in_or_given() {
+        let with = |v: Option<&str>| {
+            Settings {
+                bundles: Some(vec!["/b/server.safetensors".into()]),
+                planner_costs: v.map(String::from),
+                ..Settings::default()
+            }
+            .resolve()
+        };
+        assert_eq!(with(None).unwrap().planner_costs, PlannerCosts::Measure);
+        assert_eq!(
+            with(Some("builtin")).unwrap().planner_costs,
+            PlannerCosts::Builtin
+        );
+        let given = with(Some("17, 0.55,22,50")).unwrap().planner_costs;
+        assert_eq!(given, PlannerCosts::Given([17.0, 0.55, 22.0, 50.0]));
+        assert_eq!(given.planner().ns_per_mac, 0.55);
+        for bad in ["fast", "1,2,3", "1,2,3,0", "1,2,3,inf", "1,2,3,4,5"] {
+            let err = with(Some(bad)).unwrap_err();
+            assert!(err.to_string().contains("planner_costs"), "{bad}: {err}");
+        }
     }
 }

@@ -66,22 +66,37 @@ impl WorkerConfig {
 }
 
 /// The unit costs with which a worker plans its packed layouts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PlannerCosts {
     /// Measured on this machine before the bundles are compiled (`fhe_linear::calibrate`,
-    /// about a second of one core): the default of a deployed worker.
+    /// under a second of one core): the default of a deployed worker.
     Measure,
-    /// The planner's built-in constants (one machine's measurement): the same layouts on every
-    /// machine, without the measurement.
+    /// The planner's built-in constants (one machine's measurement).
     Builtin,
+    /// Given nanoseconds per input coefficient, multiply-accumulate, output coefficient and
+    /// key-switched coefficient (e.g. the `unit_costs` of one `hybrid bench planner` run): every
+    /// worker of a fleet given the same numbers offers the same layouts.
+    Given([f64; 4]),
 }
 
 impl PlannerCosts {
+    /// `measure`, `builtin`, or four positive numbers separated by commas.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "measure" => Some(PlannerCosts::Measure),
             "builtin" => Some(PlannerCosts::Builtin),
-            _ => None,
+            given => {
+                let v: Vec<f64> = given
+                    .split(',')
+                    .map(|p| p.trim().parse::<f64>())
+                    .collect::<Result<_, _>>()
+                    .ok()?;
+                let costs: [f64; 4] = v.try_into().ok()?;
+                costs
+                    .iter()
+                    .all(|c| c.is_finite() && *c > 0.0)
+                    .then_some(PlannerCosts::Given(costs))
+            }
         }
     }
 
@@ -91,6 +106,13 @@ impl PlannerCosts {
         let builtin = fhe_linear::Planner::default();
         match self {
             PlannerCosts::Builtin => builtin,
+            PlannerCosts::Given([input, mac, output, keyswitch]) => fhe_linear::Planner {
+                ns_per_input_coefficient: input,
+                ns_per_mac: mac,
+                ns_per_output_coefficient: output,
+                ns_per_keyswitch_coefficient: keyswitch,
+                ..builtin
+            },
             PlannerCosts::Measure => match fhe_linear::calibrate(builtin) {
                 Ok(c) => {
                     let p = c.planner;

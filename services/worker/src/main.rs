@@ -49,8 +49,8 @@ struct Args {
     /// Prepared packing keys kept in memory [default: 64].
     #[arg(long, env = "WORKER_KEY_CACHE_ENTRIES")]
     key_cache_entries: Option<usize>,
-    /// The planner's unit costs for packed layouts: `measure` (on this machine, at start) or
-    /// `builtin` [default: measure].
+    /// The planner's unit costs for packed layouts: `measure` (on this machine, at start),
+    /// `builtin`, or `INPUT,MAC,OUTPUT,KEYSWITCH` in ns [default: measure].
     #[arg(long, env = "WORKER_PLANNER_COSTS")]
     planner_costs: Option<String>,
     /// Serve over TLS with this certificate chain (PEM) [default: plain HTTP].
