@@ -125,6 +125,10 @@ pub mod codes {
     pub const INVALID_KEY: &str = "invalid_key";
     pub const TOO_MANY_KEYS: &str = "too_many_keys";
     pub const RESULTS_NOT_SERVED: &str = "results_not_served";
+    /// A ciphertext that does not belong to the layer as this worker serves it (another layer's,
+    /// or another layout's: `fhe_linear`'s `SpecMismatch`). The gateway tries a packed request
+    /// refused so on its other workers.
+    pub const LAYER_MISMATCH: &str = "layer_mismatch";
     /// The layers named in `x-layer-parts` are not those of the group (or the layer is no
     /// group).
     pub const LAYER_PARTS_MISMATCH: &str = "layer_parts_mismatch";

@@ -371,8 +371,17 @@ async fn already_billed(
     Ok(true)
 }
 
+/// Whether a worker's answer is the error `code` (with `status`).
+fn answer_is(answer: &crate::workers::Answer, status: StatusCode, code: &str) -> bool {
+    answer.status == status.as_u16()
+        && serde_json::from_slice::<ErrorBody>(&answer.body).is_ok_and(|e| e.code == code)
+}
+
 /// Forwards a request for packed results with its key id; a worker that has not loaded the key
-/// gets it from the ledger and the request again.
+/// gets it from the ledger and the request again. Workers that plan their packed layouts with
+/// different unit costs can offer different layouts of a layer: a batch that one worker refuses
+/// as another layout's (`layer_mismatch`) is tried on the other workers, so that a fleet in
+/// transition (or measured apart) still answers every client whose layout one of them serves.
 async fn forward_packed(
     state: &AppState,
     path: &str,
@@ -386,14 +395,48 @@ async fn forward_packed(
         (protocol::LICENSE_ID_HEADER, license_id),
     ];
     headers.extend_from_slice(extra);
-    let answer = state
+    let first = state
         .workers
         .send_with(reqwest::Method::POST, path, Some(body.clone()), &headers)
         .await?;
-    let missing = answer.status == StatusCode::CONFLICT.as_u16()
-        && serde_json::from_slice::<ErrorBody>(&answer.body)
-            .is_ok_and(|e| e.code == codes::KEY_NOT_LOADED);
-    if !missing {
+    let mut answer = with_key(state, first, path, body, key_id, license_id, &headers).await?;
+    if !answer_is(&answer, StatusCode::BAD_REQUEST, codes::LAYER_MISMATCH) {
+        return Ok(answer);
+    }
+    for worker in state.workers.others(&answer.worker) {
+        let Ok(next) = state
+            .workers
+            .request(
+                &worker,
+                reqwest::Method::POST,
+                path,
+                Some(body.clone()),
+                &headers,
+            )
+            .await
+        else {
+            continue;
+        };
+        answer = with_key(state, next, path, body, key_id, license_id, &headers).await?;
+        if !answer_is(&answer, StatusCode::BAD_REQUEST, codes::LAYER_MISMATCH) {
+            break;
+        }
+    }
+    Ok(answer)
+}
+
+/// `answer`, or, when its worker had not loaded the key, the worker's answer after the key was
+/// pushed to it.
+async fn with_key(
+    state: &AppState,
+    answer: crate::workers::Answer,
+    path: &str,
+    body: &Bytes,
+    key_id: &str,
+    license_id: &str,
+    headers: &[(&str, &str)],
+) -> Result<crate::workers::Answer, ForwardError> {
+    if !answer_is(&answer, StatusCode::CONFLICT, codes::KEY_NOT_LOADED) {
         return Ok(answer);
     }
     let blob = match keys::key_bytes(state, key_id).await {
@@ -423,7 +466,7 @@ async fn forward_packed(
             reqwest::Method::POST,
             path,
             Some(body.clone()),
-            &headers,
+            headers,
         )
         .await
         .map_err(unreachable)

@@ -198,6 +198,14 @@ impl WorkerPool {
         order
     }
 
+    /// Every worker but `than`, healthy ones first, from the round-robin position.
+    pub fn others(&self, than: &Arc<Worker>) -> Vec<Arc<Worker>> {
+        self.order()
+            .into_iter()
+            .filter(|w| !Arc::ptr_eq(w, than))
+            .collect()
+    }
+
     /// Workers known now (after name resolution).
     pub fn count(&self) -> usize {
         self.workers.read().expect("worker list").len()

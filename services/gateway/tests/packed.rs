@@ -267,3 +267,78 @@ async fn remote_generation_with_packed_results_matches_simulation() {
         .all(|r| r.results == "packed" && protocol::is_key_id(&r.key_id)));
     assert_eq!(s.billable("lic-sdk").await, 8);
 }
+
+/// Two workers whose packed layouts differ (planned with different unit costs, as two machines
+/// measured apart would): every packed request is answered, whichever worker the gateway tries
+/// first, decodes to the keyless answer, and is billed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_requests_reach_a_worker_that_serves_their_layout() {
+    assert_eq!(
+        fhe_linear::FheError::SpecMismatch(String::new()).code(),
+        protocol::codes::LAYER_MISMATCH
+    );
+    let costs = [[17.0, 0.55, 22.0, 50.0], [17.0, 0.55, 22.0, 1e6]];
+    let s = stack_configured(
+        postgres_url().await,
+        2,
+        Vec::new(),
+        |url| url,
+        |i, config| config.planner_costs = worker::PlannerCosts::Given(costs[i]),
+    )
+    .await;
+    let alice = Client::new(&s, "lic-alice");
+    let (keyless_spec, listed) = specs(&s, &alice.license).await;
+    let offers: Vec<LayerSpec> = costs
+        .iter()
+        .map(|c| {
+            let planner = worker::PlannerCosts::Given(*c).planner();
+            worker::packed_spec(&planner, listed.shape).unwrap()
+        })
+        .collect();
+    assert_ne!(
+        offers[0], offers[1],
+        "the two workers must offer different layouts"
+    );
+    assert!(offers.contains(&listed));
+    let (status, body) = alice.register(&s, alice.packing.clone()).await;
+    assert_eq!(status, 201, "{body}");
+    let key_id = body["key_id"].as_str().unwrap().to_string();
+
+    let x: Vec<i8> = (0..64).map(|i| (i * 53 % 256) as u8 as i8).collect();
+    let keyless_key = ClientKey::generate(&HFHE_GLWE_2048_V1);
+    let upload = keyless_key
+        .encrypt(&keyless_spec, &x, 1)
+        .unwrap()
+        .to_bytes();
+    let (status, _, bytes) = alice.post(&s, "q-keyless", None, upload).await;
+    assert_eq!(status, 200);
+    let expected = keyless_key
+        .decrypt(
+            &keyless_spec,
+            &EncryptedResult::from_bytes(&bytes, &Limits::default()).unwrap(),
+        )
+        .unwrap();
+    for q in 0..4 {
+        let upload = alice.key.encrypt(&listed, &x, 1).unwrap().to_bytes();
+        let (status, code, bytes) = alice
+            .post(&s, &format!("q-packed-{q}"), Some(&key_id), upload)
+            .await;
+        assert_eq!(status, 200, "{code}");
+        let result = EncryptedResult::from_bytes(&bytes, &Limits::default()).unwrap();
+        assert_eq!(alice.key.decrypt(&listed, &result).unwrap(), expected);
+    }
+    // Round robin sent some of them first to the worker of the other layout, which refused them.
+    let mut refused = 0;
+    for url in &s.worker_metrics {
+        let metrics = reqwest::get(url).await.unwrap().text().await.unwrap();
+        refused += metrics
+            .lines()
+            .filter(|l| l.contains("outcome=\"layer_mismatch\""))
+            .count();
+    }
+    assert!(
+        refused > 0,
+        "no request was tried on the other layout's worker first"
+    );
+    assert_eq!(s.billable("lic-alice").await, 5);
+}

@@ -155,15 +155,26 @@ pub async fn stack_named(
     front: Vec<String>,
     name: impl Fn(String) -> String,
 ) -> Stack {
+    stack_configured(database_url, workers, front, name, |_, _| {}).await
+}
+
+/// As [`stack_named`], worker `i`'s configuration first changed by `configure(i, ..)`.
+pub async fn stack_configured(
+    database_url: String,
+    workers: usize,
+    front: Vec<String>,
+    name: impl Fn(String) -> String,
+    configure: impl Fn(usize, &mut worker::WorkerConfig),
+) -> Stack {
     let dir = tempfile::tempdir().unwrap();
     let (client_dir, server) = compile_tiny(dir.path());
     let mut urls = front;
     let mut stops = Vec::new();
     let mut worker_metrics = Vec::new();
-    for _ in 0..workers {
-        let app = worker::Application::build(worker::WorkerConfig::local(vec![server.clone()]))
-            .await
-            .unwrap();
+    for i in 0..workers {
+        let mut config = worker::WorkerConfig::local(vec![server.clone()]);
+        configure(i, &mut config);
+        let app = worker::Application::build(config).await.unwrap();
         let url = format!("http://127.0.0.1:{}", app.port());
         worker_metrics.push(format!("http://127.0.0.1:{}/metrics", app.metrics_port()));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
