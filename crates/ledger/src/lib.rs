@@ -53,6 +53,7 @@ pub use time::{day_start, hour_start, month_start, next_month_start};
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");
+const SQLITE_SYNCHRONOUS: &str = "PRAGMA synchronous = FULL";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -135,11 +136,25 @@ impl Ledger {
         } else {
             return Err(LedgerError::UnsupportedUrl);
         };
-        let pool = AnyPoolOptions::new()
+        let mut options = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
-            .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect(url)
-            .await?;
+            .acquire_timeout(std::time::Duration::from_secs(5));
+        if backend == Backend::Sqlite {
+            // A write-ahead log: a commit is one append and one flush of the log instead of the
+            // rollback journal's several writes and flushes, and readers do not block the
+            // writer. `synchronous` stays FULL (SQLite's default): a committed settlement
+            // survives a crash of the machine, not only of the process.
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query(SQLITE_SYNCHRONOUS).execute(&mut *conn).await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options.connect(url).await?;
         match backend {
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,

@@ -848,3 +848,31 @@ async fn postgres_group_admission_pays_the_rate_once() {
     assert_eq!(refused, vec!["quota_exceeded"; 10]);
     counters_agree(&replicas[0]).await;
 }
+
+/// The embedded ledger keeps a write-ahead log (one flushed append per commit) and flushes every
+/// commit to the disk (`synchronous = FULL`), on every connection of its pool.
+#[tokio::test]
+async fn the_sqlite_ledger_logs_ahead_and_flushes_every_commit() {
+    use sqlx::Row;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = sqlite(&dir).await;
+    // Hold several connections at once, so that more than one is opened.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(ledger.pool().acquire().await.unwrap());
+    }
+    for conn in &mut held {
+        let mode: String = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(mode, "wal");
+        let synchronous: i64 = sqlx::query("PRAGMA synchronous")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(synchronous, 2, "FULL");
+    }
+}
