@@ -16,9 +16,10 @@
 //! Each sample is timed as a server handles a request (parse the batch, apply, serialise the
 //! result): one warm-up, then the median of [`RUNS`]. The three keyless samples give three
 //! equations in the first three constants, solved by Gauss-Seidel iteration (each equation is
-//! dominated by its own unknown, so it converges in a few steps) with every constant kept
-//! non-negative; the packed sample's packing time divided by its key-switched coefficients gives
-//! the fourth. Every sample's result is decrypted and checked against the integer product.
+//! dominated by its own unknown, so it converges in a few steps); the packed sample's packing
+//! time divided by its key-switched coefficients gives the fourth. A timing disturbed by other
+//! work on the machine can push an estimate towards zero, which would make that unit look free:
+//! every cost is kept at least [`FLOOR`] times the given planner's. Every sample's result is decrypted and checked against the integer product.
 
 use std::time::Instant;
 
@@ -36,6 +37,9 @@ use crate::FheError;
 
 /// Timed runs per sample, after one warm-up.
 pub const RUNS: usize = 5;
+
+/// The smallest fraction of the given planner's unit cost that a measured one may be.
+pub const FLOOR: f64 = 0.01;
 
 /// One measured layer.
 #[derive(Debug, Clone)]
@@ -201,14 +205,19 @@ fn fit(base: Planner, samples: &[Sample]) -> Planner {
         return planner;
     };
     let ns = |s: &Sample| (s.measured_ms - s.pack_ms) * 1e6;
-    let (mut a, mut b, mut d) = (0.0f64, 0.0f64, 0.0f64);
+    let (fa, fb, fd) = (
+        FLOOR * base.ns_per_input_coefficient,
+        FLOOR * base.ns_per_mac,
+        FLOOR * base.ns_per_output_coefficient,
+    );
+    let (mut a, mut b, mut d) = (fa, fb, fd);
     for _ in 0..50 {
         let c = &input.cost;
-        a = ((ns(input) - b * c.macs - d * c.output_coefficients) / c.input_coefficients).max(0.0);
+        a = ((ns(input) - b * c.macs - d * c.output_coefficients) / c.input_coefficients).max(fa);
         let c = &macs.cost;
-        b = ((ns(macs) - a * c.input_coefficients - d * c.output_coefficients) / c.macs).max(0.0);
+        b = ((ns(macs) - a * c.input_coefficients - d * c.output_coefficients) / c.macs).max(fb);
         let c = &output.cost;
-        d = ((ns(output) - a * c.input_coefficients - b * c.macs) / c.output_coefficients).max(0.0);
+        d = ((ns(output) - a * c.input_coefficients - b * c.macs) / c.output_coefficients).max(fd);
     }
     planner.ns_per_input_coefficient = a;
     planner.ns_per_mac = b;
@@ -217,7 +226,8 @@ fn fit(base: Planner, samples: &[Sample]) -> Planner {
         let n = pack.spec.polynomial_size() as f64;
         let switched = pack.cost.keyswitches as f64 * n;
         if switched > 0.0 {
-            planner.ns_per_keyswitch_coefficient = pack.pack_ms * 1e6 / switched;
+            planner.ns_per_keyswitch_coefficient =
+                (pack.pack_ms * 1e6 / switched).max(FLOOR * base.ns_per_keyswitch_coefficient);
         }
     }
     planner
@@ -263,6 +273,12 @@ mod tests {
             "{fitted:?}"
         );
         assert_eq!(fitted.link_mbit_s, Planner::default().link_mbit_s);
+        // A macs sample timed too fast (as if its time had gone to the other samples) leaves the
+        // multiply-accumulate cost at the floor, not at zero.
+        let mut disturbed = samples.clone();
+        disturbed[1].measured_ms /= 10.0;
+        let fitted = fit(Planner::default(), &disturbed);
+        assert_eq!(fitted.ns_per_mac, FLOOR * Planner::default().ns_per_mac);
     }
 
     /// Measures this machine: every sample decrypts exactly and every unit costs something.
