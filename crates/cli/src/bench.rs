@@ -153,8 +153,24 @@ pub(crate) fn time_median<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) 
     (times[times.len() / 2], out)
 }
 
+/// A layer's worth of deterministic data: weights, `tokens` rows of activations, a bias, and
+/// the integer product every encrypted result is checked against.
+pub(crate) fn synthetic_layer(
+    shape: LayerShape,
+    tokens: usize,
+) -> (Vec<i8>, Vec<i8>, Vec<i64>, Vec<i64>) {
+    let w = pseudo_random_i8(shape.d_in * shape.d_out, 1);
+    let x = pseudo_random_i8(tokens * shape.d_in, 2);
+    let bias: Vec<i64> = pseudo_random_i8(shape.d_out, 3)
+        .iter()
+        .map(|v| *v as i64 * 100)
+        .collect();
+    let expected = simulate(shape, &x, tokens, &w, &bias);
+    (w, x, bias, expected)
+}
+
 /// Deterministic pseudo-random bytes for weights and activations (SplitMix64).
-pub(crate) fn pseudo_random_i8(len: usize, mut state: u64) -> Vec<i8> {
+fn pseudo_random_i8(len: usize, mut state: u64) -> Vec<i8> {
     (0..len)
         .map(|_| {
             state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -325,13 +341,7 @@ fn fhe(args: FheArgs) -> Result<()> {
     let packed = spec.encoding == ResultEncoding::Packed;
     let runs = args.runs;
 
-    let w = pseudo_random_i8(shape.d_in * shape.d_out, 1);
-    let x = pseudo_random_i8(tokens * shape.d_in, 2);
-    let bias: Vec<i64> = pseudo_random_i8(shape.d_out, 3)
-        .iter()
-        .map(|v| *v as i64 * 100)
-        .collect();
-    let expected = simulate(shape, &x, tokens, &w, &bias);
+    let (w, x, bias, expected) = synthetic_layer(shape, tokens);
 
     let t = Instant::now();
     let key = ClientKey::generate(params);

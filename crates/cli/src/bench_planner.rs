@@ -11,7 +11,7 @@ use clap::Args;
 use fhe_linear::*;
 use serde_json::json;
 
-use crate::bench::{machine, parse_shape, planner_for, pseudo_random_i8, time_median, unit_costs};
+use crate::bench::{machine, parse_shape, planner_for, synthetic_layer, time_median, unit_costs};
 
 /// The largest relative error of a prediction that the report calls agreement.
 const AGREEMENT: f64 = 0.30;
@@ -79,13 +79,7 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         ..measured
     };
 
-    let w = pseudo_random_i8(shape.d_in * shape.d_out, 1);
-    let x = pseudo_random_i8(tokens * shape.d_in, 2);
-    let bias: Vec<i64> = pseudo_random_i8(shape.d_out, 3)
-        .iter()
-        .map(|v| *v as i64 * 100)
-        .collect();
-    let expected = simulate(shape, &x, tokens, &w, &bias);
+    let (w, x, bias, expected) = synthetic_layer(shape, tokens);
     let limits = Limits::default();
 
     let mut rows = Vec::new();

@@ -19,7 +19,8 @@
 //! dominated by its own unknown, so it converges in a few steps); the packed sample's packing
 //! time divided by its key-switched coefficients gives the fourth. A timing disturbed by other
 //! work on the machine can push an estimate towards zero, which would make that unit look free:
-//! every cost is kept at least [`FLOOR`] times the given planner's. Every sample's result is decrypted and checked against the integer product.
+//! every cost is kept at least [`FLOOR`] times the given planner's. Every sample's result is
+//! decrypted and checked against the integer product.
 
 use std::time::Instant;
 

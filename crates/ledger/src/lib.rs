@@ -53,7 +53,6 @@ pub use time::{day_start, hour_start, month_start, next_month_start};
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");
-const SQLITE_SYNCHRONOUS: &str = "PRAGMA synchronous = FULL";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -149,7 +148,9 @@ impl Ledger {
                     sqlx::query("PRAGMA journal_mode = WAL")
                         .execute(&mut *conn)
                         .await?;
-                    sqlx::query(SQLITE_SYNCHRONOUS).execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA synchronous = FULL")
+                        .execute(&mut *conn)
+                        .await?;
                     Ok(())
                 })
             });

@@ -39,6 +39,27 @@ impl Client {
         (status, serde_json::from_slice(&bytes).unwrap())
     }
 
+    /// The keyless answer to `x` (`tokens` rows) as query `query`, decrypted with a fresh key of
+    /// the keyless set (answered with 200).
+    async fn keyless_y(
+        &self,
+        s: &Stack,
+        spec: &LayerSpec,
+        x: &[i8],
+        tokens: usize,
+        query: &str,
+    ) -> Vec<i64> {
+        let key = ClientKey::generate(&HFHE_GLWE_2048_V1);
+        let upload = key.encrypt(spec, x, tokens).unwrap().to_bytes();
+        let (status, _, bytes) = self.post(s, query, None, upload).await;
+        assert_eq!(status, 200);
+        key.decrypt(
+            spec,
+            &EncryptedResult::from_bytes(&bytes, &Limits::default()).unwrap(),
+        )
+        .unwrap()
+    }
+
     /// Posts a batch with an optional key id; returns status, error code and body.
     async fn post(
         &self,
@@ -111,19 +132,7 @@ async fn packed_results_with_registered_keys_are_exact_metered_and_license_bound
 
     // The same activations, keyless and packed, decode to the same Y.
     let x: Vec<i8> = (0..2 * 64).map(|i| (i * 37 % 256) as u8 as i8).collect();
-    let keyless_key = ClientKey::generate(&HFHE_GLWE_2048_V1);
-    let upload = keyless_key
-        .encrypt(&keyless_spec, &x, 2)
-        .unwrap()
-        .to_bytes();
-    let (status, _, bytes) = alice.post(&s, "q-keyless", None, upload).await;
-    assert_eq!(status, 200);
-    let y_keyless = keyless_key
-        .decrypt(
-            &keyless_spec,
-            &EncryptedResult::from_bytes(&bytes, &Limits::default()).unwrap(),
-        )
-        .unwrap();
+    let y_keyless = alice.keyless_y(&s, &keyless_spec, &x, 2, "q-keyless").await;
     let packed_upload = alice.key.encrypt(&packed_spec, &x, 2).unwrap().to_bytes();
     let (status, code, bytes) = alice
         .post(
@@ -305,19 +314,7 @@ async fn packed_requests_reach_a_worker_that_serves_their_layout() {
     let key_id = body["key_id"].as_str().unwrap().to_string();
 
     let x: Vec<i8> = (0..64).map(|i| (i * 53 % 256) as u8 as i8).collect();
-    let keyless_key = ClientKey::generate(&HFHE_GLWE_2048_V1);
-    let upload = keyless_key
-        .encrypt(&keyless_spec, &x, 1)
-        .unwrap()
-        .to_bytes();
-    let (status, _, bytes) = alice.post(&s, "q-keyless", None, upload).await;
-    assert_eq!(status, 200);
-    let expected = keyless_key
-        .decrypt(
-            &keyless_spec,
-            &EncryptedResult::from_bytes(&bytes, &Limits::default()).unwrap(),
-        )
-        .unwrap();
+    let expected = alice.keyless_y(&s, &keyless_spec, &x, 1, "q-keyless").await;
     for q in 0..4 {
         let upload = alice.key.encrypt(&listed, &x, 1).unwrap().to_bytes();
         let (status, code, bytes) = alice
@@ -328,14 +325,11 @@ async fn packed_requests_reach_a_worker_that_serves_their_layout() {
         assert_eq!(alice.key.decrypt(&listed, &result).unwrap(), expected);
     }
     // Round robin sent some of them first to the worker of the other layout, which refused them.
-    let mut refused = 0;
-    for url in &s.worker_metrics {
-        let metrics = reqwest::get(url).await.unwrap().text().await.unwrap();
-        refused += metrics
-            .lines()
-            .filter(|l| l.contains("outcome=\"layer_mismatch\""))
-            .count();
-    }
+    let refused = s
+        .worker_metric_sum(|l| {
+            l.starts_with("worker_requests_total") && l.contains("outcome=\"layer_mismatch\"")
+        })
+        .await;
     assert!(
         refused > 0,
         "no request was tried on the other layout's worker first"

@@ -101,7 +101,7 @@ impl PlannerCosts {
     }
 
     /// The planner to use: measured (falling back to the built-in constants, logged, when the
-    /// measurement fails) or built in.
+    /// measurement fails), built in, or with the given costs.
     pub fn planner(self) -> fhe_linear::Planner {
         let builtin = fhe_linear::Planner::default();
         match self {

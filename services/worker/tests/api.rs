@@ -163,13 +163,8 @@ async fn a_worker_plans_its_packed_layouts_with_unit_costs_it_measured() {
             assert!(v.is_finite() && v > 0.0, "{line}");
             v
         };
-        let planner = fhe_linear::Planner {
-            ns_per_input_coefficient: cost("input"),
-            ns_per_mac: cost("mac"),
-            ns_per_output_coefficient: cost("output"),
-            ns_per_keyswitch_coefficient: cost("keyswitch"),
-            ..fhe_linear::Planner::default()
-        };
+        let planner =
+            PlannerCosts::Given(["input", "mac", "output", "keyswitch"].map(cost)).planner();
         let layers: protocol::ModelLayers =
             serde_json::from_slice(&read(&format!("{url}/v1/models/tiny/layers"))).unwrap();
         for layer in &layers.layers {

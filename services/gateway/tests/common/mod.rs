@@ -294,12 +294,18 @@ impl Stack {
     }
 
     pub async fn worker_applies(&self) -> u64 {
+        self.worker_metric_sum(|l| l.starts_with("worker_apply_seconds_count"))
+            .await
+    }
+
+    /// The sum, over every worker, of the integer samples on the `/metrics` lines that `matches`.
+    pub async fn worker_metric_sum(&self, matches: impl Fn(&str) -> bool) -> u64 {
         let mut total = 0;
         for url in &self.worker_metrics {
             let text = reqwest::get(url).await.unwrap().text().await.unwrap();
             total += text
                 .lines()
-                .filter(|l| l.starts_with("worker_apply_seconds_count"))
+                .filter(|l| matches(l))
                 .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
                 .sum::<u64>();
         }
