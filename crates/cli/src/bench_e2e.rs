@@ -149,12 +149,67 @@ fn wait_ready(url: &str, what: &str, limit: Duration) -> Result<()> {
     bail!("{what} at {url} not ready after {limit:?}")
 }
 
-/// Generates and times each decode step; `stats` splits remote time when given.
+/// The time the gateway and the worker account for, summed over their requests (seconds, from
+/// their Prometheus histograms): what splits the SDK's network time into its legs.
+#[derive(Clone, Copy, Default)]
+struct ServiceClock {
+    /// The gateway's apply handler, from its body read to its answer.
+    gateway_total: f64,
+    /// The part of it spent forwarding to the worker and waiting for its answer.
+    gateway_in_worker: f64,
+    /// The worker's compute (what it reports in its answer's header).
+    worker_compute: f64,
+}
+
+impl ServiceClock {
+    fn scrape(agent: &ureq::Agent, gateway_metrics: &str, worker_metrics: &str) -> Result<Self> {
+        let text = |url: &str| -> Result<String> {
+            Ok(agent
+                .get(&format!("{url}/metrics"))
+                .call()
+                .with_context(|| format!("scraping {url}"))?
+                .body_mut()
+                .read_to_string()?)
+        };
+        let (g, w) = (text(gateway_metrics)?, text(worker_metrics)?);
+        Ok(Self {
+            gateway_total: metric(&g, "gateway_request_seconds_sum{part=\"total\"}"),
+            gateway_in_worker: metric(&g, "gateway_request_seconds_sum{part=\"worker\"}"),
+            worker_compute: metric(&w, "worker_apply_seconds_sum"),
+        })
+    }
+
+    /// Per-token ms of each leg between two scrapes; `network` is the SDK's network-and-server
+    /// time over the same tokens.
+    fn legs(self, before: Self, network: f64, tokens: usize) -> serde_json::Value {
+        let n = tokens.max(1) as f64 / 1e3;
+        let total = self.gateway_total - before.gateway_total;
+        let in_worker = self.gateway_in_worker - before.gateway_in_worker;
+        let compute = self.worker_compute - before.worker_compute;
+        json!({
+            "client_to_gateway_ms": (network - total) / n,
+            "gateway_own_ms": (total - in_worker) / n,
+            "gateway_to_worker_ms": (in_worker - compute) / n,
+            "worker_compute_ms": compute / n,
+        })
+    }
+}
+
+/// The value of one sample (`name{labels}` exactly as exposed) in Prometheus text; 0 if absent.
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Generates and times each decode step; `stats` splits remote time when given, and
+/// `after_prefill` runs once the prompt's pass is done.
 fn timed_generation(
     model: &mut dyn CausalLm,
     prompt: &[u32],
     tokens: usize,
     stats: Option<&RemoteStats>,
+    mut after_prefill: impl FnMut(),
 ) -> Result<(Split, Split, Vec<u32>)> {
     let options = GenerateOptions {
         max_tokens: tokens,
@@ -168,6 +223,7 @@ fn timed_generation(
         let wall = last.0.elapsed().as_secs_f64();
         if prefill.steps == 0 {
             prefill.add(wall, now - last.1);
+            after_prefill();
         } else {
             decode.add(wall, now - last.1);
         }
@@ -220,7 +276,7 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
         8,
     )?;
     let (local_prefill, local_decode, local_ids) =
-        timed_generation(local.as_mut(), &prompt, args.tokens, None)?;
+        timed_generation(local.as_mut(), &prompt, args.tokens, None, || {})?;
     drop(local);
     let local_ms = local_decode.wall / local_decode.steps.max(1) as f64 * 1e3;
 
@@ -261,11 +317,15 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
             "hybrid generation, {set} protected ({layers} layers), through gateway + worker"
         ));
         let (worker_port, gateway_port) = (free_port()?, free_port()?);
+        let (worker_metrics, gateway_metrics) = (
+            format!("127.0.0.1:{}", free_port()?),
+            format!("127.0.0.1:{}", free_port()?),
+        );
         let mut worker = Command::new(worker_bin);
         worker
             .args(["--bundle", out.join(SERVER_BUNDLE_FILE).to_str().unwrap()])
             .args(["--listen", &format!("127.0.0.1:{worker_port}")])
-            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", &worker_metrics])
             // Packed weight transforms only when packed results can be asked for.
             .args(["--packed-results", &(args.results != "keyless").to_string()])
             .stdout(Stdio::null())
@@ -287,7 +347,7 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
                     &format!("sqlite:{}?mode=rwc", out.join("ledger.db").display()),
                 ])
                 .args(["--listen", &format!("127.0.0.1:{gateway_port}")])
-                .args(["--metrics-listen", "127.0.0.1:0"])
+                .args(["--metrics-listen", &gateway_metrics])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -324,8 +384,18 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
                 ..RemoteConfig::new(gateway_url, "model")
             },
         )?;
+        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+        let (gateway_metrics, worker_metrics) = (
+            format!("http://{gateway_metrics}"),
+            format!("http://{worker_metrics}"),
+        );
+        let scrape = || ServiceClock::scrape(&agent, &gateway_metrics, &worker_metrics);
+        let mut after_prefill = Ok(ServiceClock::default());
         let (prefill, decode, ids) =
-            timed_generation(model.as_mut(), &prompt, args.tokens, Some(&stats))?;
+            timed_generation(model.as_mut(), &prompt, args.tokens, Some(&stats), || {
+                after_prefill = scrape()
+            })?;
+        let legs = scrape()?.legs(after_prefill?, decode.remote.network_s, decode.steps);
         // Keys are generated and registered at connection (packed) or on first use (auto).
         let keys = stats.snapshot();
         let ms = decode.wall / decode.steps.max(1) as f64 * 1e3;
@@ -343,6 +413,8 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
             "ms_per_token": ms,
             "added_vs_local": ms / local_ms - 1.0,
             "per_token": decode.per_token(),
+            // The network-and-server time per token, by leg.
+            "network_legs": legs,
             "prefill": prefill.per_token(),
             "same_tokens_as_local": ids.iter().zip(&local_ids).filter(|(a, b)| a == b).count(),
             "client_peak_mb": peak_mb("self"),
