@@ -59,14 +59,7 @@ fn chunk_generic(weights: &[f64], inputs: &[f64], dims: Dims, sums: &mut [f64]) 
                 for s in 0..STREAMS {
                     let x: &[f64; UNIT] =
                         x_g[(b * STREAMS + s) * UNIT..][..UNIT].try_into().unwrap();
-                    let a = &mut acc[s];
-                    for i in 0..CHUNK {
-                        let (xr, xi, wr, wi) = (x[i], x[CHUNK + i], w[i], w[CHUNK + i]);
-                        a[i] = xr.mul_add(wr, a[i]);
-                        a[i] = (-xi).mul_add(wi, a[i]);
-                        a[CHUNK + i] = xr.mul_add(wi, a[CHUNK + i]);
-                        a[CHUNK + i] = xi.mul_add(wr, a[CHUNK + i]);
-                    }
+                    mac(&mut acc[s], x, w);
                 }
             }
             let out = &mut sums[(g * dims.output_blocks + o) * STREAMS * UNIT..][..STREAMS * UNIT];
@@ -77,10 +70,77 @@ fn chunk_generic(weights: &[f64], inputs: &[f64], dims: Dims, sums: &mut [f64]) 
     }
 }
 
+/// One input chunk times one weight chunk, added to one stream's accumulators.
+#[inline(always)]
+fn mac(a: &mut [f64; UNIT], x: &[f64; UNIT], w: &[f64; UNIT]) {
+    for i in 0..CHUNK {
+        let (xr, xi, wr, wi) = (x[i], x[CHUNK + i], w[i], w[CHUNK + i]);
+        a[i] = xr.mul_add(wr, a[i]);
+        a[i] = (-xi).mul_add(wi, a[i]);
+        a[CHUNK + i] = xr.mul_add(wi, a[CHUNK + i]);
+        a[CHUNK + i] = xi.mul_add(wr, a[CHUNK + i]);
+    }
+}
+
+/// [`chunk_generic`] two output blocks at a time: each input chunk loaded once serves both, so
+/// the inputs are read from cache half as often. Every accumulator sees the same operations in
+/// the same order as in [`chunk_generic`]: the sums are bit for bit the same. Its 16
+/// accumulators, 8 input and 4 weight registers fit AVX-512's 32 registers.
+#[inline(always)]
+fn chunk_paired(weights: &[f64], inputs: &[f64], dims: Dims, sums: &mut [f64]) {
+    let (ib, ob) = (dims.input_blocks, dims.output_blocks);
+    let pairs = ob / 2;
+    for p in 0..pairs {
+        let o = 2 * p;
+        let w_a = &weights[o * ib * UNIT..][..ib * UNIT];
+        let w_b = &weights[(o + 1) * ib * UNIT..][..ib * UNIT];
+        for g in 0..dims.groups {
+            let x_g = &inputs[g * ib * STREAMS * UNIT..][..ib * STREAMS * UNIT];
+            let mut acc_a = [[0f64; UNIT]; STREAMS];
+            let mut acc_b = [[0f64; UNIT]; STREAMS];
+            for b in 0..ib {
+                let wa: &[f64; UNIT] = w_a[b * UNIT..][..UNIT].try_into().unwrap();
+                let wb: &[f64; UNIT] = w_b[b * UNIT..][..UNIT].try_into().unwrap();
+                for s in 0..STREAMS {
+                    let x: &[f64; UNIT] =
+                        x_g[(b * STREAMS + s) * UNIT..][..UNIT].try_into().unwrap();
+                    mac(&mut acc_a[s], x, wa);
+                    mac(&mut acc_b[s], x, wb);
+                }
+            }
+            for (k, acc) in [(o, &acc_a), (o + 1, &acc_b)] {
+                let out = &mut sums[(g * ob + k) * STREAMS * UNIT..][..STREAMS * UNIT];
+                for s in 0..STREAMS {
+                    out[s * UNIT..(s + 1) * UNIT].copy_from_slice(&acc[s]);
+                }
+            }
+        }
+    }
+    if ob % 2 == 1 {
+        // The last output block alone.
+        let o = ob - 1;
+        let tail = Dims {
+            output_blocks: 1,
+            ..dims
+        };
+        let mut out = vec![0f64; dims.groups * STREAMS * UNIT];
+        chunk_generic(
+            &weights[o * ib * UNIT..][..ib * UNIT],
+            inputs,
+            tail,
+            &mut out,
+        );
+        for g in 0..dims.groups {
+            sums[(g * ob + o) * STREAMS * UNIT..][..STREAMS * UNIT]
+                .copy_from_slice(&out[g * STREAMS * UNIT..][..STREAMS * UNIT]);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq,fma")]
 unsafe fn chunk_avx512(weights: &[f64], inputs: &[f64], dims: Dims, sums: &mut [f64]) {
-    chunk_generic(weights, inputs, dims, sums)
+    chunk_paired(weights, inputs, dims, sums)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -112,4 +172,46 @@ pub fn chunk_products(weights: &[f64], inputs: &[f64], dims: Dims, sums: &mut [f
         }
     }
     chunk_generic(weights, inputs, dims, sums)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values of a fixed pseudo-random pattern, of the magnitudes the spectra have.
+    fn pattern(len: usize, salt: u64) -> Vec<f64> {
+        let mut state = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 11) as f64 / (1u64 << 53) as f64 * 2e9 - 1e9
+            })
+            .collect()
+    }
+
+    #[test]
+    fn paired_output_blocks_sum_bit_for_bit_as_one_at_a_time() {
+        // An odd number of output blocks (the last one alone) and several token groups.
+        for (ib, ob, groups) in [(3, 5, 2), (4, 2, 1), (1, 1, 3), (2, 7, 1)] {
+            let dims = Dims {
+                input_blocks: ib,
+                output_blocks: ob,
+                groups,
+            };
+            let w = pattern(ob * ib * UNIT, 1);
+            let x = pattern(groups * ib * STREAMS * UNIT, 2);
+            let mut one = vec![0f64; groups * ob * STREAMS * UNIT];
+            let mut paired = vec![f64::NAN; one.len()];
+            chunk_generic(&w, &x, dims, &mut one);
+            chunk_paired(&w, &x, dims, &mut paired);
+            let bits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&paired), "{dims:?}");
+            // And what the machine's own kernel computes.
+            let mut dispatched = vec![f64::NAN; one.len()];
+            chunk_products(&w, &x, dims, &mut dispatched);
+            assert_eq!(bits(&one), bits(&dispatched), "{dims:?}");
+        }
+    }
 }
