@@ -114,6 +114,9 @@ pub enum Backend {
 /// The ledger over a connection pool.
 pub struct Ledger {
     pool: AnyPool,
+    /// Connections whose commits are not flushed before they return: admissions and releases
+    /// (see [`Ledger::admission_pool`]).
+    admissions: AnyPool,
     backend: Backend,
     /// Months whose usage partition exists (Postgres).
     partitions: Mutex<HashSet<i64>>,
@@ -135,33 +138,24 @@ impl Ledger {
         } else {
             return Err(LedgerError::UnsupportedUrl);
         };
-        let mut options = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
-            .acquire_timeout(std::time::Duration::from_secs(5));
-        if backend == Backend::Sqlite {
-            // A write-ahead log: a commit is one append and one flush of the log instead of the
-            // rollback journal's several writes and flushes, and readers do not block the
-            // writer. `synchronous` stays FULL (SQLite's default): a committed settlement
-            // survives a crash of the machine, not only of the process.
-            options = options.after_connect(|conn, _| {
-                Box::pin(async move {
-                    sqlx::query("PRAGMA journal_mode = WAL")
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("PRAGMA synchronous = FULL")
-                        .execute(&mut *conn)
-                        .await?;
-                    Ok(())
-                })
-            });
-        }
-        let pool = options.connect(url).await?;
+        let pool = pool_options(backend, Durability::Flushed, 16)
+            .connect(url)
+            .await?;
         match backend {
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
         }
+        // An in-memory SQLite database is one connection's own: it cannot have a second pool.
+        let admissions = if url.contains(":memory:") || url.contains("mode=memory") {
+            pool.clone()
+        } else {
+            pool_options(backend, Durability::Unflushed, 8)
+                .connect(url)
+                .await?
+        };
         Ok(Ledger {
             pool,
+            admissions,
             backend,
             partitions: Mutex::new(HashSet::new()),
             group_commit: OnceLock::new(),
@@ -175,6 +169,19 @@ impl Ledger {
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The pool that admits and releases reservations. Its commits return before they are
+    /// flushed to disk (Postgres `synchronous_commit = off`, SQLite `synchronous = NORMAL` in
+    /// its write-ahead log); they still survive a crash of the process, and are made durable by
+    /// the next flushed commit, such as their settlement. What a crash of the database's machine
+    /// can lose is an admission or a release of the last moments: a lost admission is a lease
+    /// that has vanished, which its settlement handles as it handles an expired one (billed
+    /// exactly once, re-admitted against the quota in the settlement's own transaction, never
+    /// above it); a lost release holds its quota until its lease expires. Settlements, keys,
+    /// licenses and the audit log use [`Ledger::pool`], whose every commit is flushed.
+    pub fn admission_pool(&self) -> &AnyPool {
+        &self.admissions
     }
 
     /// Settles single-layer requests in groups of at most `max_batch` from now on (Postgres;
@@ -193,7 +200,7 @@ impl Ledger {
     pub fn start_group_admission(&self, max_group: usize) {
         if self.backend == Backend::Postgres {
             self.group_admission
-                .get_or_init(|| group_admission::start(self.pool.clone(), max_group));
+                .get_or_init(|| group_admission::start(self.admissions.clone(), max_group));
         }
     }
 
@@ -202,4 +209,44 @@ impl Ledger {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// Whether a pool's commits wait for their flush to disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    Flushed,
+    Unflushed,
+}
+
+/// A pool's options: its size (SQLite: 4 connections, a single writer) and what every
+/// connection sets when it opens.
+fn pool_options(backend: Backend, durability: Durability, postgres_size: u32) -> AnyPoolOptions {
+    let options = AnyPoolOptions::new()
+        .max_connections(match backend {
+            Backend::Sqlite => 4,
+            Backend::Postgres => postgres_size,
+        })
+        .acquire_timeout(std::time::Duration::from_secs(5));
+    options.after_connect(move |conn, _| {
+        Box::pin(async move {
+            let statements: &[&str] = match (backend, durability) {
+                // A write-ahead log: a commit is one append and one flush of the log instead
+                // of the rollback journal's several writes and flushes, and readers do not
+                // block the writer. `synchronous` FULL (SQLite's default) flushes every commit:
+                // a settlement survives a crash of the machine, not only of the process.
+                (Backend::Sqlite, Durability::Flushed) => {
+                    &["PRAGMA journal_mode = WAL", "PRAGMA synchronous = FULL"]
+                }
+                (Backend::Sqlite, Durability::Unflushed) => {
+                    &["PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL"]
+                }
+                (Backend::Postgres, Durability::Flushed) => &[],
+                (Backend::Postgres, Durability::Unflushed) => &["SET synchronous_commit = off"],
+            };
+            for statement in statements {
+                sqlx::query(statement).execute(&mut *conn).await?;
+            }
+            Ok(())
+        })
+    })
 }

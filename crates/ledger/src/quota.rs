@@ -128,7 +128,7 @@ impl Reservation<'_> {
     pub async fn release(mut self) -> Result<(), LedgerError> {
         self.open = false;
         let ledger = self.ledger;
-        let mut tx = ledger.pool().begin().await?;
+        let mut tx = ledger.admission_pool().begin().await?;
         for lease in &self.leases {
             remove_lease(&mut tx, lease).await?;
         }
@@ -211,7 +211,8 @@ impl Ledger {
                 }
             }
             // The common case in one round trip: rate, quota and lease in one statement.
-            let result = admit_together(self.pool(), std::slice::from_ref(&admission)).await?;
+            let result =
+                admit_together(self.admission_pool(), std::slice::from_ref(&admission)).await?;
             if !result.rate_ok {
                 return Err(self.rate_refusal(req).await?);
             }
@@ -226,7 +227,7 @@ impl Ledger {
             .bind(req.rate.per_minute as f64)
             .bind(req.rate.cost as f64)
             .bind(req.now)
-            .fetch_optional(self.pool())
+            .fetch_optional(self.admission_pool())
             .await?
             .is_some();
         if !taken {
@@ -250,7 +251,7 @@ impl Ledger {
         req: &Reserve<'_>,
         leases: Vec<Lease>,
     ) -> Result<Reservation<'_>, LedgerError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.admission_pool().begin().await?;
         for lease in &leases {
             let mut admitted = admit_step(&mut tx, lease, req.quota).await?;
             if !admitted && reclaim(&mut tx, lease, req.now).await? > 0 {

@@ -851,28 +851,60 @@ async fn postgres_group_admission_pays_the_rate_once() {
 
 /// The embedded ledger keeps a write-ahead log (one flushed append per commit) and flushes every
 /// commit to the disk (`synchronous = FULL`), on every connection of its pool.
-#[tokio::test]
-async fn the_sqlite_ledger_logs_ahead_and_flushes_every_commit() {
+/// `journal_mode` and `synchronous` of `n` connections held at once (so that more than one
+/// is opened) of a SQLite pool.
+async fn sqlite_modes(pool: &sqlx::AnyPool, n: usize) -> Vec<(String, i64)> {
     use sqlx::Row;
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(pool.acquire().await.unwrap());
+    }
+    let mut modes = Vec::new();
+    for conn in &mut held {
+        let row = |sql| sqlx::query(sql);
+        let mode: String = row("PRAGMA journal_mode")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap()
+            .get(0);
+        let synchronous: i64 = row("PRAGMA synchronous")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap()
+            .get(0);
+        modes.push((mode, synchronous));
+    }
+    modes
+}
+
+#[tokio::test]
+async fn the_sqlite_ledger_logs_ahead_and_flushes_every_commit_but_admissions() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = sqlite(&dir).await;
-    // Hold several connections at once, so that more than one is opened.
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(ledger.pool().acquire().await.unwrap());
+    // Settlements and everything else: every commit flushed (FULL = 2).
+    for mode in sqlite_modes(ledger.pool(), 3).await {
+        assert_eq!(mode, ("wal".to_string(), 2));
     }
-    for conn in &mut held {
-        let mode: String = sqlx::query("PRAGMA journal_mode")
-            .fetch_one(&mut **conn)
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(mode, "wal");
-        let synchronous: i64 = sqlx::query("PRAGMA synchronous")
-            .fetch_one(&mut **conn)
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(synchronous, 2, "FULL");
+    // Admissions and releases: flushed by the next flushed commit (NORMAL = 1).
+    for mode in sqlite_modes(ledger.admission_pool(), 3).await {
+        assert_eq!(mode, ("wal".to_string(), 1));
     }
+}
+
+#[tokio::test]
+async fn postgres_admissions_alone_commit_without_waiting_for_the_flush() {
+    use sqlx::Row;
+    let ledger = postgres().await;
+    let show = |pool: &sqlx::AnyPool| {
+        let pool = pool.clone();
+        async move {
+            let row = sqlx::query("SHOW synchronous_commit")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            row.get::<String, _>(0)
+        }
+    };
+    assert_eq!(show(ledger.pool()).await, "on");
+    assert_eq!(show(ledger.admission_pool()).await, "off");
 }
