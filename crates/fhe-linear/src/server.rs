@@ -203,6 +203,21 @@ impl CompiledLayer {
 
     /// Transforms the four sums of product `go` back exactly: (mask, body), full 64 bits.
     fn product(&self, sums: &Sums, go: usize, ws: &mut ProductWorkspace) -> (Vec<u64>, Vec<u64>) {
+        let n = self.spec.polynomial_size();
+        let (mut mask, mut body) = (vec![0u64; n], vec![0u64; n]);
+        self.product_into(sums, go, ws, &mut mask, &mut body);
+        (mask, body)
+    }
+
+    /// [`CompiledLayer::product`] into given buffers of N values each.
+    fn product_into(
+        &self,
+        sums: &Sums,
+        go: usize,
+        ws: &mut ProductWorkspace,
+        mask: &mut [u64],
+        body: &mut [u64],
+    ) {
         let fourier = Fourier::get(self.spec.polynomial_size());
         let n = fourier.size();
         let (scratch, acc, his) = (&mut ws.scratch, &mut ws.acc, &mut ws.his);
@@ -212,7 +227,6 @@ impl CompiledLayer {
                 store_chunk(&sums.sums[at + s * UNIT..][..UNIT], k, spectrum);
             }
         }
-        let (mut mask, mut body) = (vec![0u64; n], vec![0u64; n]);
         fourier.backward(&acc[0..n], scratch, |j, v| his[j] = v);
         fourier.backward(&acc[n..2 * n], scratch, |j, v| {
             mask[j] = join_u64(his[j], v)
@@ -221,7 +235,6 @@ impl CompiledLayer {
         fourier.backward(&acc[3 * n..4 * n], scratch, |j, v| {
             body[j] = join_u64(his[j], v)
         });
-        (mask, body)
     }
 
     /// Computes the encrypted `X W^T + b` of an encrypted batch as a keyless result, in parallel
@@ -236,32 +249,40 @@ impl CompiledLayer {
         let (n_i, n_o, stride) = (spec.layout.n_i, spec.layout.n_o, spec.layout.token_stride());
         let out_blocks = spec.output_blocks();
         let out_bits = spec.output_bits;
-        let cts: Vec<Vec<u64>> = (0..sums.groups * out_blocks)
-            .into_par_iter()
-            .map_init(
-                || ProductWorkspace::new(spec.polynomial_size()),
-                |ws, go| {
-                    let (g, o) = (go / out_blocks, go % out_blocks);
-                    let (mut ct, body) = self.product(&sums, go, ws);
-                    for v in ct.iter_mut() {
-                        *v = round_to_bits(*v, out_bits);
-                    }
-                    let rows = spec.rows_in_block(o);
-                    let used = spec.tokens_in_group(tokens, g);
-                    ct.reserve(used * rows);
-                    for t in 0..used {
-                        for r in 0..rows {
-                            let v = body[t * stride + r * n_i].wrapping_add(self.bias[o * n_o + r]);
-                            ct.push(round_to_bits(v, out_bits));
-                        }
-                    }
-                    ct
-                },
-            )
+        let n = spec.polynomial_size();
+        // Each (group, output block) ciphertext written in place, group-major as the wire
+        // format orders them: its mask (N values), then its used outputs (tokens x rows).
+        let sizes: Vec<usize> = (0..sums.groups * out_blocks)
+            .map(|go| {
+                let (g, o) = (go / out_blocks, go % out_blocks);
+                n + spec.tokens_in_group(tokens, g) * spec.rows_in_block(o)
+            })
             .collect();
-
-        // Ciphertexts are already group-major, as the wire format orders them.
-        let coefficients = cts.concat();
+        let mut coefficients = vec![0u64; sizes.iter().sum()];
+        let mut cts = Vec::with_capacity(sizes.len());
+        let mut rest = coefficients.as_mut_slice();
+        for size in &sizes {
+            let (ct, tail) = rest.split_at_mut(*size);
+            cts.push(ct);
+            rest = tail;
+        }
+        cts.into_par_iter().enumerate().for_each_init(
+            || (ProductWorkspace::new(n), vec![0u64; n]),
+            |(ws, body), (go, ct)| {
+                let o = go % out_blocks;
+                let (mask, outputs) = ct.split_at_mut(n);
+                self.product_into(&sums, go, ws, mask, body);
+                for v in mask.iter_mut() {
+                    *v = round_to_bits(*v, out_bits);
+                }
+                let rows = spec.rows_in_block(o);
+                for (i, out) in outputs.iter_mut().enumerate() {
+                    let (t, r) = (i / rows, i % rows);
+                    let v = body[t * stride + r * n_i].wrapping_add(self.bias[o * n_o + r]);
+                    *out = round_to_bits(v, out_bits);
+                }
+            },
+        );
         let header = Header::for_spec(spec, PayloadKind::Result, tokens, out_bits);
         Ok(EncryptedResult {
             header,
