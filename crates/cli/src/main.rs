@@ -72,6 +72,14 @@ enum Command {
 /// succeed later (overloaded, rate limited, unreachable), 77 when it was refused (license,
 /// quota, input), else 1.
 fn main() {
+    // The libraries' warnings (and the in-process services' logs) on stderr; `RUST_LOG` for more.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(client::exit_code(&e));

@@ -504,9 +504,10 @@ pub fn choose_encoding(
             Err(e)
                 if options.activations == Activations::Auto && *choice != Activations::Dynamic =>
             {
-                eprintln!(
-                    "{} activations not applicable ({e}); not a candidate",
-                    choice.name()
+                tracing::warn!(
+                    activations = choice.name(),
+                    error = %e,
+                    "activations not applicable; not a candidate"
                 )
             }
             Err(e) => return Err(e),
@@ -573,7 +574,10 @@ pub fn choose_encoding(
                 split = better;
                 compensated = true;
             }
-            Err(e) => eprintln!("weights rounded to nearest: compensated rounding failed ({e})"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "compensated rounding failed; weights rounded to nearest"
+            ),
         }
     }
     let reports = first
