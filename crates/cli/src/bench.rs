@@ -59,8 +59,8 @@ pub struct FheArgs {
     /// only (such keys are not accepted on the wire).
     #[arg(long, num_args = 2, value_names = ["BASE_LOG", "LEVELS"])]
     decomposition: Option<Vec<u32>>,
-    /// The planner's unit costs: `measure` (on this machine, before the run, as a worker does)
-    /// or `builtin`.
+    /// The planner's unit costs, as a worker's `planner_costs` takes them: `measure` (on this
+    /// machine, before the run), `builtin`, or four numbers `input,mac,output,keyswitch` (ns).
     #[arg(long, default_value = "measure")]
     planner_costs: String,
     /// Print one JSON object on the last line.
@@ -68,11 +68,12 @@ pub struct FheArgs {
     json: bool,
 }
 
-/// The planner with `costs` (`measure` or `builtin`), and the calibration's report when measured.
+/// The planner with `costs` (what a worker's `planner_costs` takes: `measure`, `builtin` or four
+/// given numbers), and the calibration's report when measured. Unlike a worker, which falls back
+/// to the built-in costs, a failed measurement is the bench's error.
 pub(crate) fn planner_for(costs: &str) -> Result<(Planner, serde_json::Value)> {
-    match costs {
-        "builtin" => Ok((Planner::default(), json!({"costs": "builtin"}))),
-        "measure" => {
+    match worker::PlannerCosts::parse(costs) {
+        Some(worker::PlannerCosts::Measure) => {
             let c = calibrate(Planner::default())?;
             let samples: Vec<_> = c
                 .samples
@@ -84,7 +85,16 @@ pub(crate) fn planner_for(costs: &str) -> Result<(Planner, serde_json::Value)> {
                 json!({"costs": "measured", "took_ms": c.took_ms, "samples": samples}),
             ))
         }
-        other => bail!("--planner-costs must be measure or builtin, not {other}"),
+        Some(fixed @ worker::PlannerCosts::Builtin) => {
+            Ok((fixed.planner(), json!({"costs": "builtin"})))
+        }
+        Some(fixed @ worker::PlannerCosts::Given(_)) => {
+            Ok((fixed.planner(), json!({"costs": "given"})))
+        }
+        None => bail!(
+            "--planner-costs must be measure, builtin or four positive numbers \
+             (input,mac,output,keyswitch in ns), not {costs}"
+        ),
     }
 }
 

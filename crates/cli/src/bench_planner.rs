@@ -33,7 +33,8 @@ pub struct PlannerArgs {
     /// Timed runs of each layout after one warm-up; medians are reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// The planner's unit costs: `measure` (on this machine) or `builtin`.
+    /// The planner's unit costs: `measure` (on this machine), `builtin`, or four numbers
+    /// `input,mac,output,keyswitch` (ns), as a worker's `planner_costs` takes them.
     #[arg(long, default_value = "measure")]
     planner_costs: String,
     /// Print one JSON object on the last line.
