@@ -48,8 +48,20 @@ pub fn store_chunk(src: &[f64], k: usize, planar: &mut [f64]) {
 
 #[inline(always)]
 fn chunk_generic(weights: &[f64], inputs: &[f64], dims: Dims, sums: &mut [f64]) {
+    chunk_one_at_a_time(weights, inputs, dims, sums, 0..dims.output_blocks)
+}
+
+/// The sums of the output blocks `outputs`, one output block at a time.
+#[inline(always)]
+fn chunk_one_at_a_time(
+    weights: &[f64],
+    inputs: &[f64],
+    dims: Dims,
+    sums: &mut [f64],
+    outputs: std::ops::Range<usize>,
+) {
     let ib = dims.input_blocks;
-    for o in 0..dims.output_blocks {
+    for o in outputs {
         let w_o = &weights[o * ib * UNIT..][..ib * UNIT];
         for g in 0..dims.groups {
             let x_g = &inputs[g * ib * STREAMS * UNIT..][..ib * STREAMS * UNIT];
@@ -116,25 +128,8 @@ fn chunk_paired(weights: &[f64], inputs: &[f64], dims: Dims, sums: &mut [f64]) {
             }
         }
     }
-    if ob % 2 == 1 {
-        // The last output block alone.
-        let o = ob - 1;
-        let tail = Dims {
-            output_blocks: 1,
-            ..dims
-        };
-        let mut out = vec![0f64; dims.groups * STREAMS * UNIT];
-        chunk_generic(
-            &weights[o * ib * UNIT..][..ib * UNIT],
-            inputs,
-            tail,
-            &mut out,
-        );
-        for g in 0..dims.groups {
-            sums[(g * ob + o) * STREAMS * UNIT..][..STREAMS * UNIT]
-                .copy_from_slice(&out[g * STREAMS * UNIT..][..STREAMS * UNIT]);
-        }
-    }
+    // The last output block of an odd number alone.
+    chunk_one_at_a_time(weights, inputs, dims, sums, 2 * pairs..ob);
 }
 
 #[cfg(target_arch = "x86_64")]
