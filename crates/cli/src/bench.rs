@@ -85,11 +85,12 @@ pub(crate) fn planner_for(costs: &str) -> Result<(Planner, serde_json::Value)> {
                 json!({"costs": "measured", "took_ms": c.took_ms, "samples": samples}),
             ))
         }
-        Some(fixed @ worker::PlannerCosts::Builtin) => {
-            Ok((fixed.planner(), json!({"costs": "builtin"})))
-        }
-        Some(fixed @ worker::PlannerCosts::Given(_)) => {
-            Ok((fixed.planner(), json!({"costs": "given"})))
+        Some(fixed) => {
+            let costs = match fixed {
+                worker::PlannerCosts::Builtin => "builtin",
+                _ => "given",
+            };
+            Ok((fixed.planner(), json!({ "costs": costs })))
         }
         None => bail!(
             "--planner-costs must be measure, builtin or four positive numbers \
