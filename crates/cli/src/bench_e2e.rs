@@ -415,10 +415,7 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
             // What the protected layers themselves add (encryption, network and server,
             // decryption) over the local-only time: free of the noise in the client's own
             // local compute between the two runs.
-            "remote_added_vs_local": (decode.remote.encrypt_s + decode.remote.network_s
-                + decode.remote.decrypt_s)
-                / decode.steps.max(1) as f64
-                * 1e3
+            "remote_added_vs_local": decode.remote_s() / decode.steps.max(1) as f64 * 1e3
                 / local_ms,
             "per_token": decode.per_token(),
             // The network-and-server time per token, by leg.

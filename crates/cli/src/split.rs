@@ -19,11 +19,18 @@ impl Split {
         self.remote = self.remote + d;
     }
 
+    /// Seconds of the protected layers (encryption, network and server, decryption), over all
+    /// steps.
+    pub fn remote_s(&self) -> f64 {
+        let r = &self.remote;
+        r.encrypt_s + r.network_s + r.decrypt_s
+    }
+
     /// Per-step averages in ms (and bytes).
     pub fn per_token(&self) -> serde_json::Value {
         let n = self.steps.max(1) as f64;
         let r = &self.remote;
-        let local = self.wall - r.encrypt_s - r.network_s - r.decrypt_s;
+        let local = self.wall - self.remote_s();
         json!({
             "total_ms": self.wall / n * 1e3,
             "local_compute_ms": local / n * 1e3,
