@@ -63,6 +63,10 @@ pub struct FheArgs {
     /// machine, before the run), `builtin`, or four numbers `input,mac,output,keyswitch` (ns).
     #[arg(long, default_value = "measure")]
     planner_costs: String,
+    /// Width of the activations (8 to 16): the layout is chosen for it and the activations
+    /// span it.
+    #[arg(long, default_value_t = fhe_linear::DEFAULT_ACTIVATION_BITS)]
+    activation_bits: u32,
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -169,9 +173,19 @@ pub(crate) fn time_median<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) 
 pub(crate) fn synthetic_layer(
     shape: LayerShape,
     tokens: usize,
-) -> (Vec<i8>, Vec<i8>, Vec<i64>, Vec<i64>) {
+    activation_bits: u32,
+) -> (Vec<i8>, Vec<i16>, Vec<i64>, Vec<i64>) {
     let w = pseudo_random_i8(shape.d_in * shape.d_out, 1);
-    let x = pseudo_random_i8(tokens * shape.d_in, 2);
+    // Activations over the whole width: the high byte pseudo-random, the low bits another draw.
+    let low = pseudo_random_i8(tokens * shape.d_in, 4);
+    let x: Vec<i16> = pseudo_random_i8(tokens * shape.d_in, 2)
+        .iter()
+        .zip(low)
+        .map(|(h, l)| {
+            let extra = activation_bits - 8;
+            ((*h as i16) << extra) | ((l as u8 as i16) & ((1 << extra) - 1))
+        })
+        .collect();
     let bias: Vec<i64> = pseudo_random_i8(shape.d_out, 3)
         .iter()
         .map(|v| *v as i64 * 100)
@@ -308,6 +322,7 @@ fn fhe(args: FheArgs) -> Result<()> {
     let (measured, calibration) = planner_for(&args.planner_costs)?;
     let planner = Planner {
         max_t_b: t_b,
+        activation_bits: args.activation_bits,
         ..measured
     };
     let encodings: &[ResultEncoding] = match args.results.as_str() {
@@ -329,9 +344,12 @@ fn fhe(args: FheArgs) -> Result<()> {
                 t_b,
             };
             LayerSpec::with_encoding(params, shape, layout, *encoding)?
+                .with_activation_bits(args.activation_bits)?
         }
         (Some(_), _) => bail!("--n-i needs --results keyless or packed"),
-        (None, [ResultEncoding::Keyless]) => LayerSpec::choose(&HFHE_GLWE_2048_V1, shape, t_b)?,
+        (None, [ResultEncoding::Keyless]) => {
+            LayerSpec::choose_for(&HFHE_GLWE_2048_V1, shape, t_b, args.activation_bits)?
+        }
         // The packed layout a worker on this machine offers.
         (None, [ResultEncoding::Packed]) => {
             planner.offer(shape, tokens, ResultEncoding::Packed)?.spec
@@ -346,13 +364,18 @@ fn fhe(args: FheArgs) -> Result<()> {
             .context("--decomposition needs packed results")?;
         (packing.base_log, packing.levels) = (d[0], d[1]);
         let params: &'static ParameterSet = Box::leak(Box::new(params));
-        spec = LayerSpec::with_encoding(params, shape, spec.layout, spec.encoding)?;
+        spec = LayerSpec::with_encoding(params, shape, spec.layout, spec.encoding)?
+            .with_activation_bits(spec.activation_bits)?;
     }
     let params = spec.params;
     let packed = spec.encoding == ResultEncoding::Packed;
     let runs = args.runs;
 
-    let (w, x, bias, expected) = synthetic_layer(shape, tokens);
+    anyhow::ensure!(
+        fhe_linear::ACTIVATION_BITS.contains(&args.activation_bits),
+        "--activation-bits must be 8 to 16"
+    );
+    let (w, x, bias, expected) = synthetic_layer(shape, tokens, spec.activation_bits);
 
     let t = Instant::now();
     let key = ClientKey::generate(params);
@@ -404,6 +427,11 @@ fn fhe(args: FheArgs) -> Result<()> {
     let model = spec.noise_budget();
     let estimate = planner.cost_of(spec, tokens);
 
+    // The plain baselines multiply 8-bit activations (the top byte of wider ones).
+    let x: Vec<i8> = x
+        .iter()
+        .map(|v| (*v >> (spec.activation_bits - 8)) as i8)
+        .collect();
     let candle_f32 = plain_f32_ms(shape, tokens, &x, &w, runs.max(5))?;
     let blas = blas_f32_ms(shape, tokens, &x, &w, runs.max(5), threads);
     // The ratios use the fastest plain product this machine has.
@@ -421,6 +449,7 @@ fn fhe(args: FheArgs) -> Result<()> {
         "tokens": tokens,
         "parameter_set": params.name,
         "layout": { "n_i": spec.layout.n_i, "n_o": spec.layout.n_o, "t_b": spec.layout.t_b },
+        "activation_bits": spec.activation_bits,
         "input_bits": spec.input_bits,
         "output_bits": spec.output_bits,
         "results": spec.encoding.as_str(),

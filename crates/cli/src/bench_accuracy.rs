@@ -90,6 +90,10 @@ pub struct AccuracyArgs {
     /// the calibration texts) or nearest.
     #[arg(long, default_value = "compensated")]
     weights: String,
+    /// Width of the activations, as `hybrid compile --activation-bits` takes it: auto (what
+    /// compile ships), weights, or a width from 2 to 16.
+    #[arg(long, default_value = "auto")]
+    activation_bits: String,
     #[arg(long)]
     json: bool,
 }
@@ -199,9 +203,11 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
                 n_bits: bits,
                 calibration: calibration.clone(),
                 activations,
-                group_inputs: false,
+                // As compile serves them: a group's width is its fused product's.
+                group_inputs: true,
                 outlier_columns: args.outlier_columns,
                 weight_rounding: args.weights.parse()?,
+                activation_width: args.activation_bits.parse()?,
             };
             let chosen = compile::choose_encoding(
                 cfg,
@@ -212,6 +218,11 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
             )?;
             let inputs: usize = chosen.split.iter().map(|s| s.client.d_in).sum();
             let columns: usize = chosen.split.iter().map(|s| s.client.product_width()).sum();
+            // Protected layers per activation width.
+            let mut widths = std::collections::BTreeMap::<u32, usize>::new();
+            for s in &chosen.split {
+                *widths.entry(s.client.activation_bits()).or_default() += 1;
+            }
             let mut model = compile::simulated(cfg, tensors, &protected, &chosen.split)?;
             let (mut prefix, mut agree, mut predictions, mut nll_sum) =
                 (0usize, 0usize, 0usize, 0.0);
@@ -249,6 +260,7 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
                 "activations": chosen.activations.name(),
                 "weight_rounding": chosen.weight_rounding.name(),
                 "product_columns_over_inputs": columns as f64 / inputs as f64,
+                "layers_by_activation_bits": widths,
                 "calibration": chosen.reports,
                 "greedy_prefix_mean": prefix as f64 / prompts.len() as f64,
                 "next_token_agreement": agree as f64 / predictions as f64,
@@ -261,7 +273,7 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
             });
             if !args.json {
                 eprintln!(
-                    "{set:>10} {bits} bits {:>17}, {} weights (x{:.3} columns): greedy prefix {:.1}/{}, next-token agreement {:.2}%, perplexity {:.3} ({:+.2}% vs float), float gap at disagreements median {:.3} max {:.3} nats",
+                    "{set:>10} {bits} bits {:>17} (activations {widths:?}), {} weights (x{:.3} columns): greedy prefix {:.1}/{}, next-token agreement {:.2}%, perplexity {:.3} ({:+.2}% vs float), float gap at disagreements median {:.3} max {:.3} nats",
                     chosen.activations.name(),
                     chosen.weight_rounding.name(),
                     columns as f64 / inputs as f64,
@@ -288,6 +300,7 @@ pub fn run(args: AccuracyArgs) -> Result<()> {
         "activations": args.activations,
         "outlier_columns": args.outlier_columns,
         "weights": args.weights,
+        "activation_bits": args.activation_bits,
         "rows": rows,
     });
     println!("{}", serde_json::to_string(&report)?);

@@ -265,7 +265,7 @@ async fn soak(args: ChaosArgs) -> Result<()> {
         (1..=3)
             .map(|rows| {
                 Ok(client_key
-                    .encrypt(&spec, &vec![3i8; tiny.hidden_size * rows], rows)?
+                    .encrypt(&spec, &vec![3i16; tiny.hidden_size * rows], rows)?
                     .to_bytes())
             })
             .collect::<Result<_>>()?,

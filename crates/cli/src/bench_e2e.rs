@@ -298,6 +298,7 @@ fn run_e2e(args: &E2eArgs, dir: &Path, worker_bin: &Path, gateway_bin: &Path) ->
                 group_inputs: !args.no_groups,
                 outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
                 weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
+                activation_width: hybrid_model::compile::ActivationWidth::Auto,
             },
             &out.join("client"),
             &out.join(SERVER_BUNDLE_FILE),

@@ -66,6 +66,7 @@ pub(crate) fn stand_in_bundle(
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
         weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
+        activation_width: hybrid_model::compile::ActivationWidth::Auto,
     };
     let mut tiny = hybrid_model::tiny::tiny_config();
     anyhow::ensure!(
@@ -155,7 +156,7 @@ async fn bench(args: GatewayArgs) -> Result<()> {
         1,
     )?;
     let body: Vec<u8> = ClientKey::generate(&HFHE_GLWE_2048_V1)
-        .encrypt(&spec, &vec![5i8; tiny.hidden_size], 1)?
+        .encrypt(&spec, &vec![5i16; tiny.hidden_size], 1)?
         .to_bytes();
     let path = "/v1/models/tiny/layers/layers.1.mixer.Wqkv/apply";
 

@@ -80,7 +80,8 @@ pub fn run(args: PlannerArgs) -> Result<()> {
         ..measured
     };
 
-    let (w, x, bias, expected) = synthetic_layer(shape, tokens);
+    let (w, x, bias, expected) =
+        synthetic_layer(shape, tokens, fhe_linear::DEFAULT_ACTIVATION_BITS);
     let limits = Limits::default();
 
     let mut rows = Vec::new();

@@ -136,6 +136,7 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
         weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
+        activation_width: hybrid_model::compile::ActivationWidth::Auto,
     };
     let client_dir = dir.join("client");
     let server_path = dir.join(SERVER_BUNDLE_FILE);

@@ -165,7 +165,7 @@ fn fhe_batch(d_in: usize, d_out: usize) -> Vec<u8> {
     let spec =
         fhe_linear::LayerSpec::choose(params, fhe_linear::LayerShape::new(d_in, d_out), 1).unwrap();
     fhe_linear::ClientKey::generate(params)
-        .encrypt(&spec, &vec![1i8; d_in], 1)
+        .encrypt(&spec, &vec![1i16; d_in], 1)
         .unwrap()
         .to_bytes()
 }

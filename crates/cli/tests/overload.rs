@@ -80,7 +80,7 @@ fn rate_limits_and_row_caps_are_ridden_out_and_billed_once() {
     )
     .unwrap();
     let batch = fhe_linear::ClientKey::generate(&fhe_linear::HFHE_GLWE_2048_V1)
-        .encrypt(&spec, &vec![1i8; 64 * 6], 6)
+        .encrypt(&spec, &vec![1i16; 64 * 6], 6)
         .unwrap()
         .to_bytes();
     let mut answer = agent(None)

@@ -160,7 +160,7 @@ fn measure(
     let shape = spec.shape;
     let w = pattern(shape.d_in * shape.d_out, 1);
     let bias: Vec<i64> = pattern(shape.d_out, 2).iter().map(|v| *v as i64).collect();
-    let x = pattern(shape.d_in, 3);
+    let x: Vec<i16> = pattern(shape.d_in, 3).iter().map(|v| *v as i16).collect();
     let layer = CompiledLayer::compile(spec, &w, &bias)?;
     let upload = key.encrypt(&spec, &x, 1)?.to_bytes();
     let limits = Limits::default();

@@ -89,6 +89,12 @@ pub(crate) fn check_header(spec: &LayerSpec, header: &Header, bits: u32) -> Resu
             header.encoding, spec.encoding
         ));
     }
+    if header.activation_bits != spec.activation_bits {
+        return mismatch(format!(
+            "{}-bit activations instead of {}",
+            header.activation_bits, spec.activation_bits
+        ));
+    }
     if header.bits != bits {
         return mismatch(format!(
             "{} bits per coefficient instead of {bits}",

@@ -147,7 +147,7 @@ impl ClientKey {
     pub fn encrypt(
         &self,
         spec: &LayerSpec,
-        x: &[i8],
+        x: &[i16],
         tokens: usize,
     ) -> Result<EncryptedBatch, FheError> {
         self.check_params(spec)?;
@@ -158,6 +158,7 @@ impl ClientKey {
                 x.len()
             )));
         }
+        check_activations(spec, x)?;
         let blocks = spec.input_blocks();
         let count = spec.token_groups(tokens) * blocks;
         let delta_log2 = spec.delta_log2();
@@ -317,7 +318,7 @@ impl ClientKey {
         &self,
         spec: &LayerSpec,
         batch: &EncryptedBatch,
-        x: &[i8],
+        x: &[i16],
     ) -> Result<Vec<i64>, FheError> {
         self.check_params(spec)?;
         check_header(spec, &batch.header, spec.input_bits)?;
@@ -359,6 +360,7 @@ impl ClientKey {
         Ok(noise)
     }
 
+    /// Checks that the key belongs to the spec's parameter set.
     fn check_params(&self, spec: &LayerSpec) -> Result<(), FheError> {
         if spec.params.id != self.params.id {
             return Err(FheError::SpecMismatch(format!(
@@ -367,5 +369,19 @@ impl ClientKey {
             )));
         }
         Ok(())
+    }
+}
+
+/// Checks that every activation fits the spec's width: a wider value would wrap into the
+/// neighbouring outputs' share of the plaintext window and decode to a wrong product.
+fn check_activations(spec: &LayerSpec, x: &[i16]) -> Result<(), FheError> {
+    let half = 1i32 << (spec.activation_bits - 1);
+    match x.iter().position(|v| !(-half..half).contains(&(*v as i32))) {
+        None => Ok(()),
+        Some(index) => Err(FheError::ActivationOutOfRange {
+            index,
+            value: x[index] as i32,
+            bits: spec.activation_bits,
+        }),
     }
 }

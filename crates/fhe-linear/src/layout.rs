@@ -29,6 +29,9 @@ pub struct LayerSpec {
     /// How results come back: one ciphertext per output block (keyless), or packed into full
     /// ciphertexts with the client's packing key (see [`crate::packing`]).
     pub encoding: ResultEncoding,
+    /// Width of the activations, in [`crate::ACTIVATION_BITS`] (see there): wider activations
+    /// take a smaller Delta, and so a share of the noise budget.
+    pub activation_bits: u32,
 }
 
 impl LayerSpec {
@@ -51,13 +54,48 @@ impl LayerSpec {
         Self::with_encoding(params, shape, layout, ResultEncoding::Packed)
     }
 
-    /// The spec for a layout and result encoding.
+    /// The spec for a layout and result encoding, with 8-bit activations.
     pub fn with_encoding(
         params: &'static ParameterSet,
         shape: LayerShape,
         layout: BlockLayout,
         encoding: ResultEncoding,
     ) -> Result<Self, FheError> {
+        Self::build(
+            params,
+            shape,
+            layout,
+            encoding,
+            crate::DEFAULT_ACTIVATION_BITS,
+        )
+    }
+
+    /// The same layout and result encoding for `activation_bits`-bit activations, with the wire
+    /// precisions chosen again; fails where the noise budget does not hold that width.
+    pub fn with_activation_bits(&self, activation_bits: u32) -> Result<Self, FheError> {
+        Self::build(
+            self.params,
+            self.shape,
+            self.layout,
+            self.encoding,
+            activation_bits,
+        )
+    }
+
+    fn build(
+        params: &'static ParameterSet,
+        shape: LayerShape,
+        layout: BlockLayout,
+        encoding: ResultEncoding,
+        activation_bits: u32,
+    ) -> Result<Self, FheError> {
+        if !crate::ACTIVATION_BITS.contains(&activation_bits) {
+            return Err(FheError::InvalidLayout(format!(
+                "{activation_bits}-bit activations: supported widths are {}..={}",
+                crate::ACTIVATION_BITS.start(),
+                crate::ACTIVATION_BITS.end()
+            )));
+        }
         if shape.d_in == 0 || shape.d_out == 0 || shape.d_in > params.max_d_in {
             return Err(FheError::InvalidShape(format!(
                 "layer {shape}: need 1 <= d_in <= {} and d_out >= 1",
@@ -98,12 +136,14 @@ impl LayerSpec {
             )));
         }
         let (input_bits, output_bits) =
-            crate::noise::choose_wire_bits(params, shape, layout, encoding).ok_or_else(|| {
-                FheError::InvalidLayout(format!(
-                    "n_i={} n_o={} is too large for d_in={}: the noise budget does not hold",
-                    layout.n_i, layout.n_o, shape.d_in
-                ))
-            })?;
+            crate::noise::choose_wire_bits(params, shape, layout, encoding, activation_bits)
+                .ok_or_else(|| {
+                    FheError::InvalidLayout(format!(
+                        "n_i={} n_o={} is too large for d_in={} with {activation_bits}-bit \
+                         activations: the noise budget does not hold",
+                        layout.n_i, layout.n_o, shape.d_in
+                    ))
+                })?;
         Ok(LayerSpec {
             params,
             shape,
@@ -111,6 +151,7 @@ impl LayerSpec {
             input_bits,
             output_bits,
             encoding,
+            activation_bits,
         })
     }
 
@@ -121,6 +162,16 @@ impl LayerSpec {
         params: &'static ParameterSet,
         shape: LayerShape,
         t_b: usize,
+    ) -> Result<Self, FheError> {
+        Self::choose_for(params, shape, t_b, crate::DEFAULT_ACTIVATION_BITS)
+    }
+
+    /// [`LayerSpec::choose`] for `activation_bits`-bit activations.
+    pub fn choose_for(
+        params: &'static ParameterSet,
+        shape: LayerShape,
+        t_b: usize,
+        activation_bits: u32,
     ) -> Result<Self, FheError> {
         let n = params.polynomial_size;
         if !t_b.is_power_of_two() || t_b > n {
@@ -136,7 +187,13 @@ impl LayerSpec {
                 n_o,
                 t_b,
             };
-            if let Ok(spec) = LayerSpec::new(params, shape, layout) {
+            if let Ok(spec) = LayerSpec::build(
+                params,
+                shape,
+                layout,
+                ResultEncoding::Keyless,
+                activation_bits,
+            ) {
                 let bytes = spec.upload_bytes(t_b) + spec.download_bytes(t_b);
                 if best.as_ref().is_none_or(|(b, _)| bytes < *b) {
                     best = Some((bytes, spec));
@@ -144,8 +201,11 @@ impl LayerSpec {
             }
             n_o *= 2;
         }
-        best.map(|(_, s)| s)
-            .ok_or_else(|| FheError::InvalidLayout(format!("no block layout fits layer {shape}")))
+        best.map(|(_, s)| s).ok_or_else(|| {
+            FheError::InvalidLayout(format!(
+                "no block layout fits layer {shape} with {activation_bits}-bit activations"
+            ))
+        })
     }
 
     pub fn polynomial_size(&self) -> usize {
@@ -193,7 +253,9 @@ impl LayerSpec {
 
     /// Scaling factor Delta = 2^(64 - P) of the decrypted results, as a shift.
     pub fn output_delta_log2(&self) -> u32 {
-        64 - self.params.plaintext_bits(self.shape.d_in)
+        64 - self
+            .params
+            .plaintext_bits(self.shape.d_in, self.activation_bits)
     }
 
     /// Packed result ciphertexts for `tokens`: the (group, output block) products, n_i per pack.
@@ -272,8 +334,8 @@ impl LayerSpec {
             self.shape,
             self.layout,
             self.encoding,
-            self.input_bits,
-            self.output_bits,
+            self.activation_bits,
+            (self.input_bits, self.output_bits),
         )
     }
 
@@ -281,11 +343,11 @@ impl LayerSpec {
     /// block `b` of a `tokens x d_in` batch: where it sits in that input polynomial.
     pub fn for_each_activation(
         &self,
-        x: &[i8],
+        x: &[i16],
         tokens: usize,
         g: usize,
         b: usize,
-        mut f: impl FnMut(usize, i8),
+        mut f: impl FnMut(usize, i16),
     ) {
         let (d_in, n_i, t_b) = (self.shape.d_in, self.layout.n_i, self.layout.t_b);
         let width = n_i.min(d_in - b * n_i);

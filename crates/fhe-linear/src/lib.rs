@@ -10,7 +10,7 @@
 //! let shape = LayerShape::new(100, 3);
 //! let spec = LayerSpec::choose(&HFHE_GLWE_2048_V1, shape, 1).unwrap();
 //! let (w, b) = (vec![-3i8; 300], vec![7i64, -8, 9]);
-//! let x: Vec<i8> = (0..200).map(|i| (i % 256 - 128) as i8).collect();
+//! let x: Vec<i16> = (0..200).map(|i| i % 256 - 128).collect();
 //!
 //! let key = ClientKey::generate(&HFHE_GLWE_2048_V1);        // client
 //! let layer = CompiledLayer::compile(spec, &w, &b).unwrap(); // server, once
@@ -45,7 +45,7 @@
 //! let layout = BlockLayout { n_i: 64, n_o: 64, t_b: 1 };
 //! let spec = LayerSpec::packed(&HFHE_GLWE_4096_V1, shape, layout).unwrap();
 //! let (w, b) = (vec![5i8; 256 * 100], vec![-3i64; 100]);
-//! let x: Vec<i8> = (0..256).map(|i| (i % 200 - 100) as i8).collect();
+//! let x: Vec<i16> = (0..256).map(|i| i % 200 - 100).collect();
 //!
 //! let key = ClientKey::generate(&HFHE_GLWE_4096_V1);                  // client
 //! let packing = PackingKey::generate(&key).unwrap().to_bytes();        // client -> server, once
@@ -65,6 +65,10 @@
 //! failure probability below 2^-40 per output (Gaussian tail, 7.2 standard deviations) with half
 //! a bit to spare; a test measures the noise and checks it against the model. Packed results add
 //! the packing levels' doubling and key-switch noise to the same budget (see [`noise`]).
+//!
+//! Activations are 8 bits unless a spec is widened ([`LayerSpec::with_activation_bits`],
+//! [`LayerSpec::choose_for`], up to 16 bits): the ciphertexts and the kernel stay the same, Delta
+//! shrinks by one bit per activation bit, so the budget decides which layouts hold the width.
 //!
 //! # What each side learns
 //!
@@ -97,7 +101,8 @@ pub use layout::LayerSpec;
 pub use noise::NoiseBudget;
 pub use packing::{PackingKey, PreparedPackingKey};
 pub use params::{
-    PackingParams, ParamSetId, ParameterSet, HFHE_GLWE_2048_V1, HFHE_GLWE_4096_V1, PARAMETER_SETS,
+    PackingParams, ParamSetId, ParameterSet, ACTIVATION_BITS, DEFAULT_ACTIVATION_BITS,
+    HFHE_GLWE_2048_V1, HFHE_GLWE_4096_V1, PARAMETER_SETS,
 };
 pub use plan::{Plan, Planner, Preference};
 pub use server::CompiledLayer;
@@ -117,6 +122,8 @@ pub enum FheError {
     SpecMismatch(String),
     #[error("row {row}: bias {bias} (with the row's weights) can overflow the plaintext window")]
     BiasOutOfRange { row: usize, bias: i64 },
+    #[error("activation {value} at index {index} is outside the layer's {bits}-bit range")]
+    ActivationOutOfRange { index: usize, value: i32, bits: u32 },
     #[error("packed results need the client's packing key")]
     KeyRequired,
     #[error("measuring this machine's unit costs failed: {0}")]
@@ -134,6 +141,7 @@ impl FheError {
             FheError::DataShape(_) => "data_shape_mismatch",
             FheError::SpecMismatch(_) => "layer_mismatch",
             FheError::BiasOutOfRange { .. } => "bias_out_of_range",
+            FheError::ActivationOutOfRange { .. } => "activation_out_of_range",
             FheError::KeyRequired => "key_required",
             FheError::Calibration(_) => "calibration_failed",
             FheError::Wire(e) => e.code(),

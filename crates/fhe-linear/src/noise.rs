@@ -132,14 +132,14 @@ pub fn worst_block_norm_sq(params: &ParameterSet, shape: LayerShape, n_o: usize)
     n_o as f64 * shape.d_in as f64 * w_max * w_max
 }
 
-/// The budget for explicit wire precisions.
+/// The budget for explicit wire precisions and `activation_bits`-bit activations.
 pub fn budget(
     params: &ParameterSet,
     shape: LayerShape,
     layout: BlockLayout,
     encoding: ResultEncoding,
-    input_bits: u32,
-    output_bits: u32,
+    activation_bits: u32,
+    (input_bits, output_bits): (u32, u32),
 ) -> NoiseBudget {
     let norm_sq = worst_block_norm_sq(params, shape, layout.n_o);
     let var = match encoding {
@@ -152,7 +152,7 @@ pub fn budget(
             output_bits,
         ),
     };
-    let delta_log2 = 64 - params.plaintext_bits(shape.d_in);
+    let delta_log2 = 64 - params.plaintext_bits(shape.d_in, activation_bits);
     NoiseBudget {
         worst_case_std: var.sqrt(),
         half_delta: 2f64.powi(delta_log2 as i32 - 1),
@@ -166,6 +166,7 @@ pub fn choose_wire_bits(
     shape: LayerShape,
     layout: BlockLayout,
     encoding: ResultEncoding,
+    activation_bits: u32,
 ) -> Option<(u32, u32)> {
     let n = params.polynomial_size;
     let in_coeffs = shape.d_in.div_ceil(layout.n_i) * n;
@@ -177,7 +178,14 @@ pub fn choose_wire_bits(
     let mut best: Option<(usize, (u32, u32))> = None;
     for b_in in 16..=64u32 {
         for b_out in 16..=64u32 {
-            let b = budget(params, shape, layout, encoding, b_in, b_out);
+            let b = budget(
+                params,
+                shape,
+                layout,
+                encoding,
+                activation_bits,
+                (b_in, b_out),
+            );
             if b.margin_bits() < MODEL_SLACK_BITS {
                 continue;
             }

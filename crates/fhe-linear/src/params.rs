@@ -19,8 +19,6 @@ pub struct ParameterSet {
     pub polynomial_size: usize,
     /// Standard deviation of the Gaussian encryption noise, relative to q = 2^64.
     pub noise_std_relative: f64,
-    /// Largest activation magnitude bits: activations are signed integers in [-2^(a-1), 2^(a-1)).
-    pub activation_bits: u32,
     /// Weights are signed integers in [-2^(w-1), 2^(w-1)).
     pub weight_bits: u32,
     /// Largest supported input width (bounds the plaintext window to 64 bits with headroom).
@@ -45,7 +43,7 @@ pub struct PackingParams {
     pub max_depth: u32,
 }
 
-/// k = 1, N = 2048, q = 2^64, binary keys, 8-bit activations and weights.
+/// k = 1, N = 2048, q = 2^64, binary keys, 8-bit weights (activations: see [`ACTIVATION_BITS`]).
 ///
 /// Security: the GLWE dimension, polynomial size and noise are those of the GLWE side of tfhe-rs
 /// 1.8.2's 128-bit set `V0_11_PARAM_MESSAGE_2_CARRY_2_KS_PBS_GAUSSIAN_2M64`
@@ -58,13 +56,12 @@ pub const HFHE_GLWE_2048_V1: ParameterSet = ParameterSet {
     glwe_dimension: 1,
     polynomial_size: 2048,
     noise_std_relative: 2.845267479601915e-15,
-    activation_bits: 8,
     weight_bits: 8,
     max_d_in: 16384,
     packing: None,
 };
 
-/// k = 1, N = 4096, q = 2^64, binary keys, 8-bit activations and weights: the set of packed
+/// k = 1, N = 4096, q = 2^64, binary keys, 8-bit weights: the set of packed
 /// results (its noise is 2^13.7 times smaller than [`HFHE_GLWE_2048_V1`]'s, which is what lets
 /// 8-bit weights survive up to nine packing levels).
 ///
@@ -82,7 +79,6 @@ pub const HFHE_GLWE_4096_V1: ParameterSet = ParameterSet {
     glwe_dimension: 1,
     polynomial_size: 4096,
     noise_std_relative: 2.168404344971009e-19,
-    activation_bits: 8,
     weight_bits: 8,
     max_d_in: 16384,
     packing: Some(PackingParams {
@@ -92,6 +88,17 @@ pub const HFHE_GLWE_4096_V1: ParameterSet = ParameterSet {
         max_depth: 9,
     }),
 };
+
+/// Activation widths a layer spec may use: signed integers in `[-2^(a-1), 2^(a-1))`.
+///
+/// The width is an encoding choice, not a cryptographic one: the ciphertexts, keys and kernel are
+/// the same for every width, which only moves the scaling factor Delta (one plaintext bit per
+/// activation bit) and so takes its share of the noise budget ([`crate::noise`]). It is part of
+/// the [`crate::LayerSpec`] and travels in every wire header.
+pub const ACTIVATION_BITS: std::ops::RangeInclusive<u32> = 8..=16;
+
+/// The activation width of a spec that does not name one.
+pub const DEFAULT_ACTIVATION_BITS: u32 = 8;
 
 /// All parameter sets this build understands.
 pub const PARAMETER_SETS: &[ParameterSet] = &[HFHE_GLWE_2048_V1, HFHE_GLWE_4096_V1];
@@ -112,21 +119,14 @@ impl ParameterSet {
         self.noise_std_relative * 2f64.powi(64)
     }
 
-    /// Bits of the signed plaintext window for an input width: ceil(log2 d_in) + a + w.
+    /// Bits of the signed plaintext window for an input width and `a`-bit activations:
+    /// ceil(log2 d_in) + a + w.
     ///
     /// |sum_j w_j x_j| <= d_in * 2^(a-1) * 2^(w-1) = 2^(log2 d_in + a + w - 2), so a window of
     /// ceil(log2 d_in) + a + w bits leaves one bit of sign and one bit of headroom for the bias.
-    pub fn plaintext_bits(&self, d_in: usize) -> u32 {
+    pub fn plaintext_bits(&self, d_in: usize, activation_bits: u32) -> u32 {
         let log_d = usize::BITS - (d_in.max(1) - 1).leading_zeros();
-        log_d + self.activation_bits + self.weight_bits
-    }
-
-    /// Inclusive range of the activations.
-    pub fn activation_range(&self) -> (i32, i32) {
-        (
-            -(1 << (self.activation_bits - 1)),
-            (1 << (self.activation_bits - 1)) - 1,
-        )
+        log_d + activation_bits + self.weight_bits
     }
 
     /// Inclusive range of the weights.

@@ -97,6 +97,8 @@ pub struct Planner {
     pub max_slowdown: f64,
     /// Largest tokens per polynomial considered (the server's weight memory grows with it).
     pub max_t_b: usize,
+    /// Width of the activations the planned layouts carry ([`crate::ACTIVATION_BITS`]).
+    pub activation_bits: u32,
 }
 
 impl Default for Planner {
@@ -111,6 +113,7 @@ impl Default for Planner {
             link_mbit_s: 100.0,
             max_slowdown: 4.0,
             max_t_b: 16,
+            activation_bits: crate::DEFAULT_ACTIVATION_BITS,
         }
     }
 }
@@ -201,7 +204,9 @@ impl Planner {
                     n_o: n / (n_i * t_b),
                     t_b,
                 };
-                if let Ok(spec) = LayerSpec::with_encoding(params, shape, layout, encoding) {
+                if let Ok(spec) = LayerSpec::with_encoding(params, shape, layout, encoding)
+                    .and_then(|s| s.with_activation_bits(self.activation_bits))
+                {
                     out.push(self.costed(spec, tokens));
                 }
                 n_i *= 2;

@@ -33,16 +33,17 @@ impl std::fmt::Debug for CompiledLayer {
     }
 }
 
-/// Checks that no row can leave the plaintext window for any input:
+/// Checks that no row can leave the plaintext window for any `a`-bit input:
 /// `sum_j |w_rj| * 2^(a-1) + |b_r| < 2^(P-1)`.
 pub fn check_window(
     params: &crate::ParameterSet,
     d_in: usize,
+    activation_bits: u32,
     w: &[i8],
     bias: &[i64],
 ) -> Result<(), FheError> {
-    let window = 1i128 << (params.plaintext_bits(d_in) - 1);
-    let a_max = 1i128 << (params.activation_bits - 1);
+    let window = 1i128 << (params.plaintext_bits(d_in, activation_bits) - 1);
+    let a_max = 1i128 << (activation_bits - 1);
     for (r, (row, b)) in w.chunks_exact(d_in).zip(bias).enumerate() {
         let reach =
             row.iter().map(|v| (*v as i128).abs()).sum::<i128>() * a_max + (*b as i128).abs();
@@ -67,7 +68,7 @@ impl CompiledLayer {
                 spec.shape
             )));
         }
-        check_window(spec.params, d_in, w, bias)?;
+        check_window(spec.params, d_in, spec.activation_bits, w, bias)?;
         let n = spec.polynomial_size();
         let (n_i, n_o) = (spec.layout.n_i, spec.layout.n_o);
         let (in_blocks, out_blocks) = (spec.input_blocks(), spec.output_blocks());

@@ -10,7 +10,7 @@
 //!             encoding it is prepared for (0 also means keyless)
 //!      8    2 parameter set id
 //!     10    1 bits per coefficient
-//!     11    1 reserved, 0
+//!     11    1 activation bits of the layer (9..=16), or 0 for 8
 //!     12    4 d_in
 //!     16    4 d_out
 //!     20    4 tokens in the batch
@@ -132,6 +132,8 @@ pub struct Header {
     pub kind: PayloadKind,
     /// The result encoding (of a result), or the one a batch was encrypted for.
     pub encoding: ResultEncoding,
+    /// The activation width of the layer the payload belongs to.
+    pub activation_bits: u32,
 }
 
 impl Header {
@@ -146,6 +148,7 @@ impl Header {
             seed: 0,
             kind,
             encoding: spec.encoding,
+            activation_bits: spec.activation_bits,
         }
     }
 
@@ -158,6 +161,7 @@ impl Header {
             input_bits: self.bits,
             output_bits: self.bits,
             encoding: self.encoding,
+            activation_bits: self.activation_bits,
         };
         let n = params.polynomial_size;
         Ok(match self.kind {
@@ -180,7 +184,11 @@ impl Header {
         });
         out.extend_from_slice(&self.param_set.0.to_le_bytes());
         out.push(self.bits as u8);
-        out.push(0);
+        // 8-bit layers keep the 0 of the first clients.
+        out.push(match self.activation_bits {
+            crate::DEFAULT_ACTIVATION_BITS => 0,
+            a => a as u8,
+        });
         for v in [self.shape.d_in, self.shape.d_out, self.tokens] {
             out.extend_from_slice(&(v as u32).to_le_bytes());
         }
@@ -229,7 +237,18 @@ impl Header {
                 "{bits} bits per coefficient"
             )));
         }
-        if bytes[11] != 0 || u16_at(30) != 0 {
+        let activation_bits = match bytes[11] as u32 {
+            0 => crate::DEFAULT_ACTIVATION_BITS,
+            a if a != crate::DEFAULT_ACTIVATION_BITS && crate::ACTIVATION_BITS.contains(&a) => a,
+            a => {
+                return Err(WireError::InvalidHeader(format!(
+                    "{a}-bit activations (0 for 8, or {}..={})",
+                    crate::DEFAULT_ACTIVATION_BITS + 1,
+                    crate::ACTIVATION_BITS.end()
+                )))
+            }
+        };
+        if u16_at(30) != 0 {
             return Err(WireError::InvalidHeader(
                 "reserved fields must be zero".into(),
             ));
@@ -283,6 +302,7 @@ impl Header {
             seed,
             kind,
             encoding,
+            activation_bits,
         };
         let expected = (header.coefficient_count(params)? as u64 * bits as u64).div_ceil(8);
         if payload_len != expected {

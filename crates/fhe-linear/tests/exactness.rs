@@ -57,7 +57,7 @@ fn constant_case(d_in: usize, d_out: usize, tokens: usize, w: i8, x: i8, bias: i
         spec,
         w: vec![w; d_in * d_out],
         b: vec![bias; d_out],
-        x: vec![x; tokens * d_in],
+        x: vec![x as i16; tokens * d_in],
         tokens,
     }
 }

@@ -65,6 +65,17 @@ fn malformed_batches_get_typed_errors() {
     );
     assert_eq!(code(&patch(10, &[0])), "ciphertext_invalid_header");
     assert_eq!(code(&patch(10, &[65])), "ciphertext_invalid_header");
+    // Activation widths: 0 is 8 bits, 9..=16 name a wider layer, anything else is refused.
+    for a in [1u8, 7, 8, 17, 255] {
+        assert_eq!(
+            code(&patch(11, &[a])),
+            "ciphertext_invalid_header",
+            "{a} bits"
+        );
+    }
+    let header = |b: &[u8]| fhe_linear::wire::read_batch_header(b, &Limits::default());
+    assert_eq!(header(&good).unwrap().activation_bits, 8);
+    assert_eq!(header(&patch(11, &[12])).unwrap().activation_bits, 12);
     assert_eq!(
         code(&patch(12, &0u32.to_le_bytes())),
         "ciphertext_invalid_header"
@@ -118,6 +129,15 @@ fn a_batch_for_another_layer_is_refused_by_apply() {
         "layer_mismatch"
     );
     assert!(case.compile().apply(&batch).is_ok());
+    // The same layer compiled for wider activations reads the batch's Delta differently.
+    let wide = case.spec.with_activation_bits(10).unwrap();
+    let layer = CompiledLayer::compile(wide, &case.w, &case.b).unwrap();
+    let err = layer.apply(&batch).unwrap_err();
+    assert_eq!(err.code(), "layer_mismatch");
+    assert!(
+        err.to_string().contains("8-bit activations instead of 10"),
+        "{err}"
+    );
 }
 
 proptest! {
@@ -162,7 +182,7 @@ fn packed_headers_are_checked() {
     let packed = LayerSpec::packed(&HFHE_GLWE_4096_V1, shape, layout).unwrap();
     let keyless = LayerSpec::new(&HFHE_GLWE_4096_V1, shape, layout).unwrap();
     let key = ClientKey::generate(&HFHE_GLWE_4096_V1);
-    let x = vec![1i8; 64];
+    let x = vec![1i16; 64];
     let (w, b) = (vec![1i8; 64 * 8], vec![0i64; 8]);
     let packed_batch = key.encrypt(&packed, &x, 1).unwrap();
     let keyless_layer = CompiledLayer::compile(keyless, &w, &b).unwrap();

@@ -153,7 +153,7 @@ fn constant_worst_case_weights_stay_far_from_the_threshold() {
                 spec,
                 w: vec![w; d_in * d_out],
                 b: vec![0; d_out],
-                x: vec![x; 2 * d_in],
+                x: vec![x as i16; 2 * d_in],
                 tokens: 2,
             };
             let (got, noise) = case.round_trip(&key, &case.compile());
@@ -222,7 +222,8 @@ fn a_layer_widened_past_its_budget_is_refused() {
     // The same layout at the widened width: even at full wire precision the model leaves less
     // than the slack, and the spec is refused with the reason.
     let wide = LayerShape::new(d_in + extra, d_out);
-    let full = fhe_linear::noise::budget(params, wide, widest, ResultEncoding::Keyless, 64, 64);
+    let full =
+        fhe_linear::noise::budget(params, wide, widest, ResultEncoding::Keyless, 8, (64, 64));
     assert!(full.margin_bits() < MODEL_SLACK_BITS, "{full:?}");
     let err = LayerSpec::new(params, wide, widest).unwrap_err();
     assert!(err.to_string().contains("noise budget"), "{err}");
@@ -239,4 +240,67 @@ fn a_layer_widened_past_its_budget_is_refused() {
     };
     let (got, _) = case.round_trip(&key, &case.compile());
     assert_eq!(got, case.expected());
+}
+
+#[test]
+fn wider_activations_decode_exactly_within_their_budget_and_are_refused_beyond_it() {
+    let params = &HFHE_GLWE_2048_V1;
+    let key = ClientKey::generate(params);
+    let shape = LayerShape::new(576, 96);
+    let narrow = LayerSpec::choose(params, shape, 1).unwrap();
+    for a in [10u32, 12, 14] {
+        let spec = LayerSpec::choose_for(params, shape, 1, a).unwrap();
+        assert_eq!(spec.activation_bits, a);
+        let budget = spec.noise_budget();
+        assert!(
+            budget.margin_bits() >= MODEL_SLACK_BITS,
+            "{a} bits: {budget:?}"
+        );
+        // Every activation bit takes one plaintext bit: Delta shrinks by as many.
+        assert_eq!(spec.output_delta_log2() + a - 8, narrow.output_delta_log2());
+        // Random values over the full width, then the extremes with the worst weights.
+        let mut case = Case::random(shape.d_in, shape.d_out, 2, 1, 40 + a as u64);
+        case.spec = spec;
+        case.x = common::Rng(a as u64).activations(2 * shape.d_in, a);
+        let (got, _) = case.round_trip(&key, &case.compile());
+        assert_eq!(got, case.expected(), "{a} bits, random");
+        let lowest = -(1i32 << (a - 1)) as i16;
+        for (w, x) in [(-128i8, lowest), (127, lowest), (-128, -lowest - 1)] {
+            case.w = vec![w; shape.d_in * shape.d_out];
+            case.x = vec![x; 2 * shape.d_in];
+            let (got, noise) = case.round_trip(&key, &case.compile());
+            assert_eq!(got, case.expected(), "{a} bits, w {w}, x {x}");
+            let worst = noise.iter().map(|e| e.unsigned_abs()).max().unwrap() as f64;
+            assert!(worst < TAIL_Z_FRACTION * budget.half_delta, "{a} bits");
+        }
+        // A value beyond the width is refused before anything is encrypted.
+        let mut x = vec![0i16; shape.d_in];
+        x[5] = -lowest;
+        let err = key.encrypt(&spec, &x, 1).unwrap_err();
+        assert_eq!(err.code(), "activation_out_of_range", "{a} bits");
+    }
+    // The 8-bit layout does not hold 14-bit activations: the budget refuses it, naming why, and
+    // the chosen 14-bit layout is a smaller one. No layout of this set holds 16 bits.
+    let err = narrow.with_activation_bits(14).unwrap_err();
+    assert!(err.to_string().contains("noise budget"), "{err}");
+    let wide = LayerSpec::choose_for(params, shape, 1, 14).unwrap();
+    assert!(wide.layout.n_o < narrow.layout.n_o, "{:?}", wide.layout);
+    let full = fhe_linear::noise::budget(
+        params,
+        shape,
+        narrow.layout,
+        ResultEncoding::Keyless,
+        14,
+        (64, 64),
+    );
+    assert!(full.margin_bits() < MODEL_SLACK_BITS, "{full:?}");
+    let err = LayerSpec::choose_for(params, shape, 1, 16).unwrap_err();
+    assert!(err.to_string().contains("16-bit activations"), "{err}");
+    // Widths outside the supported range are refused.
+    for a in [7, 17] {
+        assert!(
+            LayerSpec::choose_for(params, shape, 1, a).is_err(),
+            "{a} bits"
+        );
+    }
 }

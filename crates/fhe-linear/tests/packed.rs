@@ -92,7 +92,7 @@ fn worst_case_weights_and_inputs_decode_exactly() {
             9,
         );
         case.w = vec![w; d_in * d_out];
-        case.x = vec![x; d_in];
+        case.x = vec![x as i16; d_in];
         case.b = vec![0; d_out];
         // Identical weights make the terms of one output coherent, and give the outputs of one
         // block the same input noise: one encryption holds only a few independent noise

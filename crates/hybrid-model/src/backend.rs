@@ -11,14 +11,14 @@ use crate::ModelError;
 
 /// Computes `Y = X Wq^T` (integers) for a protected layer, from the client's quantized input.
 pub trait ProtectedBackend: Send + Sync {
-    fn apply(&self, layer: &str, x: &[i8], tokens: usize) -> Result<Vec<i64>, ModelError>;
+    fn apply(&self, layer: &str, x: &[i16], tokens: usize) -> Result<Vec<i64>, ModelError>;
 
     /// The products of a group's layers with the same input, concatenated per token
     /// (`tokens x sum(d_out)`): one request where the backend can, else one per layer.
     fn apply_group(
         &self,
         group: &LayerGroup,
-        x: &[i8],
+        x: &[i16],
         tokens: usize,
     ) -> Result<Vec<i64>, ModelError> {
         apply_each(self, group, x, tokens)
@@ -29,7 +29,7 @@ pub trait ProtectedBackend: Send + Sync {
 pub(crate) fn apply_each(
     backend: &(impl ProtectedBackend + ?Sized),
     group: &LayerGroup,
-    x: &[i8],
+    x: &[i16],
     tokens: usize,
 ) -> Result<Vec<i64>, ModelError> {
     let parts = group
@@ -48,7 +48,7 @@ pub(crate) fn apply_each(
     Ok(out)
 }
 
-fn check_input(layer: &ServerLayer, x: &[i8], tokens: usize) -> Result<(), ModelError> {
+fn check_input(layer: &ServerLayer, x: &[i16], tokens: usize) -> Result<(), ModelError> {
     if tokens == 0 || x.len() != tokens * layer.weights.d_in {
         return Err(ModelError::Backend(format!(
             "layer {}: {} activations for {tokens} tokens of width {}",
@@ -74,7 +74,7 @@ impl SimulateBackend {
 }
 
 impl ProtectedBackend for SimulateBackend {
-    fn apply(&self, layer: &str, x: &[i8], tokens: usize) -> Result<Vec<i64>, ModelError> {
+    fn apply(&self, layer: &str, x: &[i16], tokens: usize) -> Result<Vec<i64>, ModelError> {
         let l = self
             .layers
             .get(layer)
@@ -102,7 +102,7 @@ impl ExecuteBackend {
         let params = &fhe_linear::HFHE_GLWE_2048_V1;
         let mut compiled = HashMap::new();
         for l in layers {
-            let spec = LayerSpec::choose(params, l.shape(), 1)?;
+            let spec = LayerSpec::choose_for(params, l.shape(), 1, l.activation_bits)?;
             compiled.insert(
                 l.name.clone(),
                 (
@@ -119,7 +119,7 @@ impl ExecuteBackend {
 }
 
 impl ProtectedBackend for ExecuteBackend {
-    fn apply(&self, layer: &str, x: &[i8], tokens: usize) -> Result<Vec<i64>, ModelError> {
+    fn apply(&self, layer: &str, x: &[i16], tokens: usize) -> Result<Vec<i64>, ModelError> {
         let (spec, compiled) = self
             .layers
             .get(layer)

@@ -61,6 +61,9 @@ pub struct CalibrationReport {
     /// Product columns added by outlier splits, over all protected layers (their cost).
     #[serde(default)]
     pub extra_columns: usize,
+    /// The widest activations of any protected layer, when wider than the weights' bits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_bits: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

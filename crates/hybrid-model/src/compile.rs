@@ -145,6 +145,99 @@ impl std::str::FromStr for WeightRounding {
 /// no further (BENCHMARKS.md), within the 1.5x cost a protected layer may add.
 pub const DEFAULT_OUTLIER_COLUMNS: f32 = 0.25;
 
+/// How wide protected layers' activations are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationWidth {
+    /// As many bits as the weights (`n_bits`).
+    Weights,
+    /// This many bits for every layer; a layer that no layout holds at that width fails.
+    Bits(u32),
+    /// For each layer (each group served as one product), the widest activations whose
+    /// cheapest layout costs at most [`MAX_WIDENING_COST`] times the bytes per token of 8-bit
+    /// ones, kept when they measure better than `n_bits` on the calibration prompts (without
+    /// calibration prompts, `n_bits`).
+    Auto,
+}
+
+/// Bytes per token wider activations may cost a protected layer, against 8-bit ones: each
+/// activation bit takes a plaintext bit from the noise budget, so past some width the layout
+/// needs smaller output blocks (more bytes, more server time).
+pub const MAX_WIDENING_COST: f64 = 1.25;
+
+impl std::str::FromStr for ActivationWidth {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        match s {
+            "auto" => Ok(ActivationWidth::Auto),
+            "weights" => Ok(ActivationWidth::Weights),
+            bits => match bits.parse::<u32>() {
+                Ok(b) if (2..=quant::MAX_ACTIVATION_BITS).contains(&b) => {
+                    Ok(ActivationWidth::Bits(b))
+                }
+                _ => Err(ModelError::Bundle(format!(
+                    "activation bits `{s}`: auto, weights, or a width of 2 to {}",
+                    quant::MAX_ACTIVATION_BITS
+                ))),
+            },
+        }
+    }
+}
+
+/// Bytes per token of the cheapest keyless layout of `shape` at `bits`-bit activations.
+fn keyless_bytes(shape: fhe_linear::LayerShape, bits: u32) -> Option<usize> {
+    let spec =
+        fhe_linear::LayerSpec::choose_for(&fhe_linear::HFHE_GLWE_2048_V1, shape, 1, bits).ok()?;
+    Some(spec.upload_bytes(1) + spec.download_bytes(1))
+}
+
+/// The widest activations within [`MAX_WIDENING_COST`] for a served shape (8 when none is).
+pub fn widest_activations(shape: fhe_linear::LayerShape) -> u32 {
+    let base = fhe_linear::DEFAULT_ACTIVATION_BITS;
+    let Some(narrow) = keyless_bytes(shape, base) else {
+        return base;
+    };
+    fhe_linear::ACTIVATION_BITS
+        .rev()
+        .find(|bits| {
+            keyless_bytes(shape, *bits)
+                .is_some_and(|b| b as f64 <= MAX_WIDENING_COST * narrow as f64)
+        })
+        .unwrap_or(base)
+}
+
+/// The activation width of each layer of `split`: layers served together (a group of
+/// `naming`'s input groups) take the width of their fused product.
+fn widths(
+    split: &[vendor::SplitLayer],
+    width: ActivationWidth,
+    groups: &[server_bundle::LayerGroup],
+) -> Vec<u32> {
+    let served = |s: &vendor::SplitLayer| -> fhe_linear::LayerShape {
+        let d_out = groups
+            .iter()
+            .find(|g| g.layers.contains(&s.client.name))
+            .map_or(s.client.d_out, |g| {
+                split
+                    .iter()
+                    .filter(|o| g.layers.contains(&o.client.name))
+                    .map(|o| o.client.d_out)
+                    .sum()
+            });
+        fhe_linear::LayerShape::new(s.client.product_width(), d_out)
+    };
+    let mut cache = HashMap::new();
+    split
+        .iter()
+        .map(|s| match width {
+            ActivationWidth::Weights => s.client.n_bits,
+            ActivationWidth::Bits(b) => b,
+            ActivationWidth::Auto => *cache
+                .entry(served(s))
+                .or_insert_with_key(|shape| widest_activations(*shape)),
+        })
+        .collect()
+}
+
 /// How to compile.
 #[derive(Debug, Clone)]
 pub struct CompileOptions {
@@ -163,6 +256,8 @@ pub struct CompileOptions {
     /// ([`DEFAULT_OUTLIER_COLUMNS`]).
     pub outlier_columns: f32,
     pub weight_rounding: WeightRounding,
+    /// How wide the activations are ([`ActivationWidth`]).
+    pub activation_width: ActivationWidth,
 }
 
 /// The float model, with the inputs of protected layers recorded.
@@ -364,6 +459,7 @@ pub fn compare(
         max_logit_error: max_err,
         kl_divergence: kl / positions.max(1) as f64,
         extra_columns: 0,
+        activation_bits: None,
     })
 }
 
@@ -580,10 +676,55 @@ pub fn choose_encoding(
             ),
         }
     }
-    let reports = first
-        .into_iter()
-        .chain(measured.filter_map(|(_, _, report)| report))
-        .collect();
+    // Wider activations: the same layers at the widths `options.activation_width` names.
+    let mut others: Vec<CalibrationReport> = measured.filter_map(|(_, _, r)| r).collect();
+    let groups = match options.group_inputs {
+        true => vendor::layer_groups(cfg.naming(), cfg.num_hidden_layers(), &split),
+        false => vec![],
+    };
+    let bits = widths(&split, options.activation_width, &groups);
+    let mut wide = split.clone();
+    for (layer, bits) in wide.iter_mut().zip(&bits) {
+        vendor::widen_activations(layer, *bits);
+        let shape = fhe_linear::LayerShape::new(layer.client.product_width(), layer.client.d_out);
+        let served = layer.server.activation_bits;
+        if keyless_bytes(shape, served).is_none() {
+            return Err(ModelError::Bundle(format!(
+                "{}: no layout holds {served}-bit activations for its {shape} product",
+                layer.client.name
+            )));
+        }
+    }
+    if wide != split {
+        let widest = wide.iter().map(|l| l.client.activation_bits()).max();
+        let report = match float.as_mut() {
+            None => None,
+            Some(float) => {
+                let mut model = simulated(cfg, tensors, protected, &wide)?;
+                let mut report = compare(float.as_mut(), model.as_mut(), &prompts)?;
+                report.activations = activations.name().to_string();
+                report.extra_columns = first.as_ref().map_or(0, |r| r.extra_columns);
+                report.activation_bits = widest;
+                Some(report)
+            }
+        };
+        // Auto keeps the wider activations only when they measure better.
+        let better = match (&report, &first) {
+            (Some(w), Some(n)) => {
+                w.top1_agreement > n.top1_agreement
+                    || (w.top1_agreement == n.top1_agreement && w.kl_divergence < n.kl_divergence)
+            }
+            _ => true,
+        };
+        if options.activation_width != ActivationWidth::Auto || better {
+            split = wide;
+            others.splice(0..0, first.take());
+            first = report;
+        } else {
+            others.splice(0..0, report);
+        }
+    }
+    let reports = first.into_iter().chain(others).collect();
     Ok(ChosenEncoding {
         activations,
         weight_rounding: match compensated {
@@ -633,6 +774,8 @@ pub fn compile(
                 parts: s.client.parts.clone(),
                 d_in: s.client.product_width(),
                 d_out: s.client.d_out,
+                activation_bits: (s.server.activation_bits != fhe_linear::DEFAULT_ACTIVATION_BITS)
+                    .then_some(s.server.activation_bits),
             })
             .collect(),
         groups: groups.clone(),

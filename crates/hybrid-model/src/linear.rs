@@ -158,7 +158,12 @@ pub struct ClientLayer {
     pub parts: Vec<String>,
     pub d_in: usize,
     pub d_out: usize,
+    /// Bits of the weights, and of the activations unless `activation_bits` says more.
     pub n_bits: u32,
+    /// Width of the quantized activations when wider than `n_bits` (the server's layer spec
+    /// takes as many): a finer step for every channel at the same ciphertext size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_bits: Option<u32>,
     pub weight_scales: Vec<f32>,
     /// The float bias added after dequantization (zeros when the server folded it in).
     pub bias: Vec<f32>,
@@ -177,6 +182,11 @@ pub struct ClientLayer {
 }
 
 impl ClientLayer {
+    /// Bits the activations are quantized to.
+    pub fn activation_bits(&self) -> u32 {
+        self.activation_bits.unwrap_or(self.n_bits)
+    }
+
     /// Width of the integer product the server computes: `d_in`, plus the columns of split
     /// outlier channels.
     pub fn product_width(&self) -> usize {
@@ -206,7 +216,7 @@ fn protected_forward(
     weight_scales: &[f32],
     bias: &[f32],
     x: &Tensor,
-    product: impl FnOnce(&[i8], usize) -> std::result::Result<Vec<i64>, crate::ModelError>,
+    product: impl FnOnce(&[i16], usize) -> std::result::Result<Vec<i64>, crate::ModelError>,
 ) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let d_in = *dims
@@ -221,12 +231,11 @@ fn protected_forward(
     if let Some(factors) = &layer.input_scale {
         quant::divide_channels(&mut flat, factors);
     }
+    let bits = layer.activation_bits();
     let q = match (&layer.outliers, layer.activation_scale) {
-        (Some(split), scale) => split.quantize(&flat, tokens, d_in, layer.n_bits, scale),
-        (None, None) => quant::quantize_activations(&flat, tokens, d_in, layer.n_bits),
-        (None, Some(scale)) => {
-            quant::quantize_activations_static(&flat, tokens, d_in, layer.n_bits, scale)
-        }
+        (Some(split), scale) => split.quantize(&flat, tokens, d_in, bits, scale),
+        (None, None) => quant::quantize_activations(&flat, tokens, d_in, bits),
+        (None, Some(scale)) => quant::quantize_activations_static(&flat, tokens, d_in, bits, scale),
     }
     .map_err(candle_core::Error::wrap)?;
     let y_int = product(&q.values, tokens).map_err(crate::ModelError::into_candle)?;

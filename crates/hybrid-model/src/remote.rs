@@ -874,7 +874,7 @@ impl RemoteBackend {
 }
 
 impl ProtectedBackend for RemoteBackend {
-    fn apply(&self, layer: &str, x: &[i8], tokens: usize) -> Result<Vec<i64>, ModelError> {
+    fn apply(&self, layer: &str, x: &[i16], tokens: usize) -> Result<Vec<i64>, ModelError> {
         let served = self
             .specs
             .get(layer)
@@ -885,7 +885,7 @@ impl ProtectedBackend for RemoteBackend {
     fn apply_group(
         &self,
         group: &LayerGroup,
-        x: &[i8],
+        x: &[i16],
         tokens: usize,
     ) -> Result<Vec<i64>, ModelError> {
         match self.specs.get(&group.name) {
@@ -902,7 +902,7 @@ impl RemoteBackend {
         &self,
         served: &Served,
         layer: &str,
-        x: &[i8],
+        x: &[i16],
         tokens: usize,
     ) -> Result<Vec<i64>, ModelError> {
         let max_rows = served.max_rows.unwrap_or(usize::MAX);
@@ -936,7 +936,7 @@ impl RemoteBackend {
         &self,
         served: &Served,
         layer: &str,
-        x: &[i8],
+        x: &[i16],
         tokens: usize,
     ) -> Result<Vec<i64>, ModelError> {
         let spec = &self

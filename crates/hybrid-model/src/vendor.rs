@@ -11,6 +11,7 @@ use crate::names::{Module, ProtectedLayer};
 use crate::ModelError;
 
 /// A protected layer, split: the client's metadata and the server's quantized weights.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SplitLayer {
     pub modules: Vec<Module>,
     pub client: ClientLayer,
@@ -135,6 +136,7 @@ pub fn split_layers(
                 fhe_linear::server::check_window(
                     &fhe_linear::HFHE_GLWE_2048_V1,
                     q.d_in,
+                    fhe_linear::DEFAULT_ACTIVATION_BITS,
                     &q.values,
                     &folded,
                 )?;
@@ -149,6 +151,7 @@ pub fn split_layers(
                 d_in,
                 d_out,
                 n_bits,
+                activation_bits: None,
                 weight_scales: q.scales.clone(),
                 bias: client_bias,
                 activation_scale,
@@ -159,10 +162,21 @@ pub fn split_layers(
                 name: layer.name.clone(),
                 weights: q,
                 bias: server_bias,
+                activation_bits: fhe_linear::DEFAULT_ACTIVATION_BITS,
             },
         });
     }
     Ok(out)
+}
+
+/// Widens a layer's activations to `bits` (nothing at or below its width). A static scale and
+/// the bias folded with it are calibrated for `n_bits`: such layers keep their width.
+pub fn widen_activations(layer: &mut SplitLayer, bits: u32) {
+    if layer.client.activation_scale.is_some() || bits <= layer.client.activation_bits() {
+        return;
+    }
+    layer.client.activation_bits = Some(bits);
+    layer.server.activation_bits = bits.max(fhe_linear::DEFAULT_ACTIVATION_BITS);
 }
 
 /// The tensors (Hugging Face names) of the protected modules: their weights and biases.
@@ -217,6 +231,7 @@ pub fn layer_groups(
                     let same = run.first().is_none_or(|first| {
                         let (a, b) = (&first.client, &layer.client);
                         a.n_bits == b.n_bits
+                            && a.activation_bits == b.activation_bits
                             && a.activation_scale == b.activation_scale
                             && a.input_scale == b.input_scale
                             && a.outliers == b.outliers

@@ -164,6 +164,7 @@ fn a_bundle_of_one_architecture_is_not_read_as_another() {
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
         weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
+        activation_width: hybrid_model::compile::ActivationWidth::Weights,
     };
     let manifest = compile::compile(
         &tiny::tiny_llama_checkpoint().unwrap(),

@@ -23,6 +23,7 @@ fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
         // What `build(.., Mode::Simulate, 8)` does in process, which the bundles must match.
         weight_rounding: hybrid_model::compile::WeightRounding::Nearest,
+        activation_width: hybrid_model::compile::ActivationWidth::Weights,
     };
     let mut stages = Vec::new();
     let manifest = compile(
@@ -165,6 +166,7 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
         weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
+        activation_width: hybrid_model::compile::ActivationWidth::Weights,
     };
     let manifest = compile(
         &hybrid_model::tiny::tiny_checkpoint().unwrap(),
@@ -195,6 +197,7 @@ fn static_activations_fold_the_bias_into_the_server_and_stay_exact() {
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
         weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
+        activation_width: hybrid_model::compile::ActivationWidth::Weights,
         ..options
     };
     let manifest = compile(
@@ -265,6 +268,53 @@ fn outlier_columns_are_exact_under_encryption() {
     assert!(err.to_string().contains("outlier"), "{err}");
 }
 
+/// Wider activations: the client quantizes to the width, the server's spec carries it, the
+/// manifest records it with the measurement of both widths, and encryption stays bit-exact
+/// with the simulation.
+#[test]
+fn wider_activations_are_recorded_and_exact_under_encryption() {
+    use hybrid_model::compile::{widest_activations, ActivationWidth};
+    let dir = tempfile::tempdir().unwrap();
+    let mut options =
+        calibrated_options(hybrid_model::compile::Activations::SmoothedOutliers, 0.25);
+    options.activation_width = ActivationWidth::Bits(12);
+    let (client_dir, server_path, manifest) = compile_into(dir.path(), &options);
+    let server = load_server_bundle(&server_path).unwrap();
+    for layer in &manifest.layers {
+        assert_eq!(layer.activation_bits(), 12, "{}", layer.name);
+        let served = server.layers.iter().find(|l| l.name == layer.name).unwrap();
+        assert_eq!(served.activation_bits, 12);
+    }
+    let (chosen, other) = (
+        manifest.calibration.as_ref().unwrap(),
+        manifest.alternative.as_ref().unwrap(),
+    );
+    assert_eq!(chosen.activation_bits, Some(12));
+    assert_eq!(other.activation_bits, None);
+    assert_exact_and_close(&client_dir, &server_path, "12-bit activations");
+
+    // Auto: the widest width within the cost allowed, kept only when it measures better.
+    options.activation_width = ActivationWidth::Auto;
+    let (_, _, manifest) = compile_into(&dir.path().join("auto"), &options);
+    let (chosen, other) = (
+        manifest.calibration.as_ref().unwrap(),
+        manifest.alternative.as_ref().unwrap(),
+    );
+    assert!(chosen.top1_agreement >= other.top1_agreement);
+    let widened = [chosen, other]
+        .into_iter()
+        .find_map(|r| r.activation_bits)
+        .expect("a wider measurement");
+    for layer in &manifest.layers {
+        assert!([8, widened].contains(&layer.activation_bits()));
+    }
+    // The cost rule on real shapes: SmolLM2's q, k, v take wider activations almost for free,
+    // phi-1.5's fused QKV has no budget to spare.
+    use fhe_linear::LayerShape;
+    assert!(widest_activations(LayerShape::new(576, 960)) >= 10);
+    assert!(widest_activations(LayerShape::new(2048, 6144)) < 10);
+}
+
 /// Compiles the tiny model's Wqkv of block 1 and fc1 of block 2 (grouped) with `activations`
 /// calibrated on two short prompts into `dir`: the client directory, the server bundle and
 /// the client manifest.
@@ -290,6 +340,7 @@ fn calibrated_options(
         group_inputs: true,
         outlier_columns,
         weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
+        activation_width: hybrid_model::compile::ActivationWidth::Weights,
     }
 }
 
@@ -350,6 +401,7 @@ fn compensated_weights_stay_on_the_grid_and_exact_under_encryption() {
         &dir.path().join("nearest"),
         &CompileOptions {
             weight_rounding: WeightRounding::Nearest,
+            activation_width: hybrid_model::compile::ActivationWidth::Weights,
             ..base.clone()
         },
     );

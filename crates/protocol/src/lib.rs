@@ -299,6 +299,10 @@ pub struct LayerInfo {
     pub t_b: usize,
     pub input_bits: u32,
     pub output_bits: u32,
+    /// Width of the layer's activations when wider than 8 bits (the client quantizes its input
+    /// to as many; every variant of the layer takes the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_bits: Option<u32>,
     /// The packed-result variant of the layer, when the server offers one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packed: Option<LayerVariant>,
@@ -353,6 +357,8 @@ impl LayerInfo {
             t_b: spec.layout.t_b,
             input_bits: spec.input_bits,
             output_bits: spec.output_bits,
+            activation_bits: (spec.activation_bits != fhe_linear::DEFAULT_ACTIVATION_BITS)
+                .then_some(spec.activation_bits),
             packed: None,
             parts: vec![],
             max_rows: None,
@@ -412,12 +418,15 @@ impl LayerInfo {
             .ok_or_else(|| SpecError::UnknownParameterSet(parameter_set.to_string()))?;
         let layout = BlockLayout { n_i, n_o, t_b };
         let shape = LayerShape::new(self.d_in, self.d_out);
-        let spec = LayerSpec::with_encoding(params, shape, layout, encoding).map_err(|e| {
-            SpecError::Invalid {
+        let activation_bits = self
+            .activation_bits
+            .unwrap_or(fhe_linear::DEFAULT_ACTIVATION_BITS);
+        let spec = LayerSpec::with_encoding(params, shape, layout, encoding)
+            .and_then(|s| s.with_activation_bits(activation_bits))
+            .map_err(|e| SpecError::Invalid {
                 name: self.name.to_string(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         if (spec.input_bits, spec.output_bits) != bits {
             return Err(SpecError::Invalid {
                 name: self.name.to_string(),
@@ -489,6 +498,16 @@ mod tests {
         let mut bad = back;
         bad.packed.as_mut().unwrap().n_i = 1024;
         assert!(bad.packed_spec().unwrap().is_err());
+        // A wider layer's width travels with it and is rebuilt into both variants.
+        let wide = keyless.with_activation_bits(11).unwrap();
+        let info = LayerInfo::from_spec(Name::parse("l").unwrap(), &wide)
+            .with_packed(&packed.with_activation_bits(11).unwrap());
+        assert_eq!(info.activation_bits, Some(11));
+        let back: LayerInfo = serde_json::from_str(&serde_json::to_string(&info).unwrap()).unwrap();
+        assert_eq!(back.to_spec().unwrap(), wide);
+        assert_eq!(back.packed_spec().unwrap().unwrap().activation_bits, 11);
+        // 8-bit layers list no width, as before.
+        assert!(!json.contains("activation_bits"), "{json}");
         // Older descriptions without a packed variant still parse.
         let plain =
             serde_json::to_string(&LayerInfo::from_spec(Name::parse("l").unwrap(), &keyless))

@@ -27,6 +27,8 @@ pub use rounding::quantize_weights_compensated;
 pub enum QuantError {
     #[error("n_bits must be between 2 and 8, got {0}")]
     Bits(u32),
+    #[error("activation bits must be between 2 and {max}, got {0}", max = MAX_ACTIVATION_BITS)]
+    ActivationBits(u32),
     #[error("{what}: {len} values do not make {rows} rows of {cols}")]
     Shape {
         what: &'static str,
@@ -42,10 +44,21 @@ pub enum QuantError {
     Moments(String),
 }
 
-/// Largest quantized magnitude for a bit width.
+/// Widest activations: quantized activations are `i16`.
+pub const MAX_ACTIVATION_BITS: u32 = 16;
+
+/// Largest quantized magnitude for a weight bit width (weights are `i8`).
 pub fn q_max(n_bits: u32) -> Result<i32, QuantError> {
     if !(2..=8).contains(&n_bits) {
         return Err(QuantError::Bits(n_bits));
+    }
+    Ok((1 << (n_bits - 1)) - 1)
+}
+
+/// Largest quantized magnitude for an activation bit width (activations are `i16`).
+pub fn activation_q_max(n_bits: u32) -> Result<i32, QuantError> {
+    if !(2..=MAX_ACTIVATION_BITS).contains(&n_bits) {
+        return Err(QuantError::ActivationBits(n_bits));
     }
     Ok((1 << (n_bits - 1)) - 1)
 }
@@ -80,7 +93,8 @@ fn row_step(row: &[f32], q_max: i32) -> f32 {
 }
 
 /// Symmetric quantization of each row of a `rows x cols` matrix: values and one scale per row.
-fn quantize_rows(v: &[f32], cols: usize, q_max: i32) -> (Vec<i8>, Vec<f32>) {
+/// `T` holds `[-q_max, q_max]`.
+fn quantize_rows<T>(v: &[f32], cols: usize, q_max: i32, to: fn(f32) -> T) -> (Vec<T>, Vec<f32>) {
     let mut q = Vec::with_capacity(v.len());
     let mut scales = Vec::with_capacity(v.len() / cols);
     for row in v.chunks_exact(cols) {
@@ -88,7 +102,7 @@ fn quantize_rows(v: &[f32], cols: usize, q_max: i32) -> (Vec<i8>, Vec<f32>) {
         scales.push(scale);
         q.extend(
             row.iter()
-                .map(|x| (x / scale).round().clamp(-q_max as f32, q_max as f32) as i8),
+                .map(|x| to((x / scale).round().clamp(-q_max as f32, q_max as f32))),
         );
     }
     (q, scales)
@@ -136,7 +150,7 @@ pub fn quantize_weights(
 ) -> Result<QuantizedWeights, QuantError> {
     let q_max = q_max(n_bits)?;
     check("weights", w, d_out, d_in)?;
-    let (values, scales) = quantize_rows(w, d_in, q_max);
+    let (values, scales) = quantize_rows(w, d_in, q_max, |v| v as i8);
     Ok(QuantizedWeights {
         n_bits,
         d_out,
@@ -150,7 +164,7 @@ pub fn quantize_weights(
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedActivations {
     /// `tokens x d_in`, row-major.
-    pub values: Vec<i8>,
+    pub values: Vec<i16>,
     /// One scale per token.
     pub scales: Vec<f32>,
 }
@@ -162,9 +176,9 @@ pub fn quantize_activations(
     d_in: usize,
     n_bits: u32,
 ) -> Result<QuantizedActivations, QuantError> {
-    let q_max = q_max(n_bits)?;
+    let q_max = activation_q_max(n_bits)?;
     check("activations", x, tokens, d_in)?;
-    let (values, scales) = quantize_rows(x, d_in, q_max);
+    let (values, scales) = quantize_rows(x, d_in, q_max, |v| v as i16);
     Ok(QuantizedActivations { values, scales })
 }
 
@@ -177,14 +191,14 @@ pub fn quantize_activations_static(
     n_bits: u32,
     scale: f32,
 ) -> Result<QuantizedActivations, QuantError> {
-    let q_max = q_max(n_bits)? as f32;
+    let q_max = activation_q_max(n_bits)? as f32;
     check("activations", x, tokens, d_in)?;
     if !(scale.is_finite() && scale > 0.0) {
         return Err(QuantError::NotFinite("activation scale"));
     }
     let values = x
         .iter()
-        .map(|v| (v / scale).round().clamp(-q_max, q_max) as i8)
+        .map(|v| (v / scale).round().clamp(-q_max, q_max) as i16)
         .collect();
     Ok(QuantizedActivations {
         values,
@@ -291,6 +305,12 @@ mod tests {
             quantize_activations(&[f32::NAN], 1, 1, 8).unwrap_err(),
             QuantError::NotFinite("activations")
         );
+        assert_eq!(
+            quantize_activations(&[1.0], 1, 1, 17).unwrap_err(),
+            QuantError::ActivationBits(17)
+        );
+        let wide = quantize_activations(&[-3.0, 1.0, 0.5, 2.0], 1, 4, 12).unwrap();
+        assert_eq!(wide.values, vec![-2047, 682, 341, 1365]);
         let zeros = quantize_activations(&[0.0; 4], 1, 4, 8).unwrap();
         assert_eq!(zeros.values, vec![0; 4]);
     }

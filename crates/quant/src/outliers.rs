@@ -19,7 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{check, q_max, step, QuantError, QuantizedActivations, QuantizedWeights};
+use crate::{activation_q_max, check, step, QuantError, QuantizedActivations, QuantizedWeights};
 
 /// Outlier channels and how many columns each spans (see the module documentation).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,7 +149,7 @@ impl ChannelSplit {
         n_bits: u32,
         scale: Option<f32>,
     ) -> Result<QuantizedActivations, QuantError> {
-        let q = q_max(n_bits)?;
+        let q = activation_q_max(n_bits)?;
         check("activations", x, tokens, d_in)?;
         self.validate(d_in)?;
         if let Some(s) = scale {
@@ -172,13 +172,13 @@ impl ChannelSplit {
             });
             scales.push(s);
             let start = values.len();
-            values.resize(start + width, 0i8);
+            values.resize(start + width, 0i16);
             let mut next = start + d_in;
             for (j, (v, p)) in row.iter().zip(&parts).enumerate() {
                 let limit = (*p as i64) * q as i64;
                 let n = ((v / s).round() as i64).clamp(-limit, limit);
                 if *p == 1 {
-                    values[start + j] = n as i8;
+                    values[start + j] = n as i16;
                     continue;
                 }
                 spread(n, *p, &mut split);
@@ -197,11 +197,11 @@ fn parts_for(max: f64, tau: f64) -> u32 {
 }
 
 /// `n` as `p` integers summing to it, each at most `ceil(|n| / p)` in magnitude.
-fn spread(n: i64, p: u32, out: &mut Vec<i8>) {
+fn spread(n: i64, p: u32, out: &mut Vec<i16>) {
     out.clear();
     let (a, sign) = (n.unsigned_abs(), n.signum());
     let (base, rem) = (a / p as u64, a % p as u64);
-    out.extend((0..p as u64).map(|k| (sign * (base + u64::from(k < rem)) as i64) as i8));
+    out.extend((0..p as u64).map(|k| (sign * (base + u64::from(k < rem)) as i64) as i16));
 }
 
 #[cfg(test)]
@@ -209,7 +209,7 @@ mod tests {
     use super::*;
     use crate::{quantize_activations, quantize_weights};
 
-    fn product(w: &QuantizedWeights, x: &[i8]) -> Vec<i64> {
+    fn product(w: &QuantizedWeights, x: &[i16]) -> Vec<i64> {
         x.chunks(w.d_in)
             .flat_map(|xr| {
                 w.values.chunks(w.d_in).map(move |wr| {

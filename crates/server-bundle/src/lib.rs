@@ -65,6 +65,9 @@ pub struct ServerLayer {
     pub name: String,
     pub weights: QuantizedWeights,
     pub bias: Vec<i64>,
+    /// Width of the encrypted activations: the layer spec a server computes it under carries
+    /// the same ([`fhe_linear::ACTIVATION_BITS`]).
+    pub activation_bits: u32,
 }
 
 impl ServerLayer {
@@ -79,6 +82,9 @@ pub struct ServerLayerInfo {
     pub parts: Vec<String>,
     pub d_in: usize,
     pub d_out: usize,
+    /// Width of the layer's activations when wider than 8 bits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_bits: Option<u32>,
 }
 
 /// Protected layers that read the same input (q, k and v of a block; gate and up), served as
@@ -218,6 +224,9 @@ pub fn load_server_bundle(path: &Path) -> Result<ServerBundle, BundleError> {
                 values,
             },
             bias,
+            activation_bits: info
+                .activation_bits
+                .unwrap_or(fhe_linear::DEFAULT_ACTIVATION_BITS),
         });
     }
     Ok(ServerBundle {
@@ -239,6 +248,7 @@ impl ServerBundle {
             let mut values = Vec::new();
             let mut bias = Vec::new();
             let mut d_in = None;
+            let mut activation_bits = None;
             for name in &group.layers {
                 let layer = by_name
                     .get(name.as_str())
@@ -246,6 +256,12 @@ impl ServerBundle {
                 if *d_in.get_or_insert(layer.weights.d_in) != layer.weights.d_in {
                     return Err(bundle_err(format!(
                         "group {}: its layers differ in input width",
+                        group.name
+                    )));
+                }
+                if *activation_bits.get_or_insert(layer.activation_bits) != layer.activation_bits {
+                    return Err(bundle_err(format!(
+                        "group {}: its layers differ in activation width",
                         group.name
                     )));
                 }
@@ -267,6 +283,7 @@ impl ServerBundle {
                         values,
                     },
                     bias,
+                    activation_bits: activation_bits.unwrap_or(fhe_linear::DEFAULT_ACTIVATION_BITS),
                 },
                 group.layers.clone(),
             ));

@@ -19,6 +19,7 @@ pub fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
         weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
+        activation_width: hybrid_model::compile::ActivationWidth::Weights,
     };
     compile(
         &hybrid_model::tiny::tiny_checkpoint().unwrap(),

@@ -45,7 +45,7 @@ impl Client {
         &self,
         s: &Stack,
         spec: &LayerSpec,
-        x: &[i8],
+        x: &[i16],
         tokens: usize,
         query: &str,
     ) -> Vec<i64> {
@@ -131,7 +131,9 @@ async fn packed_results_with_registered_keys_are_exact_metered_and_license_bound
     assert_eq!(records[0].bytes as usize, alice.packing.len());
 
     // The same activations, keyless and packed, decode to the same Y.
-    let x: Vec<i8> = (0..2 * 64).map(|i| (i * 37 % 256) as u8 as i8).collect();
+    let x: Vec<i16> = (0..2 * 64)
+        .map(|i| (i * 37 % 256) as u8 as i8 as i16)
+        .collect();
     let y_keyless = alice.keyless_y(&s, &keyless_spec, &x, 2, "q-keyless").await;
     let packed_upload = alice.key.encrypt(&packed_spec, &x, 2).unwrap().to_bytes();
     let (status, code, bytes) = alice
@@ -301,7 +303,7 @@ async fn packed_requests_reach_a_worker_that_serves_their_layout() {
         .iter()
         .map(|c| {
             let planner = worker::PlannerCosts::Given(*c).planner();
-            worker::packed_spec(&planner, listed.shape).unwrap()
+            worker::packed_spec(&planner, listed.shape, listed.activation_bits).unwrap()
         })
         .collect();
     assert_ne!(
@@ -313,7 +315,7 @@ async fn packed_requests_reach_a_worker_that_serves_their_layout() {
     assert_eq!(status, 201, "{body}");
     let key_id = body["key_id"].as_str().unwrap().to_string();
 
-    let x: Vec<i8> = (0..64).map(|i| (i * 53 % 256) as u8 as i8).collect();
+    let x: Vec<i16> = (0..64).map(|i| (i * 53 % 256) as u8 as i8 as i16).collect();
     let expected = alice.keyless_y(&s, &keyless_spec, &x, 1, "q-keyless").await;
     for q in 0..4 {
         let upload = alice.key.encrypt(&listed, &x, 1).unwrap().to_bytes();

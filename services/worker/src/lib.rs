@@ -181,9 +181,11 @@ pub struct AppState {
 pub fn packed_spec(
     planner: &fhe_linear::Planner,
     shape: fhe_linear::LayerShape,
+    activation_bits: u32,
 ) -> Result<LayerSpec, fhe_linear::FheError> {
     let planner = fhe_linear::Planner {
         max_t_b: 1,
+        activation_bits,
         ..*planner
     };
     Ok(planner
@@ -218,15 +220,20 @@ pub fn load_bundles(
                 .map(|p| Name::parse(p))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| invalid(e.to_string()))?;
-            let spec = LayerSpec::choose(&fhe_linear::HFHE_GLWE_2048_V1, layer.shape(), 1)
-                .map_err(|e| invalid(e.to_string()))?;
+            let spec = LayerSpec::choose_for(
+                &fhe_linear::HFHE_GLWE_2048_V1,
+                layer.shape(),
+                1,
+                layer.activation_bits,
+            )
+            .map_err(|e| invalid(e.to_string()))?;
             let compiled = CompiledLayer::compile(spec, &layer.weights.values, &layer.bias)
                 .map_err(|e| invalid(e.to_string()))?;
             let mut info = LayerInfo::from_spec(name.clone(), &spec);
             info.parts = parts.clone();
             let packed = if let Some(planner) = packed {
-                let spec =
-                    packed_spec(planner, layer.shape()).map_err(|e| invalid(e.to_string()))?;
+                let spec = packed_spec(planner, layer.shape(), layer.activation_bits)
+                    .map_err(|e| invalid(e.to_string()))?;
                 info = info.with_packed(&spec);
                 Some(
                     CompiledLayer::compile(spec, &layer.weights.values, &layer.bias)

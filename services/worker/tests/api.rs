@@ -169,7 +169,8 @@ async fn a_worker_plans_its_packed_layouts_with_unit_costs_it_measured() {
             serde_json::from_slice(&read(&format!("{url}/v1/models/tiny/layers"))).unwrap();
         for layer in &layers.layers {
             let offered = layer.packed_spec().unwrap().unwrap();
-            let planned = worker::packed_spec(&planner, offered.shape).unwrap();
+            let planned =
+                worker::packed_spec(&planner, offered.shape, offered.activation_bits).unwrap();
             assert_eq!(offered, planned, "{}", layer.name);
         }
     })
@@ -224,7 +225,7 @@ async fn bad_requests_get_stable_codes() {
         )
         .unwrap();
         let key = fhe_linear::ClientKey::generate(&fhe_linear::HFHE_GLWE_2048_V1);
-        let batch = key.encrypt(&fc2, &[1i8; 256], 1).unwrap().to_bytes();
+        let batch = key.encrypt(&fc2, &[1i16; 256], 1).unwrap().to_bytes();
         let (status, body) = post(&apply("layers.1.mixer.Wqkv"), &batch);
         assert_eq!(
             (status, body["code"].as_str().unwrap()),
@@ -278,7 +279,7 @@ async fn a_saturated_worker_sheds_load_with_retry_after() {
     )
     .unwrap();
     let key = fhe_linear::ClientKey::generate(&fhe_linear::HFHE_GLWE_2048_V1);
-    let batch = key.encrypt(&spec, &[1i8; 64], 1).unwrap().to_bytes();
+    let batch = key.encrypt(&spec, &[1i16; 64], 1).unwrap().to_bytes();
     let url = format!("{base}/v1/models/tiny/layers/layers.1.mixer.Wqkv/apply");
     let call = move |url: String, batch: Vec<u8>| {
         tokio::task::spawn_blocking(move || {
@@ -353,7 +354,7 @@ async fn shutdown_finishes_requests_in_flight() {
     )
     .unwrap();
     let key = fhe_linear::ClientKey::generate(&fhe_linear::HFHE_GLWE_2048_V1);
-    let batch = key.encrypt(&spec, &[2i8; 64], 1).unwrap().to_bytes();
+    let batch = key.encrypt(&spec, &[2i16; 64], 1).unwrap().to_bytes();
     let url = format!("{base}/v1/models/tiny/layers/layers.1.mixer.Wqkv/apply");
     let in_flight = tokio::task::spawn_blocking(move || {
         agent()
@@ -422,7 +423,7 @@ async fn packed_requests_need_a_loaded_key_of_the_same_license() {
         let key_id = protocol::key_id("lic-a", &packing);
         let key_url = format!("{url}{}", protocol::key_path(&key_id));
         let batch = key
-            .encrypt(&spec, &vec![1i8; spec.shape.d_in], 1)
+            .encrypt(&spec, &vec![1i16; spec.shape.d_in], 1)
             .unwrap()
             .to_bytes();
         let as_a = [

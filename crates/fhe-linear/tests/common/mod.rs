@@ -19,6 +19,14 @@ impl Rng {
         (0..len).map(|_| self.next() as u8 as i8).collect()
     }
 
+    /// Uniform signed `bits`-bit values.
+    pub fn activations(&mut self, len: usize, bits: u32) -> Vec<i16> {
+        let half = 1i64 << (bits - 1);
+        (0..len)
+            .map(|_| (self.below(2 * half as u64) as i64 - half) as i16)
+            .collect()
+    }
+
     pub fn below(&mut self, bound: u64) -> u64 {
         self.next() % bound
     }
@@ -28,7 +36,7 @@ pub struct Case {
     pub spec: LayerSpec,
     pub w: Vec<i8>,
     pub b: Vec<i64>,
-    pub x: Vec<i8>,
+    pub x: Vec<i16>,
     pub tokens: usize,
 }
 
@@ -39,7 +47,7 @@ impl Case {
             LayerSpec::choose(&HFHE_GLWE_2048_V1, LayerShape::new(d_in, d_out), t_b).unwrap();
         let w = rng.i8s(d_in * d_out);
         let b = (0..d_out).map(|_| rng.below(2001) as i64 - 1000).collect();
-        let x = rng.i8s(tokens * d_in);
+        let x = rng.activations(tokens * d_in, spec.activation_bits);
         Case {
             spec,
             w,

@@ -245,7 +245,7 @@ pub fn simulated_generation(
 pub fn batch(tokens: usize) -> Vec<u8> {
     let spec = LayerSpec::choose(&HFHE_GLWE_2048_V1, LayerShape::new(64, 192), 1).unwrap();
     let key = ClientKey::generate(&HFHE_GLWE_2048_V1);
-    key.encrypt(&spec, &vec![3i8; 64 * tokens], tokens)
+    key.encrypt(&spec, &vec![3i16; 64 * tokens], tokens)
         .unwrap()
         .to_bytes()
 }
