@@ -321,3 +321,25 @@ fn the_packing_decomposition_is_the_smallest_that_keeps_the_deepest_packing_exac
         }
     }
 }
+
+#[test]
+fn wider_activations_pack_exactly() {
+    let (key, packing) = keys();
+    let layout = BlockLayout {
+        n_i: 64,
+        n_o: 64,
+        t_b: 1,
+    };
+    for a in [11u32, 14] {
+        let mut case = packed_case(256, 300, 2, layout, 60 + a as u64);
+        case.spec = case.spec.with_activation_bits(a).unwrap();
+        case.x = Rng(a as u64).activations(2 * 256, a);
+        let (got, _) = packed_round_trip(&case, &key, &packing);
+        assert_eq!(got, case.expected(), "{a} bits");
+        let lowest = -(1i32 << (a - 1)) as i16;
+        case.w = vec![-128; 256 * 300];
+        case.x = vec![lowest; 2 * 256];
+        let (got, _) = packed_round_trip(&case, &key, &packing);
+        assert_eq!(got, case.expected(), "{a} bits, extremes");
+    }
+}

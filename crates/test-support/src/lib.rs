@@ -4,11 +4,20 @@ pub mod tls;
 
 use std::path::{Path, PathBuf};
 
-use hybrid_model::compile::{compile, Activations, CompileOptions};
+use hybrid_model::compile::{compile, ActivationWidth, Activations, CompileOptions};
 
 /// Compiles the tiny model with `protect` (dynamic activations, no calibration) into
 /// `dir/client` and `dir/server.safetensors`; returns both paths.
 pub fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
+    compile_tiny_with(dir, protect, ActivationWidth::Weights)
+}
+
+/// [`compile_tiny`] with the activations `width` wide.
+pub fn compile_tiny_with(
+    dir: &Path,
+    protect: &[&str],
+    width: ActivationWidth,
+) -> (PathBuf, PathBuf) {
     let (client, server) = (dir.join("client"), dir.join("server.safetensors"));
     let options = CompileOptions {
         model_name: "tiny".into(),
@@ -19,7 +28,7 @@ pub fn compile_tiny(dir: &Path, protect: &[&str]) -> (PathBuf, PathBuf) {
         group_inputs: true,
         outlier_columns: hybrid_model::compile::DEFAULT_OUTLIER_COLUMNS,
         weight_rounding: hybrid_model::compile::WeightRounding::Compensated,
-        activation_width: hybrid_model::compile::ActivationWidth::Weights,
+        activation_width: width,
     };
     compile(
         &hybrid_model::tiny::tiny_checkpoint().unwrap(),

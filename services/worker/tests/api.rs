@@ -132,6 +132,59 @@ async fn remote_generation_through_a_worker_equals_the_simulation() {
     assert!(metrics.contains("outcome=\"ok\""));
 }
 
+/// Layers compiled for 12-bit activations: the worker lists the width, both of its result
+/// encodings take it, and generation through it equals the simulation (packed results at that
+/// width: `fhe-linear`'s tests; they need a license, so a gateway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wider_activations_through_a_worker_equal_the_simulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client_dir, server_path) = test_support::compile_tiny_with(
+        dir.path(),
+        &["layers.1.mixer.Wqkv", "layers.2.mlp.fc2"],
+        hybrid_model::compile::ActivationWidth::Bits(12),
+    );
+    let worker = spawn_worker(server_path.clone(), 64 << 20).await;
+    let url = worker.url.clone();
+    tokio::task::spawn_blocking(move || {
+        let layers: protocol::ModelLayers = serde_json::from_slice(
+            &agent()
+                .get(&format!("{url}/v1/models/tiny/layers"))
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_vec()
+                .unwrap(),
+        )
+        .unwrap();
+        for layer in &layers.layers {
+            assert_eq!(layer.activation_bits, Some(12), "{}", layer.name);
+            assert_eq!(layer.to_spec().unwrap().activation_bits, 12);
+            assert_eq!(layer.packed_spec().unwrap().unwrap().activation_bits, 12);
+        }
+        let client = load_client_bundle(&client_dir).unwrap();
+        let server = load_server_bundle(&server_path).unwrap();
+        let prompt = [6, 60, 19, 40, 72];
+        let options = GenerateOptions {
+            max_tokens: 4,
+            ..Default::default()
+        };
+        let mut simulate = build_from_bundles(&client, Some(&server), Mode::Simulate).unwrap();
+        let want = generate(&mut simulate, &prompt, &options, |_| {}).unwrap();
+        let remote = RemoteConfig {
+            results: hybrid_model::remote::ResultsMode::Keyless,
+            keys: hybrid_model::remote::KeySource::Session,
+            ..RemoteConfig::new(url, "tiny")
+        };
+        let mut model = build_remote(&client, remote).unwrap();
+        assert_eq!(
+            generate(&mut model, &prompt, &options, |_| {}).unwrap(),
+            want
+        );
+    })
+    .await
+    .unwrap();
+}
+
 /// A deployed worker measures the planner's unit costs before it compiles its bundles, publishes
 /// them, and offers the packed layouts that these costs plan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
