@@ -708,13 +708,14 @@ pub fn choose_encoding(
                 Some(report)
             }
         };
-        // Auto keeps the wider activations only when they measure better.
+        // Auto keeps the wider activations only when they measure better (so, without
+        // calibration prompts, never).
         let better = match (&report, &first) {
             (Some(w), Some(n)) => {
                 w.top1_agreement > n.top1_agreement
                     || (w.top1_agreement == n.top1_agreement && w.kl_divergence < n.kl_divergence)
             }
-            _ => true,
+            _ => false,
         };
         if options.activation_width != ActivationWidth::Auto || better {
             split = wide;

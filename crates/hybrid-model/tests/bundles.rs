@@ -308,6 +308,11 @@ fn wider_activations_are_recorded_and_exact_under_encryption() {
     for layer in &manifest.layers {
         assert!([8, widened].contains(&layer.activation_bits()));
     }
+    // Without calibration prompts nothing measures better: auto keeps the weights' width.
+    options.calibration = vec![];
+    options.activations = hybrid_model::compile::Activations::Dynamic;
+    let (_, _, manifest) = compile_into(&dir.path().join("unmeasured"), &options);
+    assert!(manifest.layers.iter().all(|l| l.activation_bits() == 8));
     // The cost rule on real shapes: SmolLM2's q, k, v take wider activations almost for free,
     // phi-1.5's fused QKV has no budget to spare.
     use fhe_linear::LayerShape;
