@@ -145,11 +145,18 @@ fn demo(args: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     let compile_s = started.elapsed().as_secs_f64();
     let protected: Vec<String> = manifest.layers.iter().map(|l| l.name.clone()).collect();
     if !json_out {
+        let bits: std::collections::BTreeSet<u32> = manifest
+            .layers
+            .iter()
+            .map(|l| l.activation_bits())
+            .collect();
+        let bits: Vec<String> = bits.iter().map(u32::to_string).collect();
         println!(
-            "    {} protected layer(s) in {:.1} s; activations {}",
+            "    {} protected layer(s) in {:.1} s; activations {}, {} bits",
             protected.len(),
             compile_s,
-            manifest.activation_quantization
+            manifest.activation_quantization,
+            bits.join(" and ")
         );
     }
 
