@@ -396,15 +396,9 @@ fn fhe(args: FheArgs) -> Result<()> {
     let upload = upload?;
     let mut splits = Vec::new();
     let (server_ms, download) = time_median(runs, || -> Result<Vec<u8>> {
-        let batch = EncryptedBatch::from_bytes(&upload, &limits)?;
-        match &prepared {
-            None => Ok(layer.apply(&batch)?.to_bytes()),
-            Some(key) => {
-                let (result, product_ms, pack_ms) = layer.apply_packed(&batch, key)?;
-                splits.push((product_ms, pack_ms));
-                Ok(result.to_bytes())
-            }
-        }
+        let (bytes, product_ms, pack_ms) = layer.answer(&upload, &limits, prepared.as_ref())?;
+        splits.push((product_ms, pack_ms));
+        Ok(bytes)
     });
     let download = download?;
     let median = |f: fn(&(f64, f64)) -> f64| -> f64 {

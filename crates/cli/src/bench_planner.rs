@@ -101,15 +101,9 @@ pub fn run(args: PlannerArgs) -> Result<()> {
             let upload = key.encrypt(&spec, &x, tokens)?.to_bytes();
             let mut packs = Vec::new();
             let (measured_ms, download) = time_median(args.runs, || -> Result<Vec<u8>> {
-                let batch = EncryptedBatch::from_bytes(&upload, &limits)?;
-                Ok(match &packing {
-                    None => layer.apply(&batch)?.to_bytes(),
-                    Some(key) => {
-                        let (result, _, pack_ms) = layer.apply_packed(&batch, key)?;
-                        packs.push(pack_ms);
-                        result.to_bytes()
-                    }
-                })
+                let (bytes, _, pack_ms) = layer.answer(&upload, &limits, packing.as_ref())?;
+                packs.push(pack_ms);
+                Ok(bytes)
             });
             let download = download?;
             packs.sort_by(|a, b| a.total_cmp(b));

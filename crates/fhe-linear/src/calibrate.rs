@@ -24,7 +24,7 @@
 
 use std::time::Instant;
 
-use crate::ciphertext::{EncryptedBatch, EncryptedResult};
+use crate::ciphertext::EncryptedResult;
 use crate::client::ClientKey;
 use crate::entities::{BlockLayout, LayerShape, ResultEncoding};
 use crate::layout::LayerSpec;
@@ -164,21 +164,11 @@ fn measure(
     let layer = CompiledLayer::compile(spec, &w, &bias)?;
     let upload = key.encrypt(&spec, &x, 1)?.to_bytes();
     let limits = Limits::default();
-    let request = || -> Result<(Vec<u8>, f64), FheError> {
-        let batch = EncryptedBatch::from_bytes(&upload, &limits)?;
-        Ok(match packing {
-            None => (layer.apply(&batch)?.to_bytes(), 0.0),
-            Some(key) => {
-                let (result, _, pack_ms) = layer.apply_packed(&batch, key)?;
-                (result.to_bytes(), pack_ms)
-            }
-        })
-    };
-    let (download, _) = request()?;
+    let (download, _, _) = layer.answer(&upload, &limits, packing)?;
     let mut times = Vec::with_capacity(RUNS);
     for _ in 0..RUNS {
         let t = Instant::now();
-        let (_, pack_ms) = request()?;
+        let (_, _, pack_ms) = layer.answer(&upload, &limits, packing)?;
         times.push((t.elapsed().as_secs_f64() * 1e3, pack_ms));
     }
     times.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -291,6 +291,25 @@ impl CompiledLayer {
         })
     }
 
+    /// One request's bytes as a server answers them: the batch parsed under `limits`, applied
+    /// (packed with `packing`, else keyless), the result serialised. Returns the result's bytes
+    /// and the milliseconds of the products and of the packing (both zero for keyless).
+    pub fn answer(
+        &self,
+        upload: &[u8],
+        limits: &crate::Limits,
+        packing: Option<&PreparedPackingKey>,
+    ) -> Result<(Vec<u8>, f64, f64), FheError> {
+        let batch = EncryptedBatch::from_bytes(upload, limits)?;
+        Ok(match packing {
+            None => (self.apply(&batch)?.to_bytes(), 0.0, 0.0),
+            Some(key) => {
+                let (result, product_ms, pack_ms) = self.apply_packed(&batch, key)?;
+                (result.to_bytes(), product_ms, pack_ms)
+            }
+        })
+    }
+
     /// Computes `X W^T + b` as a packed result, with the requesting client's packing key: the
     /// products of [`CompiledLayer::apply`], merged n_i at a time ([`crate::packing`]). Returns
     /// the result and the milliseconds spent on (products, packing).
