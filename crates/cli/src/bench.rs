@@ -331,6 +331,10 @@ fn fhe(args: FheArgs) -> Result<()> {
         "auto" => &[ResultEncoding::Keyless, ResultEncoding::Packed],
         other => bail!("--results must be keyless, packed or auto, not {other}"),
     };
+    anyhow::ensure!(
+        fhe_linear::ACTIVATION_BITS.contains(&args.activation_bits),
+        "--activation-bits must be 8 to 16"
+    );
     let mut spec = match (args.n_i, encodings) {
         (Some(n_i), [encoding]) => {
             let params = match encoding {
@@ -343,8 +347,13 @@ fn fhe(args: FheArgs) -> Result<()> {
                 n_o: n / (n_i * t_b).min(n),
                 t_b,
             };
-            LayerSpec::with_encoding(params, shape, layout, *encoding)?
-                .with_activation_bits(args.activation_bits)?
+            LayerSpec::with_encoding_and_width(
+                params,
+                shape,
+                layout,
+                *encoding,
+                args.activation_bits,
+            )?
         }
         (Some(_), _) => bail!("--n-i needs --results keyless or packed"),
         (None, [ResultEncoding::Keyless]) => {
@@ -364,17 +373,18 @@ fn fhe(args: FheArgs) -> Result<()> {
             .context("--decomposition needs packed results")?;
         (packing.base_log, packing.levels) = (d[0], d[1]);
         let params: &'static ParameterSet = Box::leak(Box::new(params));
-        spec = LayerSpec::with_encoding(params, shape, spec.layout, spec.encoding)?
-            .with_activation_bits(spec.activation_bits)?;
+        spec = LayerSpec::with_encoding_and_width(
+            params,
+            shape,
+            spec.layout,
+            spec.encoding,
+            spec.activation_bits,
+        )?;
     }
     let params = spec.params;
     let packed = spec.encoding == ResultEncoding::Packed;
     let runs = args.runs;
 
-    anyhow::ensure!(
-        fhe_linear::ACTIVATION_BITS.contains(&args.activation_bits),
-        "--activation-bits must be 8 to 16"
-    );
     let (w, x, bias, expected) = synthetic_layer(shape, tokens, spec.activation_bits);
 
     let t = Instant::now();

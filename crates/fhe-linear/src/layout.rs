@@ -61,7 +61,7 @@ impl LayerSpec {
         layout: BlockLayout,
         encoding: ResultEncoding,
     ) -> Result<Self, FheError> {
-        Self::build(
+        Self::with_encoding_and_width(
             params,
             shape,
             layout,
@@ -73,7 +73,7 @@ impl LayerSpec {
     /// The same layout and result encoding for `activation_bits`-bit activations, with the wire
     /// precisions chosen again; fails where the noise budget does not hold that width.
     pub fn with_activation_bits(&self, activation_bits: u32) -> Result<Self, FheError> {
-        Self::build(
+        Self::with_encoding_and_width(
             self.params,
             self.shape,
             self.layout,
@@ -82,7 +82,9 @@ impl LayerSpec {
         )
     }
 
-    fn build(
+    /// The spec for a layout, result encoding and `activation_bits`-bit activations; fails where
+    /// the width is unsupported or the noise budget does not hold it.
+    pub fn with_encoding_and_width(
         params: &'static ParameterSet,
         shape: LayerShape,
         layout: BlockLayout,
@@ -187,7 +189,7 @@ impl LayerSpec {
                 n_o,
                 t_b,
             };
-            if let Ok(spec) = LayerSpec::build(
+            if let Ok(spec) = LayerSpec::with_encoding_and_width(
                 params,
                 shape,
                 layout,

@@ -204,9 +204,13 @@ impl Planner {
                     n_o: n / (n_i * t_b),
                     t_b,
                 };
-                if let Ok(spec) = LayerSpec::with_encoding(params, shape, layout, encoding)
-                    .and_then(|s| s.with_activation_bits(self.activation_bits))
-                {
+                if let Ok(spec) = LayerSpec::with_encoding_and_width(
+                    params,
+                    shape,
+                    layout,
+                    encoding,
+                    self.activation_bits,
+                ) {
                     out.push(self.costed(spec, tokens));
                 }
                 n_i *= 2;

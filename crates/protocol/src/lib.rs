@@ -421,12 +421,12 @@ impl LayerInfo {
         let activation_bits = self
             .activation_bits
             .unwrap_or(fhe_linear::DEFAULT_ACTIVATION_BITS);
-        let spec = LayerSpec::with_encoding(params, shape, layout, encoding)
-            .and_then(|s| s.with_activation_bits(activation_bits))
-            .map_err(|e| SpecError::Invalid {
-                name: self.name.to_string(),
-                reason: e.to_string(),
-            })?;
+        let spec =
+            LayerSpec::with_encoding_and_width(params, shape, layout, encoding, activation_bits)
+                .map_err(|e| SpecError::Invalid {
+                    name: self.name.to_string(),
+                    reason: e.to_string(),
+                })?;
         if (spec.input_bits, spec.output_bits) != bits {
             return Err(SpecError::Invalid {
                 name: self.name.to_string(),
