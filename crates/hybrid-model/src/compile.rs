@@ -620,20 +620,28 @@ pub fn choose_encoding(
         true => None,
         false => Some(build(cfg, tensors, &[], Mode::Disable, options.n_bits)?),
     };
+    // A split measured against the float model on the calibration prompts.
+    let measure = |float: &mut dyn CausalLm,
+                   split: &[vendor::SplitLayer],
+                   activations: Activations|
+     -> Result<CalibrationReport, ModelError> {
+        let mut model = simulated(cfg, tensors, protected, split)?;
+        let mut report = compare(float, model.as_mut(), &prompts)?;
+        report.activations = activations.name().to_string();
+        report.extra_columns = split
+            .iter()
+            .map(|s| s.client.product_width() - s.client.d_in)
+            .sum();
+        report.activation_bits = split.iter().filter_map(|s| s.client.activation_bits).max();
+        Ok(report)
+    };
     let count = candidates.len();
     for (i, (choice, split)) in candidates.into_iter().enumerate() {
         let report = match float.as_mut() {
             None => None,
             Some(float) => {
                 progress("calibrate", i, count);
-                let mut model = simulated(cfg, tensors, protected, &split)?;
-                let mut report = compare(float.as_mut(), model.as_mut(), &prompts)?;
-                report.activations = choice.name().to_string();
-                report.extra_columns = split
-                    .iter()
-                    .map(|s| s.client.product_width() - s.client.d_in)
-                    .sum();
-                Some(report)
+                Some(measure(float.as_mut(), &split, choice)?)
             }
         };
         measured.push((choice, split, report));
@@ -644,10 +652,7 @@ pub fn choose_encoding(
     // Better agreement first, then lower divergence; the sort is stable, so a tie keeps the
     // cheaper (earlier) choice.
     measured.sort_by(|(_, _, a), (_, _, b)| match (a, b) {
-        (Some(a), Some(b)) => b
-            .top1_agreement
-            .total_cmp(&a.top1_agreement)
-            .then(a.kl_divergence.total_cmp(&b.kl_divergence)),
+        (Some(a), Some(b)) => better_first(a, b),
         _ => std::cmp::Ordering::Equal,
     });
     let mut measured = measured.into_iter();
@@ -661,11 +666,7 @@ pub fn choose_encoding(
         match encode(activations, Some(m)) {
             Ok(better) => {
                 if let Some(float) = float.as_mut() {
-                    let mut model = simulated(cfg, tensors, protected, &better)?;
-                    let mut report = compare(float.as_mut(), model.as_mut(), &prompts)?;
-                    report.activations = activations.name().to_string();
-                    report.extra_columns = first.as_ref().map_or(0, |r| r.extra_columns);
-                    first = Some(report);
+                    first = Some(measure(float.as_mut(), &better, activations)?);
                 }
                 split = better;
                 compensated = true;
@@ -683,38 +684,33 @@ pub fn choose_encoding(
         false => vec![],
     };
     let bits = widths(&split, options.activation_width, &groups);
-    let mut wide = split.clone();
-    for (layer, bits) in wide.iter_mut().zip(&bits) {
-        vendor::widen_activations(layer, *bits);
-        let shape = fhe_linear::LayerShape::new(layer.client.product_width(), layer.client.d_out);
-        let served = layer.server.activation_bits;
-        if keyless_bytes(shape, served).is_none() {
-            return Err(ModelError::Bundle(format!(
-                "{}: no layout holds {served}-bit activations for its {shape} product",
-                layer.client.name
-            )));
+    if split.iter().zip(&bits).any(|(l, b)| vendor::widens(l, *b)) {
+        let mut wide = split.clone();
+        for (layer, bits) in wide.iter_mut().zip(&bits) {
+            vendor::widen_activations(layer, *bits);
         }
-    }
-    if wide != split {
-        let widest = wide.iter().map(|l| l.client.activation_bits()).max();
+        // Auto's widths have a layout by construction; a width given for every layer may not.
+        if let ActivationWidth::Bits(_) = options.activation_width {
+            for layer in wide.iter().filter(|l| l.client.activation_bits.is_some()) {
+                let shape =
+                    fhe_linear::LayerShape::new(layer.client.product_width(), layer.client.d_out);
+                let served = layer.server.activation_bits;
+                if keyless_bytes(shape, served).is_none() {
+                    return Err(ModelError::Bundle(format!(
+                        "{}: no layout holds {served}-bit activations for its {shape} product",
+                        layer.client.name
+                    )));
+                }
+            }
+        }
         let report = match float.as_mut() {
             None => None,
-            Some(float) => {
-                let mut model = simulated(cfg, tensors, protected, &wide)?;
-                let mut report = compare(float.as_mut(), model.as_mut(), &prompts)?;
-                report.activations = activations.name().to_string();
-                report.extra_columns = first.as_ref().map_or(0, |r| r.extra_columns);
-                report.activation_bits = widest;
-                Some(report)
-            }
+            Some(float) => Some(measure(float.as_mut(), &wide, activations)?),
         };
         // Auto keeps the wider activations only when they measure better (so, without
         // calibration prompts, never).
         let better = match (&report, &first) {
-            (Some(w), Some(n)) => {
-                w.top1_agreement > n.top1_agreement
-                    || (w.top1_agreement == n.top1_agreement && w.kl_divergence < n.kl_divergence)
-            }
+            (Some(w), Some(n)) => better_first(w, n) == std::cmp::Ordering::Less,
             _ => false,
         };
         if options.activation_width != ActivationWidth::Auto || better {
@@ -735,6 +731,13 @@ pub fn choose_encoding(
         split,
         reports,
     })
+}
+
+/// Orders calibration reports best first: better next-token agreement, then lower divergence.
+fn better_first(a: &CalibrationReport, b: &CalibrationReport) -> std::cmp::Ordering {
+    b.top1_agreement
+        .total_cmp(&a.top1_agreement)
+        .then(a.kl_divergence.total_cmp(&b.kl_divergence))
 }
 
 /// Compiles `tensors` into a client bundle directory and a server bundle file. `progress` is

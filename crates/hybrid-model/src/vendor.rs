@@ -11,7 +11,7 @@ use crate::names::{Module, ProtectedLayer};
 use crate::ModelError;
 
 /// A protected layer, split: the client's metadata and the server's quantized weights.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct SplitLayer {
     pub modules: Vec<Module>,
     pub client: ClientLayer,
@@ -169,10 +169,15 @@ pub fn split_layers(
     Ok(out)
 }
 
-/// Widens a layer's activations to `bits` (nothing at or below its width). A static scale and
-/// the bias folded with it are calibrated for `n_bits`: such layers keep their width.
+/// Whether [`widen_activations`] would widen `layer` to `bits`: only past its width, and not
+/// with a static scale (it and the bias folded with it are calibrated for `n_bits`).
+pub fn widens(layer: &SplitLayer, bits: u32) -> bool {
+    layer.client.activation_scale.is_none() && bits > layer.client.activation_bits()
+}
+
+/// Widens a layer's activations to `bits` where [`widens`] says so.
 pub fn widen_activations(layer: &mut SplitLayer, bits: u32) {
-    if layer.client.activation_scale.is_some() || bits <= layer.client.activation_bits() {
+    if !widens(layer, bits) {
         return;
     }
     layer.client.activation_bits = Some(bits);
