@@ -47,20 +47,21 @@ pub enum QuantError {
 /// Widest activations: quantized activations are `i16`.
 pub const MAX_ACTIVATION_BITS: u32 = 16;
 
+/// Largest signed `n_bits` magnitude, for widths from 2 to `max_bits`.
+fn magnitude(n_bits: u32, max_bits: u32) -> Option<i32> {
+    (2..=max_bits)
+        .contains(&n_bits)
+        .then(|| (1 << (n_bits - 1)) - 1)
+}
+
 /// Largest quantized magnitude for a weight bit width (weights are `i8`).
 pub fn q_max(n_bits: u32) -> Result<i32, QuantError> {
-    if !(2..=8).contains(&n_bits) {
-        return Err(QuantError::Bits(n_bits));
-    }
-    Ok((1 << (n_bits - 1)) - 1)
+    magnitude(n_bits, 8).ok_or(QuantError::Bits(n_bits))
 }
 
 /// Largest quantized magnitude for an activation bit width (activations are `i16`).
 pub fn activation_q_max(n_bits: u32) -> Result<i32, QuantError> {
-    if !(2..=MAX_ACTIVATION_BITS).contains(&n_bits) {
-        return Err(QuantError::ActivationBits(n_bits));
-    }
-    Ok((1 << (n_bits - 1)) - 1)
+    magnitude(n_bits, MAX_ACTIVATION_BITS).ok_or(QuantError::ActivationBits(n_bits))
 }
 
 fn check(what: &'static str, v: &[f32], rows: usize, cols: usize) -> Result<(), QuantError> {

@@ -73,6 +73,36 @@ fn post(url: &str, body: &[u8]) -> (u16, serde_json::Value) {
     )
 }
 
+/// Generates `max_tokens` through the worker at `url` (keyless results) and in the simulation
+/// of the bundles, asserts they agree, and returns the client bundle.
+fn assert_remote_equals_simulation(
+    client_dir: &Path,
+    server_path: &Path,
+    url: &str,
+    max_tokens: usize,
+) -> hybrid_model::bundle::ClientBundle {
+    let client = load_client_bundle(client_dir).unwrap();
+    let server = load_server_bundle(server_path).unwrap();
+    let prompt = [6, 60, 19, 40, 72];
+    let options = GenerateOptions {
+        max_tokens,
+        ..Default::default()
+    };
+    let mut simulate = build_from_bundles(&client, Some(&server), Mode::Simulate).unwrap();
+    let want = generate(&mut simulate, &prompt, &options, |_| {}).unwrap();
+    let remote = RemoteConfig {
+        results: hybrid_model::remote::ResultsMode::Keyless,
+        keys: hybrid_model::remote::KeySource::Session,
+        ..RemoteConfig::new(url, "tiny")
+    };
+    let mut model = build_remote(&client, remote).unwrap();
+    assert_eq!(
+        generate(&mut model, &prompt, &options, |_| {}).unwrap(),
+        want
+    );
+    client
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_generation_through_a_worker_equals_the_simulation() {
     let dir = tempfile::tempdir().unwrap();
@@ -80,27 +110,7 @@ async fn remote_generation_through_a_worker_equals_the_simulation() {
     let worker = spawn_worker(server_path.clone(), 64 << 20).await;
     let url = worker.url.clone();
     tokio::task::spawn_blocking(move || {
-        let client = load_client_bundle(&client_dir).unwrap();
-        let server = load_server_bundle(&server_path).unwrap();
-        let prompt = [6, 60, 19, 40, 72];
-        let options = GenerateOptions {
-            max_tokens: 6,
-            ..Default::default()
-        };
-        let mut simulate = build_from_bundles(&client, Some(&server), Mode::Simulate).unwrap();
-        let want = generate(&mut simulate, &prompt, &options, |_| {}).unwrap();
-
-        let remote = RemoteConfig {
-            results: hybrid_model::remote::ResultsMode::Keyless,
-            keys: hybrid_model::remote::KeySource::Session,
-            ..hybrid_model::remote::RemoteConfig::new(url, "tiny")
-        };
-        let mut model = build_remote(&client, remote).unwrap();
-        assert_eq!(
-            generate(&mut model, &prompt, &options, |_| {}).unwrap(),
-            want
-        );
-
+        let client = assert_remote_equals_simulation(&client_dir, &server_path, &url, 6);
         let wrong = RemoteConfig {
             results: hybrid_model::remote::ResultsMode::Keyless,
             keys: hybrid_model::remote::KeySource::Session,
@@ -161,25 +171,7 @@ async fn wider_activations_through_a_worker_equal_the_simulation() {
             assert_eq!(layer.to_spec().unwrap().activation_bits, 12);
             assert_eq!(layer.packed_spec().unwrap().unwrap().activation_bits, 12);
         }
-        let client = load_client_bundle(&client_dir).unwrap();
-        let server = load_server_bundle(&server_path).unwrap();
-        let prompt = [6, 60, 19, 40, 72];
-        let options = GenerateOptions {
-            max_tokens: 4,
-            ..Default::default()
-        };
-        let mut simulate = build_from_bundles(&client, Some(&server), Mode::Simulate).unwrap();
-        let want = generate(&mut simulate, &prompt, &options, |_| {}).unwrap();
-        let remote = RemoteConfig {
-            results: hybrid_model::remote::ResultsMode::Keyless,
-            keys: hybrid_model::remote::KeySource::Session,
-            ..RemoteConfig::new(url, "tiny")
-        };
-        let mut model = build_remote(&client, remote).unwrap();
-        assert_eq!(
-            generate(&mut model, &prompt, &options, |_| {}).unwrap(),
-            want
-        );
+        assert_remote_equals_simulation(&client_dir, &server_path, &url, 4);
     })
     .await
     .unwrap();
